@@ -1,0 +1,23 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+
+install: $(PY)
+	$(PIP) install --quiet -e .
+
+demo: $(PY)
+	$(PIP) install --quiet -e ".[demo]"
+	$(PY) examples/digits_cnn.py
+
+test: $(PY)
+	$(PIP) install --quiet -e ".[test]"
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

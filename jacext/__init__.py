@@ -1,0 +1,9 @@
+"""jacext: per-sample Jacobians and gradients for PyTorch networks, as BackPACK extensions."""
+
+from jacext.errors import JacextError
+from jacext.extend import extend, unextend
+from jacext.extensions import BatchGrad, BatchJacobian
+from jacext.functional import jacobian
+
+__all__ = ["extend", "unextend", "BatchJacobian", "BatchGrad", "jacobian", "JacextError"]
+__version__ = "0.1.0"

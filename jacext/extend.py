@@ -1,0 +1,129 @@
+"""``jacext.extend`` / ``jacext.unextend``: the forward hooks that feed the tape.
+
+Only forward hooks are installed (no module backward hooks), so in-place
+operations, modules called several times and arbitrary code between modules
+keep working. ``backpack=True`` additionally applies ``backpack.extend`` for
+BackPACK's own extensions, with BackPACK's restrictions.
+"""
+
+from functools import partial
+from typing import Optional
+
+import backpack as bp
+import torch
+from backpack.context import CTX
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
+
+from jacext.errors import JacextError
+from jacext.extensions import JacextExtension
+from jacext.tape import Tape
+
+_current: Optional[Tape] = None  # the tape of the forward pass in progress
+_last: Optional[Tape] = None  # the tape of the last finished forward pass
+
+
+def extend(module: nn.Module, *, backpack: bool = False) -> nn.Module:
+    """Make ``module`` ready for jacext's extensions and return it.
+
+    Args:
+        module: the model; its output is what ``BatchJacobian`` differentiates.
+        backpack: also apply ``backpack.extend`` so that BackPACK's own
+            extensions (DiagGGN, KFAC, ...) work in the same ``backpack`` context.
+    """
+    if backpack:
+        bp.extend(module)
+    for name, m in module.named_modules():
+        m._jacext_path = name or "<root>"
+    if not hasattr(module, "_jacext_root_handles"):
+        pre = module.register_forward_pre_hook(_open_tape)
+        _hook_recorders(module)  # before the closing hook: a root with own parameters records first
+        post = module.register_forward_hook(_close_tape, always_call=True)
+        module._jacext_root_handles = (pre, post)
+    return module
+
+
+def unextend(module: nn.Module) -> nn.Module:
+    """Remove every hook and attribute ``extend`` added (BackPACK's own hooks excepted)."""
+    for m in module.modules():
+        for handle in getattr(m, "_jacext_root_handles", ()):
+            handle.remove()
+        if hasattr(m, "_jacext_record_handle"):
+            m._jacext_record_handle.remove()
+        for attr in ("_jacext_root_handles", "_jacext_record_handle", "_jacext_path"):
+            if hasattr(m, attr):
+                delattr(m, attr)
+    return module
+
+
+def is_extended(module: nn.Module) -> bool:
+    return hasattr(module, "_jacext_root_handles")
+
+
+def take_last_tape() -> Optional[Tape]:
+    """The tape of the last forward pass of an extended root (handed over once)."""
+    global _last
+    tape, _last = _last, None
+    return tape
+
+
+def _owns_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def _hook_recorders(root: nn.Module) -> None:
+    for m in root.modules():
+        if not hasattr(m, "_jacext_record_handle") and any(True for _ in m.parameters(recurse=False)):
+            m._jacext_record_handle = m.register_forward_hook(_record)
+
+
+def _open_tape(root: nn.Module, args) -> None:
+    global _current
+    if _current is not None or not torch.is_grad_enabled():
+        return
+    exts = CTX.get_active_exts()
+    others = [e for e in exts if not isinstance(e, JacextExtension)]
+    if others and not getattr(root, "_backpack_extend", False):
+        raise JacextError(
+            f"BackPACK extensions {others} are active but the model was extended without BackPACK's "
+            "hooks; use jacext.extend(model, backpack=True) to combine them with jacext's."
+        )
+    ours = [e for e in exts if isinstance(e, JacextExtension)]
+    if ours:
+        _hook_recorders(root)  # modules added after extend()
+        _current = Tape(root, ours)
+
+
+def _record(module: nn.Module, args, output) -> None:
+    if _current is not None and _owns_trainable(module):
+        _current.record(module, args, output)
+
+
+def _close_tape(root: nn.Module, args, output) -> None:
+    global _current, _last
+    tape = _current
+    if tape is None or tape.root is not root:
+        return
+    _current = None
+    if output is None:  # the forward pass raised
+        return
+    if not isinstance(output, Tensor):
+        raise JacextError(
+            f"jacext differentiates the output of the extended module ({type(root).__name__}), which "
+            f"returned {type(output).__name__}, not a tensor. Extend a wrapper module that returns "
+            "the tensor of shape (N, ...) to differentiate."
+        )
+    _last = tape
+    if output.requires_grad:
+        output.register_hook(partial(_on_root_grad, tape, output.shape, output.output_nr))
+
+
+def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> None:
+    """Runs when the backward pass reaches the root output, before the model's own backward."""
+    if tape.busy:  # the tape's own batched backward passes through here too
+        return
+    # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
+    out_edge = GradientEdge(torch._C._current_autograd_node(), output_nr)
+    for p, values in tape.compute(out_edge, shape, grad).items():
+        for ext, value in zip(tape.extensions, values):
+            setattr(p, ext.savefield, value)

@@ -1,0 +1,52 @@
+"""Per-layer rules: the registry that maps module classes to their Jacobian rule.
+
+A rule is a function ``rule(module, inputs, grads) -> {param_name: tensor}``:
+
+* ``inputs``: the positional tensors the module was called with in the forward
+  pass (detached), in call order;
+* ``grads``: one tensor per tensor output of the module, the cotangents
+  ``G`` of shape ``(V, N, *output.shape[1:])`` for ``V`` seeds (``V = 1`` for
+  a loss gradient, ``V = C`` for the Jacobian of a ``C``-dimensional output);
+* it returns, for each trainable parameter it covers, the per-sample
+  contraction ``J[n, v] = G[v, n] . d output(n) / d param`` of shape
+  ``(N, V, *param.shape)``.
+
+Every extension (BatchGrad, BatchJacobian, ...) is served by this one function.
+Classes are matched exactly (no ``isinstance``), as in BackPACK: a subclass
+may change ``forward`` and needs its own registration.
+"""
+
+from typing import Callable, Dict, Optional, Type
+
+from torch import Tensor, nn
+
+Rule = Callable[..., Dict[str, Tensor]]
+
+RULES: Dict[Type[nn.Module], Rule] = {}
+
+
+def register(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for the given module classes (decorator)."""
+
+    def decorator(rule: Rule) -> Rule:
+        for cls in classes:
+            if cls in RULES:
+                raise ValueError(f"{cls.__name__} already has a jacext rule: {RULES[cls]}")
+            RULES[cls] = rule
+        return rule
+
+    return decorator
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The rule registered for ``type(module)``, or None."""
+    return RULES.get(type(module))
+
+
+def trainable(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` is a parameter that requires a gradient."""
+    p = getattr(module, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
+from jacext.rules import batchnorm, conv, conv_transpose, embedding, linear  # noqa: E402,F401

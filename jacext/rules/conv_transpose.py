@@ -1,0 +1,42 @@
+"""ConvTranspose1d/2d/3d: y[n, g o, s * stride + k * dilation - padding] += x[n, g i, s] W[g i, o, k] (+ b).
+
+Padding the cotangent G by ``padding`` on the left (and to the full length,
+cropping where negative, on the right; this also covers ``output_padding`` and a
+forward ``output_size``) gives Gpad with Gpad[..., s * stride + k * dilation] =
+G[..., s * stride + k * dilation - padding]. With P its sliding windows:
+
+    J_W[n, v, g i, o, k] = sum_s x[n, g i, s] P[v, n, g o, s, k]
+    J_b[n, v, o]         = sum_s G[v, n, o, s]
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jacext.rules import register, trainable
+from jacext.rules.util import kernel_letters, patches, require_batch_dim, spatial_letters
+
+
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def conv_transpose(module, inputs, grads):
+    x, (g,) = inputs[0], grads
+    d = len(module.kernel_size)
+    require_batch_dim(module, x, min_dim=d + 2)
+    v, n = g.shape[:2]
+    out = {}
+    if trainable(module, "weight"):
+        pads = []
+        for j in reversed(range(d)):  # F.pad lists the last dimension first
+            full = module.stride[j] * (x.shape[2 + j] - 1) + module.dilation[j] * (module.kernel_size[j] - 1) + 1
+            left = module.padding[j]
+            pads += [left, full - left - g.shape[3 + j]]
+        gpad = F.pad(g, pads)
+        p = patches(gpad, module.kernel_size, module.stride, module.dilation)
+        p = p.unflatten(2, (module.groups, -1))  # (V, N, g, Cout/g, *S, *K)
+        xg = x.unflatten(1, (module.groups, -1))  # (N, g, Cin/g, *S)
+        s, k = spatial_letters(d), kernel_letters(d)
+        jw = torch.einsum(f"ngi{s},vngo{s}{k}->nvgio{k}", xg, p)
+        out["weight"] = jw.reshape(n, v, *module.weight.shape)
+    if trainable(module, "bias"):
+        out["bias"] = g.flatten(3).sum(-1).transpose(0, 1)
+    return out

@@ -1,0 +1,26 @@
+"""Linear: y = x W^T + b over any leading dimensions.
+
+    dy[n, t, o] / dW[o, i] = x[n, t, i]  =>  J_W[n, v] = sum_t G[v, n, t]^T x[n, t]
+    dy[n, t, o] / db[o]    = 1           =>  J_b[n, v] = sum_t G[v, n, t]
+"""
+
+import torch
+from torch import nn
+
+from jacext.rules import register, trainable
+from jacext.rules.util import require_batch_dim
+
+
+@register(nn.Linear)
+def linear(module: nn.Linear, inputs, grads):
+    x, (g,) = inputs[0], grads
+    require_batch_dim(module, x, min_dim=2)
+    n = x.shape[0]
+    x = x.reshape(n, -1, module.in_features)  # (N, T, in)
+    g = g.reshape(g.shape[0], n, -1, module.out_features)  # (V, N, T, out)
+    out = {}
+    if trainable(module, "weight"):
+        out["weight"] = torch.einsum("vnto,nti->nvoi", g, x)
+    if trainable(module, "bias"):
+        out["bias"] = g.sum(2).transpose(0, 1)
+    return out

@@ -1,0 +1,121 @@
+"""The tape: what jacext records in the forward pass and computes in the backward pass.
+
+Forward: while a jacext extension is active, the extended root module opens a
+tape; every call of a module that owns trainable parameters appends a record
+(the module, its detached inputs, and the autograd edges of its outputs).
+Edges are taken at call time, so later in-place operations on the outputs, a
+module called several times, or any code between modules do not disturb them.
+
+Backward: a hook on the root output receives the loss's cotangent. From there,
+one batched ``torch.autograd.grad`` pulls back every active extension's seeds
+at once (V seeds: C one-hot seeds for the Jacobian, the cotangent itself for
+gradients) to the recorded output edges, giving G of shape (V, N, *out) per
+record. Each record's rule contracts G with its inputs; contributions to a
+shared parameter are summed. The ordinary backward then runs unchanged.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from jacext.errors import JacextError
+from jacext.rules import rule_for
+
+
+def module_label(module: nn.Module) -> str:
+    """``'path' (Class)`` for error messages."""
+    return f"'{getattr(module, '_jacext_path', '?')}' ({type(module).__name__})"
+
+
+class Record:
+    """One call of a parameterised module."""
+
+    def __init__(self, module: nn.Module, args, output):
+        self.module = module
+        self.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+        self.versions = [a._version for a in args if isinstance(a, Tensor)]
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        outs = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
+        self.edges = [get_gradient_edge(o) for o in outs]
+        self.out_shapes = [o.shape for o in outs]
+
+    def check_unmodified(self) -> None:
+        versions = [a._version for a in self.inputs if isinstance(a, Tensor)]
+        if versions != self.versions:
+            raise JacextError(
+                f"An input of module {module_label(self.module)} was modified in place after the "
+                "module used it; jacext needs the values the module saw. Use an out-of-place "
+                "operation (for example x = x.relu() instead of x.relu_()) on that tensor."
+            )
+
+
+class Tape:
+    """Records of one forward pass of an extended root module, for a set of extensions."""
+
+    def __init__(self, root: nn.Module, extensions):
+        self.root = root
+        self.extensions = list(extensions)
+        self.records: List[Record] = []
+        self.busy = False
+
+    def record(self, module: nn.Module, args, output) -> None:
+        if rule_for(module) is None:
+            names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            raise JacextError(
+                f"jacext has no rule for module {module_label(module)}, which owns trainable "
+                f"parameters {names}. Freeze them (requires_grad_(False)), replace the module by "
+                "supported layers, or register a rule with jacext.rules.register."
+            )
+        rec = Record(module, args, output)
+        if rec.edges:
+            self.records.append(rec)
+
+    def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
+        """Per parameter, one result per extension (in ``self.extensions`` order)."""
+        seeds = [ext.seeds(out_shape, grad_out) for ext in self.extensions]
+        sizes = [s.shape[0] for s in seeds]
+        edges = [e for rec in self.records for e in rec.edges]
+        grads = self._pull_back(out_edge, edges, torch.cat(seeds))
+        blocks: Dict[nn.Parameter, Tensor] = {}
+        i = 0
+        for rec in self.records:
+            rec.check_unmodified()
+            gs = grads[i : i + len(rec.edges)]
+            i += len(rec.edges)
+            gs = [
+                torch.zeros(sum(sizes), *shape, dtype=grad_out.dtype, device=grad_out.device) if g is None else g
+                for g, shape in zip(gs, rec.out_shapes)
+            ]
+            for name, block in rule_for(rec.module)(rec.module, rec.inputs, gs).items():
+                p = getattr(rec.module, name)
+                blocks[p] = block if p not in blocks else blocks[p] + block
+        n = out_shape[0]
+        results = {}
+        for p in self.root.parameters():
+            if not p.requires_grad:
+                continue
+            block = blocks.get(p)
+            if block is None:  # not used in this forward pass: its derivative is zero
+                block = torch.zeros(n, sum(sizes), *p.shape, dtype=p.dtype, device=p.device)
+            parts = block.split(sizes, dim=1)
+            results[p] = [ext.finish(part, out_shape) for ext, part in zip(self.extensions, parts)]
+        return results
+
+    def _pull_back(self, out_edge, edges, seeds: Tensor) -> List[Optional[Tensor]]:
+        """Cotangents (V, N, *out) at every edge for the V seeds, in one batched backward."""
+        if not edges:
+            return []
+        self.busy = True
+        try:
+            if seeds.shape[0] == 1:
+                grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
+                return [None if g is None else g.unsqueeze(0) for g in grads]
+            return list(
+                torch.autograd.grad(
+                    out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            )
+        finally:
+            self.busy = False
