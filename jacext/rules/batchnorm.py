@@ -28,10 +28,12 @@ def batchnorm(module, inputs, grads):
         )
     require_batch_dim(module, x, min_dim=2)
     shape = (1, -1) + (1,) * (x.dim() - 2)
+    v, n, c = g.shape[:3]
+    g = g.reshape(v, n, c, -1)  # (V, N, C, S)
     out = {}
     if trainable(module, "weight"):
         xhat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-        out["weight"] = torch.einsum("vncs,ncs->nvc", g.flatten(3), xhat.flatten(2))
+        out["weight"] = torch.einsum("vncs,ncs->nvc", g, xhat.reshape(n, c, -1))
     if trainable(module, "bias"):
-        out["bias"] = g.flatten(3).sum(-1).transpose(0, 1)
+        out["bias"] = g.sum(-1).transpose(0, 1)
     return out

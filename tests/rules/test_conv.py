@@ -1,0 +1,40 @@
+import pytest
+import torch
+from torch import nn
+
+from reference import check_jacobian
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+SIZE = {1: (9,), 2: (6, 7), 3: (5, 6, 5)}
+CASES = {
+    "default": dict(),
+    "stride": dict(stride=2),
+    "padding": dict(padding=1),
+    "same": dict(padding="same"),
+    "same_even_kernel": dict(padding="same", kernel_size=4),
+    "same_dilated": dict(padding="same", dilation=2),
+    "valid": dict(padding="valid"),
+    "reflect": dict(padding=2, padding_mode="reflect"),
+    "replicate": dict(padding=1, padding_mode="replicate"),
+    "circular": dict(padding=2, padding_mode="circular"),
+    "same_reflect": dict(padding="same", kernel_size=4, padding_mode="reflect"),
+    "dilation_stride": dict(dilation=2, stride=2),
+    "groups": dict(groups=2),
+    "depthwise": dict(groups=4, padding=1),
+    "no_bias": dict(bias=False),
+    "all": dict(stride=2, padding=1, dilation=2, groups=2, bias=False, padding_mode="replicate"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_conv(d, case, dtype):
+    options = {"kernel_size": 3, **CASES[case]}
+    model = CONV[d](4, 4, **options).to(dtype)
+    n = 2 if d == 3 else 3
+    check_jacobian(model, torch.randn(n, 4, *SIZE[d], dtype=dtype))
+
+
+def test_conv_rectangular_kernel(dtype):
+    model = nn.Conv2d(2, 3, kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0)).to(dtype)
+    check_jacobian(model, torch.randn(1, 2, 7, 8, dtype=dtype))
