@@ -33,6 +33,7 @@ def extend(module: nn.Module, *, backpack: bool = False) -> nn.Module:
     """
     if backpack:
         bp.extend(module)
+        module._jacext_backpack = True
     for name, m in module.named_modules():
         m._jacext_path = name or "<root>"
     if not hasattr(module, "_jacext_root_handles"):
@@ -50,7 +51,7 @@ def unextend(module: nn.Module) -> nn.Module:
             handle.remove()
         if hasattr(m, "_jacext_record_handle"):
             m._jacext_record_handle.remove()
-        for attr in ("_jacext_root_handles", "_jacext_record_handle", "_jacext_path"):
+        for attr in ("_jacext_root_handles", "_jacext_record_handle", "_jacext_path", "_jacext_backpack"):
             if hasattr(m, attr):
                 delattr(m, attr)
     return module
@@ -83,7 +84,7 @@ def _open_tape(root: nn.Module, args) -> None:
         return
     exts = CTX.get_active_exts()
     others = [e for e in exts if not isinstance(e, JacextExtension)]
-    if others and not getattr(root, "_backpack_extend", False):
+    if others and not getattr(root, "_jacext_backpack", False):
         raise JacextError(
             f"BackPACK extensions {others} are active but the model was extended without BackPACK's "
             "hooks; use jacext.extend(model, backpack=True) to combine them with jacext's."

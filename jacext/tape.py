@@ -14,9 +14,12 @@ record. Each record's rule contracts G with its inputs; contributions to a
 shared parameter are summed. The ordinary backward then runs unchanged.
 """
 
+from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
+from backpack.context import CTX
+from backpack.utils.hooks import no_op
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
@@ -109,13 +112,30 @@ class Tape:
             return []
         self.busy = True
         try:
-            if seeds.shape[0] == 1:
-                grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
-                return [None if g is None else g.unsqueeze(0) for g in grads]
-            return list(
-                torch.autograd.grad(
-                    out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+            with _backpack_paused():
+                if seeds.shape[0] == 1:
+                    grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
+                    return [None if g is None else g.unsqueeze(0) for g in grads]
+                return list(
+                    torch.autograd.grad(
+                        out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    )
                 )
-            )
         finally:
             self.busy = False
+
+
+@contextmanager
+def _backpack_paused():
+    """BackPACK's module hooks (``extend(..., backpack=True)``) also fire in the tape's own
+    backward: let them do nothing there and keep the inputs they stored for the real backward."""
+    saved = CTX.get_active_exts(), CTX.get_retain_graph(), CTX.get_extension_hook()
+    CTX.set_active_exts(())
+    CTX.set_retain_graph(True)
+    CTX.set_extension_hook(no_op)
+    try:
+        yield
+    finally:
+        CTX.set_active_exts(saved[0])
+        CTX.set_retain_graph(saved[1])
+        CTX.set_extension_hook(saved[2])

@@ -1,0 +1,196 @@
+"""The public API: shapes, several extensions at once, errors, hooks and state."""
+
+import backpack.extensions as bpext
+import pytest
+import torch
+from backpack import backpack
+from torch import nn
+
+import jacext
+from reference import assert_close, loop_grad_batch, loop_jacobian
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+class Reshaped(nn.Module):
+    def __init__(self, out_shape):
+        super().__init__()
+        self.out_shape = out_shape
+        self.lin = nn.Linear(4, out_shape[1:].numel())
+
+    def forward(self, x):
+        return self.lin(x).reshape(self.out_shape)
+
+
+@pytest.mark.parametrize("out_shape", [(6,), (6, 3), (6, 2, 3)])
+def test_jacobian_shape_follows_output(out_shape):
+    model = jacext.extend(Reshaped(torch.Size(out_shape)))
+    with backpack(jacext.BatchJacobian()):
+        model(torch.randn(6, 4)).sum().backward()
+    c = torch.Size(out_shape[1:]).numel()
+    assert model.lin.weight.jacobian.shape == (*out_shape, c, 4)
+    assert model.lin.bias.jacobian.shape == (*out_shape, c)
+
+
+def test_flat_jacobian_orders_parameters_like_model_parameters():
+    model = mlp()
+    x = torch.randn(4, 4)
+    parts = jacext.jacobian(model, x)
+    flat = jacext.jacobian(model, x, flat=True)
+    assert flat.shape == (4, 3, sum(p.numel() for p in model.parameters()))
+    assert torch.equal(flat, torch.cat([parts[n].reshape(4, 3, -1) for n, _ in model.named_parameters()], dim=2))
+
+
+def test_jacobian_leaves_model_and_grads_untouched():
+    model = mlp()
+    jacext.jacobian(model, torch.randn(2, 4))
+    assert all(p.grad is None and not hasattr(p, "jacobian") for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_extend_is_idempotent_and_unextend_removes_everything():
+    model = jacext.extend(jacext.extend(mlp()))
+    assert len(model._forward_hooks) == 1 and len(model[0]._forward_hooks) == 1
+    jacext.unextend(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert not any(k.startswith("_jacext") for m in model.modules() for k in vars(m))
+
+
+def test_results_are_replaced_by_each_backward():
+    model = jacext.extend(mlp())
+    for n in (5, 2):
+        with backpack(jacext.BatchGrad()):
+            nn.CrossEntropyLoss()(model(torch.randn(n, 4)), torch.zeros(n, dtype=torch.long)).backward()
+        assert model[0].weight.grad_batch.shape == (n, 5, 4)
+
+
+def test_no_context_no_attributes_and_same_grad():
+    model = jacext.extend(mlp())
+    model(torch.randn(3, 4)).sum().backward()
+    assert not any(hasattr(p, "grad_batch") or hasattr(p, "jacobian") for p in model.parameters())
+
+
+def test_frozen_parameters_are_skipped():
+    model = mlp().double()
+    model[0].weight.requires_grad_(False)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    expected = loop_jacobian(model, x)
+    jacext.extend(model)
+    with backpack(jacext.BatchJacobian()):
+        model(x).sum().backward()
+    assert not hasattr(model[0].weight, "jacobian")
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert_close(p.jacobian, expected[name], torch.float64, name)
+
+
+def test_unused_parameters_get_zeros():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = jacext.extend(Branchy())
+    with backpack(jacext.BatchJacobian()):
+        model(torch.randn(3, 2)).sum().backward()
+    assert torch.equal(model.unused.weight.jacobian, torch.zeros(3, 2, 2, 2))
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_unsupported_module_names_path_and_class():
+    model = jacext.extend(nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), Custom())))
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=r"'1\.1' \(Custom\).*\['scale'\]"):
+        model(torch.randn(2, 2))
+
+
+def test_unsupported_module_added_after_extend_is_caught():
+    model = jacext.extend(nn.Sequential(nn.Linear(2, 3)))
+    model.append(Custom())
+    with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="Custom"):
+        model(torch.randn(2, 2))
+
+
+def test_frozen_unsupported_module_is_fine():
+    model = nn.Sequential(nn.Linear(2, 3), Custom().requires_grad_(False))
+    jacext.jacobian(model, torch.randn(2, 2))
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x), x
+
+
+def test_tuple_output_is_a_clear_error():
+    model = jacext.extend(TwoOutputs())
+    with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="returned tuple"):
+        model(torch.randn(2, 2))
+
+
+def test_modified_input_is_a_clear_error():
+    model = jacext.extend(nn.Linear(2, 2))
+    x = torch.randn(3, 2)
+    with backpack(jacext.BatchGrad()):
+        out = model(x)
+        x.add_(1.0)
+        with pytest.raises(jacext.JacextError, match="modified in place"):
+            out.sum().backward()
+
+
+def test_backpack_extension_needs_backpack_hooks():
+    model = jacext.extend(mlp())
+    with backpack(bpext.BatchL2Grad()), pytest.raises(jacext.JacextError, match="backpack=True"):
+        model(torch.randn(2, 4))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_combined_with_backpack_extensions_and_agrees_with_backpack_batchgrad():
+    model = jacext.extend(mlp().double(), backpack=True)
+    lossfunc = nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with backpack(bpext.BatchGrad()):
+        lossfunc(model(x), y).backward()
+    theirs = [p.grad_batch.clone() for p in model.parameters()]
+    with backpack(jacext.BatchGrad(), jacext.BatchJacobian(), bpext.BatchL2Grad()):
+        lossfunc(model(x), y).backward()
+    for p, t in zip(model.parameters(), theirs):
+        assert_close(p.grad_batch, t, torch.float64)
+        assert_close(p.batch_l2, (t**2).flatten(1).sum(1), torch.float64)
+
+
+def test_no_grad_forward_records_nothing():
+    model = jacext.extend(mlp())
+    with backpack(jacext.BatchGrad()), torch.no_grad():
+        model(torch.randn(2, 4))
+
+
+def test_reference_catches_a_wrong_rule(monkeypatch):
+    """The oracle is not vacuous: a rule that is off by a factor fails the comparison."""
+    from jacext.rules import RULES
+
+    model = mlp().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    expected = loop_grad_batch(model, nn.CrossEntropyLoss(), y, x)
+    right = RULES[nn.Linear]
+    monkeypatch.setitem(RULES, nn.Linear, lambda m, i, g: {k: v * (1 + 1e-8) for k, v in right(m, i, g).items()})
+    jacext.extend(model)
+    with backpack(jacext.BatchGrad()):
+        nn.CrossEntropyLoss()(model(x), y).backward()
+    with pytest.raises(AssertionError):
+        assert_close(model[0].weight.grad_batch, expected["0.weight"], torch.float64)
