@@ -1,6 +1,5 @@
-"""BatchNorm1d/2d/3d with running statistics (eval mode):
+"""BatchNorm1d/2d/3d in eval mode: y = xhat * w + b, xhat = (x - running_mean) / sqrt(running_var + eps).
 
-    y = xhat * w + b,  xhat = (x - running_mean) / sqrt(running_var + eps)
     J_w[n, v, c] = sum_s G[v, n, c, s] xhat[n, c, s],   J_b[n, v, c] = sum_s G[v, n, c, s]
 
 In train mode (or without running statistics) each output depends on the whole
