@@ -22,6 +22,7 @@ from backpack.context import CTX
 from backpack.utils.hooks import no_op
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_leaves
 
 from jacext.errors import JacextError
 from jacext.rules import rule_for
@@ -39,10 +40,11 @@ class Record:
         self.module = module
         self.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
         self.versions = [a._version for a in args if isinstance(a, Tensor)]
-        outs = output if isinstance(output, (tuple, list)) else (output,)
-        outs = [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
-        self.edges = [get_gradient_edge(o) for o in outs]
-        self.out_shapes = [o.shape for o in outs]
+        leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
+        self.n_leaves = len(leaves)
+        self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
+        self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
 
     def check_unmodified(self) -> None:
         versions = [a._version for a in self.inputs if isinstance(a, Tensor)]
@@ -87,10 +89,10 @@ class Tape:
             rec.check_unmodified()
             gs = grads[i : i + len(rec.edges)]
             i += len(rec.edges)
-            gs = [
-                torch.zeros(sum(sizes), *shape, dtype=grad_out.dtype, device=grad_out.device) if g is None else g
-                for g, shape in zip(gs, rec.out_shapes)
-            ]
+            leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
+            for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
+                leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(sum(sizes), *shape)
+            gs = leaf_grads
             for name, block in rule_for(rec.module)(rec.module, rec.inputs, gs).items():
                 p = getattr(rec.module, name)
                 blocks[p] = block if p not in blocks else blocks[p] + block

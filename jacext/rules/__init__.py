@@ -4,9 +4,12 @@ A rule is a function ``rule(module, inputs, grads) -> {param_name: tensor}``:
 
 * ``inputs``: the positional tensors the module was called with in the forward
   pass (detached), in call order;
-* ``grads``: one tensor per tensor output of the module, the cotangents
-  ``G`` of shape ``(V, N, *output.shape[1:])`` for ``V`` seeds (``V = 1`` for
-  a loss gradient, ``V = C`` for the Jacobian of a ``C``-dimensional output);
+* ``grads``: one entry per tensor leaf of the module's output (flattened with
+  ``torch.utils._pytree``, so tuples and PackedSequence are unpacked): the
+  cotangents ``G`` of shape ``(V, *leaf.shape)`` for ``V`` seeds (``V = 1`` for
+  a loss gradient, ``V = C`` for the Jacobian of a ``C``-dimensional output),
+  zeros where the leaf did not influence the root output, ``None`` for leaves
+  that do not require a gradient;
 * it returns, for each trainable parameter it covers, the per-sample
   contraction ``J[n, v] = G[v, n] . d output(n) / d param`` of shape
   ``(N, V, *param.shape)``.
@@ -16,6 +19,8 @@ Classes are matched exactly (no ``isinstance``), as in BackPACK: a subclass
 may change ``forward`` and needs its own registration.
 """
 
+import importlib
+import pkgutil
 from typing import Callable, Dict, Optional, Type
 
 from torch import Tensor, nn
@@ -49,4 +54,10 @@ def trainable(module: nn.Module, name: str) -> bool:
     return isinstance(p, nn.Parameter) and p.requires_grad
 
 
-from jacext.rules import batchnorm, conv, conv_transpose, embedding, linear  # noqa: E402,F401
+def _load_all() -> None:
+    """Import every module of this package: adding a layer is adding one file."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_load_all()
