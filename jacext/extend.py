@@ -75,7 +75,7 @@ def _owns_trainable(module: nn.Module) -> bool:
 def _hook_recorders(root: nn.Module) -> None:
     for m in root.modules():
         if not hasattr(m, "_jacext_record_handle") and any(True for _ in m.parameters(recurse=False)):
-            m._jacext_record_handle = m.register_forward_hook(_record)
+            m._jacext_record_handle = m.register_forward_hook(_record, with_kwargs=True)
 
 
 def _open_tape(root: nn.Module, args) -> None:
@@ -95,9 +95,9 @@ def _open_tape(root: nn.Module, args) -> None:
         _current = Tape(root, ours)
 
 
-def _record(module: nn.Module, args, output) -> None:
+def _record(module: nn.Module, args, kwargs, output) -> None:
     if _current is not None and _owns_trainable(module):
-        _current.record(module, args, output)
+        _current.record(module, args, kwargs, output)
 
 
 def _close_tape(root: nn.Module, args, output) -> None:

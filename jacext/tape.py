@@ -22,7 +22,7 @@ from backpack.context import CTX
 from backpack.utils.hooks import no_op
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
 from jacext.rules import rule_for
@@ -33,22 +33,28 @@ def module_label(module: nn.Module) -> str:
     return f"'{getattr(module, '_jacext_path', '?')}' ({type(module).__name__})"
 
 
+def _detached(a):
+    return a.detach() if isinstance(a, Tensor) else a
+
+
 class Record:
     """One call of a parameterised module."""
 
-    def __init__(self, module: nn.Module, args, output):
+    def __init__(self, module: nn.Module, args, kwargs, output):
         self.module = module
-        self.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-        self.versions = [a._version for a in args if isinstance(a, Tensor)]
+        self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
+        self.versions = self._versions()
         leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
 
+    def _versions(self) -> List[int]:
+        return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
+
     def check_unmodified(self) -> None:
-        versions = [a._version for a in self.inputs if isinstance(a, Tensor)]
-        if versions != self.versions:
+        if self._versions() != self.versions:
             raise JacextError(
                 f"An input of module {module_label(self.module)} was modified in place after the "
                 "module used it; jacext needs the values the module saw. Use an out-of-place "
@@ -65,7 +71,7 @@ class Tape:
         self.records: List[Record] = []
         self.busy = False
 
-    def record(self, module: nn.Module, args, output) -> None:
+    def record(self, module: nn.Module, args, kwargs, output) -> None:
         if rule_for(module) is None:
             names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             raise JacextError(
@@ -73,7 +79,7 @@ class Tape:
                 f"parameters {names}. Freeze them (requires_grad_(False)), replace the module by "
                 "supported layers, or register a rule with jacext.rules.register."
             )
-        rec = Record(module, args, output)
+        rec = Record(module, args, kwargs, output)
         if rec.edges:
             self.records.append(rec)
 
@@ -93,8 +99,8 @@ class Tape:
             for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
                 leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(sum(sizes), *shape)
             gs = leaf_grads
-            for name, block in rule_for(rec.module)(rec.module, rec.inputs, gs).items():
-                p = getattr(rec.module, name)
+            for name, block in rule_for(rec.module)(rec.module, rec.args, rec.kwargs, gs).items():
+                p = rec.module.get_parameter(name)
                 blocks[p] = block if p not in blocks else blocks[p] + block
         n = out_shape[0]
         results = {}

@@ -188,7 +188,7 @@ def test_reference_catches_a_wrong_rule(monkeypatch):
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
     expected = loop_grad_batch(model, nn.CrossEntropyLoss(), y, x)
     right = RULES[nn.Linear]
-    monkeypatch.setitem(RULES, nn.Linear, lambda m, i, g: {k: v * (1 + 1e-8) for k, v in right(m, i, g).items()})
+    monkeypatch.setitem(RULES, nn.Linear, lambda m, a, k, g: {n: v * (1 + 1e-8) for n, v in right(m, a, k, g).items()})
     jacext.extend(model)
     with backpack(jacext.BatchGrad()):
         nn.CrossEntropyLoss()(model(x), y).backward()

@@ -1,16 +1,17 @@
 """Per-layer rules: the registry that maps module classes to their Jacobian rule.
 
-A rule is a function ``rule(module, inputs, grads) -> {param_name: tensor}``:
+A rule is a function ``rule(module, args, kwargs, grads) -> {param_name: tensor}``:
 
-* ``inputs``: the positional tensors the module was called with in the forward
-  pass (detached), in call order;
+* ``args``, ``kwargs``: what the module was called with in the forward pass
+  (tensors detached);
 * ``grads``: one entry per tensor leaf of the module's output (flattened with
   ``torch.utils._pytree``, so tuples and PackedSequence are unpacked): the
   cotangents ``G`` of shape ``(V, *leaf.shape)`` for ``V`` seeds (``V = 1`` for
   a loss gradient, ``V = C`` for the Jacobian of a ``C``-dimensional output),
   zeros where the leaf did not influence the root output, ``None`` for leaves
   that do not require a gradient;
-* it returns, for each trainable parameter it covers, the per-sample
+* it returns, for each trainable parameter it covers (named as in
+  ``module.get_parameter``, so ``"out_proj.weight"`` may be covered by a parent), the per-sample
   contraction ``J[n, v] = G[v, n] . d output(n) / d param`` of shape
   ``(N, V, *param.shape)``.
 
@@ -49,9 +50,11 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
 
 
 def trainable(module: nn.Module, name: str) -> bool:
-    """Whether ``module.<name>`` is a parameter that requires a gradient."""
-    p = getattr(module, name, None)
-    return isinstance(p, nn.Parameter) and p.requires_grad
+    """Whether ``module.get_parameter(name)`` exists and requires a gradient."""
+    try:
+        return module.get_parameter(name).requires_grad
+    except AttributeError:  # absent, or None (bias=False)
+        return False
 
 
 def _load_all() -> None:

@@ -16,8 +16,8 @@ from jacext.rules.util import require_batch_dim
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def batchnorm(module, inputs, grads):
-    x, (g,) = inputs[0], grads
+def batchnorm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
     if module.training or module.running_mean is None:
         raise JacextError(
             f"{type(module).__name__} normalises with batch statistics (train mode or "

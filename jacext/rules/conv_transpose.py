@@ -18,8 +18,8 @@ from jacext.rules.util import kernel_letters, patches, require_batch_dim, spatia
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-def conv_transpose(module, inputs, grads):
-    x, (g,) = inputs[0], grads
+def conv_transpose(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
     d = len(module.kernel_size)
     require_batch_dim(module, x, min_dim=d + 2)
     v, n = g.shape[:2]

@@ -14,8 +14,8 @@ from jacext.rules.util import require_batch_dim
 
 
 @register(nn.Embedding)
-def embedding(module, inputs, grads):
-    x, (g,) = inputs[0], grads
+def embedding(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
     if not trainable(module, "weight"):
         return {}
     if module.scale_grad_by_freq:

@@ -12,8 +12,8 @@ from jacext.rules.util import require_batch_dim
 
 
 @register(nn.Linear)
-def linear(module: nn.Linear, inputs, grads):
-    x, (g,) = inputs[0], grads
+def linear(module: nn.Linear, args, kwargs, grads):
+    x, (g,) = args[0], grads
     require_batch_dim(module, x, min_dim=2)
     n = x.shape[0]
     x = x.reshape(n, -1, module.in_features)  # (N, T, in)
