@@ -7,12 +7,11 @@ batch through the batch statistics, so per-sample quantities are not defined by
 a local rule; jacext refuses rather than return per-sample contributions.
 """
 
-import torch
 from torch import nn
 
 from jacext.errors import JacextError
-from jacext.rules import register, trainable
-from jacext.rules.util import require_batch_dim
+from jacext.rules import register
+from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -26,13 +25,5 @@ def batchnorm(module, args, kwargs, grads):
             "to use its running statistics, or use a per-sample normalisation (GroupNorm, LayerNorm)."
         )
     require_batch_dim(module, x, min_dim=2)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    v, n, c = g.shape[:3]
-    g = g.reshape(v, n, c, -1)  # (V, N, C, S)
-    out = {}
-    if trainable(module, "weight"):
-        xhat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-        out["weight"] = torch.einsum("vncs,ncs->nvc", g, xhat.reshape(n, c, -1))
-    if trainable(module, "bias"):
-        out["bias"] = g.sum(-1).transpose(0, 1)
-    return out
+    xhat = running_stats_xhat(module, x)
+    return affine_jacobians(module, g, xhat, channel_dim=True)

@@ -1,8 +1,10 @@
 """Small helpers shared by the rules."""
 
+import torch
 from torch import Tensor, nn
 
 from jacext.errors import JacextError
+from jacext.rules import trainable
 
 
 def require_batch_dim(module: nn.Module, x: Tensor, min_dim: int) -> None:
@@ -36,3 +38,31 @@ def patches(x: Tensor, kernel_size, stride, dilation) -> Tensor:
     for j, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
         x = x.unfold(first + j, dil * (k - 1) + 1, s)[..., ::dil]
     return x
+
+
+def affine_jacobians(module: nn.Module, g: Tensor, xhat: Tensor, channel_dim: bool) -> dict:
+    """J of y = xhat * w + b for a normalisation layer, from the normalised input ``xhat``.
+
+    ``channel_dim=True``: w, b have one entry per channel (dim 1 of the input), so
+    J_w[n, v, c] = sum_s G[v, n, c, s] xhat[n, c, s]. Otherwise w, b have the shape of the
+    trailing dims (LayerNorm, RMSNorm): J_w[n, v, e] = sum_t G[v, n, t, e] xhat[n, t, e].
+    J_b is the same contraction with xhat = 1.
+    """
+    v, n = g.shape[:2]
+    shape = (module.weight if module.weight is not None else module.bias).shape
+    if channel_dim:  # (V, N, C, S): contract the positions s
+        g, xhat, pattern, summed = g.reshape(v, n, shape.numel(), -1), xhat.reshape(n, shape.numel(), -1), "vncs,ncs->nvc", 3
+    else:  # (V, N, T, E): contract the leading positions t
+        g, xhat, pattern, summed = g.reshape(v, n, -1, shape.numel()), xhat.reshape(n, -1, shape.numel()), "vnte,nte->nve", 2
+    out = {}
+    if trainable(module, "weight"):
+        out["weight"] = torch.einsum(pattern, g, xhat).reshape(n, v, *shape)
+    if trainable(module, "bias"):
+        out["bias"] = g.sum(summed).transpose(0, 1).reshape(n, v, *shape)
+    return out
+
+
+def running_stats_xhat(module: nn.Module, x: Tensor) -> Tensor:
+    """(x - running_mean) / sqrt(running_var + eps), statistics per channel (dim 1)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)

@@ -1,0 +1,53 @@
+"""Normalisation layers: y = xhat * w + b with xhat the input normalised per sample.
+
+    LayerNorm:    xhat = (x - mean) / sqrt(var + eps) over the trailing normalized_shape dims
+    RMSNorm:      xhat = x / sqrt(mean(x^2) + eps) over the trailing normalized_shape dims
+    GroupNorm:    xhat = (x - mean) / sqrt(var + eps) over each group of channels and all positions
+    InstanceNorm: the same per channel, or with the running statistics in eval mode when tracked
+
+xhat is recomputed from the saved input by the same torch function the layer uses, and
+J_w[n, v] = sum G[v, n] * xhat[n], J_b[n, v] = sum G[v, n], summed over the dims that w
+does not have (positions for per-channel w; leading dims for trailing-shape w).
+"""
+
+import torch.nn.functional as F
+from torch import nn
+
+from jacext.rules import register
+from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
+
+
+@register(nn.LayerNorm)
+def layer_norm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
+    require_batch_dim(module, x, min_dim=len(module.normalized_shape) + 1)
+    xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    return affine_jacobians(module, g, xhat, channel_dim=False)
+
+
+@register(nn.RMSNorm)
+def rms_norm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
+    require_batch_dim(module, x, min_dim=len(module.normalized_shape) + 1)
+    xhat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    return affine_jacobians(module, g, xhat, channel_dim=False)
+
+
+@register(nn.GroupNorm)
+def group_norm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
+    require_batch_dim(module, x, min_dim=2)
+    xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+    return affine_jacobians(module, g, xhat, channel_dim=True)
+
+
+@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def instance_norm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
+    require_batch_dim(module, x, min_dim=module._get_no_batch_dim() + 1)
+    use_input_stats = module.training or not module.track_running_stats
+    if use_input_stats:
+        xhat = F.instance_norm(x, eps=module.eps)
+    else:
+        xhat = running_stats_xhat(module, x)
+    return affine_jacobians(module, g, xhat, channel_dim=True)
