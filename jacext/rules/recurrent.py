@@ -15,10 +15,13 @@ The recurrence never mixes samples, so with A, B, P the cotangents of a_t, b_t, 
     J_W_hr[n, v] = sum_t P_t[v, n] m_t[n]^T
 
 The rule recomputes the forward pass from the recorded inputs with PyTorch's formulas
-(GRU: n_t = tanh(a_n + r_t * b_n), h_t = (1 - z_t) n_t + z_t h_{t-1}) and gets every
-A, B, P for the V seeds from one batched backward. In a packed sequence a sample's
-state is carried unchanged past its length, so its cotangents there are zero.
-Dropout between layers (train mode) draws masks jacext cannot see: refused.
+(GRU: n_t = tanh(a_n + r_t * b_n), h_t = (1 - z_t) n_t + z_t h_{t-1}), on V copies of
+the batch, one per seed (batch row v * N + n), so that one ordinary backward of the
+recomputed outputs with the seeds' cotangents gives every A, B, P at once: cheaper
+than a vmapped backward over many small steps, with the same V-fold memory. In a
+packed sequence a sample's state is carried unchanged past its length, so its
+cotangents there are zero. Dropout between layers (train mode) draws masks jacext
+cannot see: refused.
 """
 
 from typing import Dict, List, NamedTuple, Optional
@@ -35,7 +38,7 @@ from jacext.rules.util import require_batch_dim
 
 class _Affine(NamedTuple):
     """One parameterised map y = W u + b of the recurrence, with its inputs u and outputs y
-    as computed (either one (T, N, .) tensor each, or one (N, .) tensor per time step)."""
+    as computed: one (T, B, .) tensor each, or one (B, .) tensor per time step."""
 
     weight: str
     bias: Optional[str]
@@ -50,9 +53,10 @@ class _Affine(NamedTuple):
 
 
 def _maps(module: nn.Module, suffix: str, kinds=("ih", "hh")) -> List[_Affine]:
-    """The affine maps ``weight_{kind}{suffix}`` (with ``bias_{kind}{suffix}``; never for the projection)."""
-    with_bias = lambda kind: module.bias and kind != "hr"  # noqa: E731
-    return [_Affine(f"weight_{k}{suffix}", f"bias_{k}{suffix}" if with_bias(k) else None, [], []) for k in kinds]
+    """The maps ``weight_{kind}{suffix}`` with ``bias_{kind}{suffix}`` if the module has biases
+    (the projection ``hr`` never has one)."""
+    bias = lambda k: f"bias_{k}{suffix}" if module.bias and k != "hr" else None  # noqa: E731
+    return [_Affine(f"weight_{k}{suffix}", bias(k), [], []) for k in kinds]
 
 
 def _step(mode: str, a: Tensor, b: Tensor, h: Tensor, c: Optional[Tensor]):
@@ -70,15 +74,20 @@ def _step(mode: str, a: Tensor, b: Tensor, h: Tensor, c: Optional[Tensor]):
     return (torch.tanh if mode == "RNN_TANH" else torch.relu)(a + b), None
 
 
-def _tile(t: Tensor, dim: int, v: int) -> Tensor:
+def _tile(t: Optional[Tensor], dim: int, v: int) -> Optional[Tensor]:
     """``v`` copies of ``t`` along its batch dimension ``dim``: row ``i * N + n`` is sample n."""
-    return t.repeat(*(v if d == dim else 1 for d in range(t.dim())))
+    return None if t is None else t.repeat(*(v if d == dim else 1 for d in range(t.dim())))
 
 
 def _fold(g: Optional[Tensor], dim: int) -> Optional[Tensor]:
     """Cotangents (V, *leaf) to the leaf's shape with the V seeds folded into its batch
     dimension ``dim`` as by ``_tile``: row ``v * N + n``."""
     return None if g is None else g.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _unfold(t: Tensor, v: int) -> Tensor:
+    """(..., V * N, d) with rows ``v * N + n`` to (T, V, N, d), T the product of the leading dims."""
+    return t.reshape(-1, v, t.shape[-2] // v, t.shape[-1])
 
 
 def _jacobians(module: nn.Module, outputs, cotangents, affines: List[_Affine], v: int) -> Dict[str, Tensor]:
@@ -94,9 +103,8 @@ def _jacobians(module: nn.Module, outputs, cotangents, affines: List[_Affine], v
     out, i = {}, 0
     for m in wanted:
         gs, i = grads[i : i + len(m.outputs)], i + len(m.outputs)
-        unfold = lambda t: t.reshape(-1, v, t.shape[-2] // v, t.shape[-1])  # noqa: E731  (T, V, N, .)
-        g = torch.cat([unfold(g) for g in gs])
-        u = torch.cat([unfold(u.detach()) for u in m.inputs])
+        g = torch.cat([_unfold(g, v) for g in gs])
+        u = torch.cat([_unfold(u.detach(), v) for u in m.inputs])
         if trainable(module, m.weight):
             out[m.weight] = torch.einsum("tvno,tvni->nvoi", g, u)
         if m.bias and trainable(module, m.bias):
@@ -190,11 +198,12 @@ def recurrent(module: nn.RNNBase, args, kwargs, grads):
             g_out = g_out.new_zeros(v, steps * n, g_out.shape[-1]).index_copy_(1, rows, g_out).unflatten(1, (steps, n))
         elif module.batch_first:
             g_out = g_out.transpose(1, 2)
-    tile = lambda t: None if t is None else _tile(t, 1, v)  # noqa: E731
     with torch.enable_grad():
-        output, states, affines = _run(module, tile(x), tile(h0), tile(c0), tile(mask))
+        output, states, affines = _run(module, *(_tile(t, 1, v) for t in (x, h0, c0, mask)))
         cotangents = [_fold(g_out, 1)] + [_fold(g, 1) for g in g_states]
         return _jacobians(module, [output] + states, cotangents, affines, v)
+
+
 _CELL_MODES = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}
 
 
@@ -210,7 +219,7 @@ def recurrent_cell(module: nn.RNNCellBase, args, kwargs, grads):
     else:
         h, c = hx if lstm else (hx, None)
     v = next(g.shape[0] for g in grads if g is not None)
-    x, h, c = (None if t is None else _tile(t, 0, v) for t in (x, h, c))
+    x, h, c = (_tile(t, 0, v) for t in (x, h, c))
     ih, hh = _maps(module, "")
     with torch.enable_grad():
         weights = _detached_weights(module)

@@ -89,6 +89,26 @@ def test_grad_batch_output_only_partly_frozen(layer, dtype):
     check_grad_batch(Sequence(rnn, states=False), nn.MSELoss(), y, *inputs(rnn, dtype))
 
 
+class Classifier(nn.Module):
+    """Embedding, packed LSTM and a linear head on the last layer's final states."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, IN)
+        self.rnn = nn.LSTM(IN, HIDDEN, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * HIDDEN, 3)
+
+    def forward(self, tokens, lengths):
+        packed = pack_padded_sequence(self.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.rnn(packed)
+        return self.head(torch.cat([h_n[-2], h_n[-1]], 1))
+
+
+def test_classifier(dtype):
+    tokens, lengths = torch.randint(0, 5, (N, T)), torch.tensor([2, 3, 1])
+    check_grad_batch(Classifier().to(dtype), nn.CrossEntropyLoss(), torch.randint(0, 3, (N,)), tokens, lengths)
+
+
 def test_eval_mode_dropout(dtype):
     rnn = nn.LSTM(IN, HIDDEN, num_layers=2, dropout=0.5).to(dtype).eval()
     check_jacobian(Sequence(rnn), *inputs(rnn, dtype))
