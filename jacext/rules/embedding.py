@@ -1,34 +1,120 @@
-"""Embedding: y[n, t] = W[x[n, t]].
+"""Embedding: y[n, t] = W[x[n, t]]; EmbeddingBag: y[n] = sum, mean or max of the rows W[x[i]] of bag n.
 
-    J_W[n, v, e] = sum_{t : x[n, t] = e} G[v, n, t]   (rows of padding_idx stay zero)
+Both rules scatter G into the rows of W that sample n looked up. Every entry i
+(index x[i], sample n(i)) carries a coefficient
 
-``max_norm`` renormalises W in place without gradient, so the rule is unchanged.
+    s[i] = 0 if x[i] = padding_idx, else 1 / count(x[i]) with scale_grad_by_freq, else 1
+
+where count(e) is the number of occurrences of e in the module's whole input,
+all samples together. That is torch's batch-level definition: its backward
+divides by counts over the batch, so with ``scale_grad_by_freq`` a sample's
+Jacobian depends on the other samples' indices, and the per-sample Jacobians
+sum to torch's gradient of the batch.
+
+Embedding (sample n holds the entries x[n, t]):
+
+    J_W[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t]
+
+EmbeddingBag: sample n is bag n, row n of a 2-D input or
+``input[offsets[n] : offsets[n + 1]]`` of a 1-D input (with
+``include_last_offset`` the last offset is ignored and the last bag runs to the
+end of the input, as torch's kernel does). Entries at padding_idx are dropped
+from their bag, also from the mean's count |bag n|. For sum and mean, with
+c[i] = per_sample_weights[i] (sum), 1 / |bag n| (mean) or 1 (sum without weights):
+
+    y[n] = sum_{i in bag n} c[i] W[x[i]]  =>  J_W[n, v, e] = sum_{i in bag n : x[i] = e} c[i] s[i] G[v, n]
+
+For max, y[n, d] = W[r, d] with r = r(n, d) the row of bag n holding the
+maximum (recomputed from W and the indices when the backward runs, so W must
+not be changed in between), so J_W[n, v, r(n, d), d] = G[v, n, d]
+and zero elsewhere; empty bags give y[n] = 0 and J = 0. torch refuses
+scale_grad_by_freq and per_sample_weights with max.
+
+``max_norm`` renormalises W in place without gradient before the lookup, so the
+rules are unchanged (the max is taken over the renormalised W).
 """
 
 import torch
 from torch import nn
 
-from jacext.errors import JacextError
 from jacext.rules import register, trainable
 from jacext.rules.util import require_batch_dim
 
 
-@register(nn.Embedding)
+@register(nn.Embedding, nn.EmbeddingBag)
 def embedding(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
     if not trainable(module, "weight"):
         return {}
-    if module.scale_grad_by_freq:
-        raise JacextError(
-            "Embedding(scale_grad_by_freq=True) scales gradients by batch-wide index counts, which "
-            "has no per-sample meaning yet in jacext; construct the Embedding without it."
-        )
+    if isinstance(module, nn.EmbeddingBag):
+        return {"weight": _embedding_bag(module, args, kwargs, g)}
+    x = args[0]
     require_batch_dim(module, x, min_dim=1)
     v, n = g.shape[:2]
-    idx = x.reshape(n, 1, -1, 1)  # (N, 1, T, 1)
-    src = g.reshape(v, n, -1, module.embedding_dim).transpose(0, 1)  # (N, V, T, D)
-    if module.padding_idx is not None:
-        src = src * (idx != module.padding_idx).to(src.dtype)
-    jw = torch.zeros(n, v, *module.weight.shape, dtype=g.dtype, device=g.device)
-    jw.scatter_add_(2, idx.expand(n, v, -1, module.embedding_dim), src)
-    return {"weight": jw}
+    idx = x.reshape(-1).long()
+    sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
+    src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1)  # (L, V, D)
+    coef = _coefficients(module, idx, _kept(module, idx), g.dtype)
+    return {"weight": _scatter_rows(module, n, sample, idx, src * coef[:, None, None])}
+
+
+def _embedding_bag(module, args, kwargs, g):
+    x = args[0] if args else kwargs["input"]
+    offsets = args[1] if len(args) > 1 else kwargs.get("offsets")
+    weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+    v, n, d = g.shape
+    idx = x.reshape(-1).long()
+    if offsets is None:  # (N, B): row n is bag n
+        sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1])
+    else:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        sample = torch.bucketize(torch.arange(idx.numel(), device=idx.device), starts.long(), right=True) - 1
+    keep = _kept(module, idx)
+    if module.mode == "max":
+        return _max_rows(module, n, sample, idx, keep, g)
+    coef = _coefficients(module, idx, keep, g.dtype)
+    if weights is not None:
+        coef = coef * weights.reshape(-1)
+    if module.mode == "mean":
+        size = g.new_zeros(n).index_add_(0, sample, keep.to(g.dtype))
+        coef = coef / size.clamp(min=1)[sample]
+    src = g.transpose(0, 1)[sample] * coef[:, None, None]  # (L, V, D)
+    return _scatter_rows(module, n, sample, idx, src)
+
+
+def _kept(module, idx):
+    """Entries that are not padding_idx."""
+    if module.padding_idx is None:
+        return torch.ones_like(idx, dtype=torch.bool)
+    return idx != module.padding_idx
+
+
+def _coefficients(module, idx, keep, dtype):
+    """s[i]: 0 at padding_idx, else 1 / (count of idx[i] in the whole input) with scale_grad_by_freq, else 1."""
+    s = keep.to(dtype)
+    if module.scale_grad_by_freq:
+        s = s / torch.bincount(idx, minlength=module.num_embeddings)[idx]
+    return s
+
+
+def _scatter_rows(module, n, sample, idx, src):
+    """J[n, v, e] = sum_{i : sample[i] = n, idx[i] = e} src[i, v], of shape (N, V, E, D)."""
+    _, v, d = src.shape
+    e = module.num_embeddings
+    slot = (sample[:, None] * v + torch.arange(v, device=idx.device)) * e + idx[:, None]  # (L, V)
+    jw = src.new_zeros(n * v * e, d).index_add_(0, slot.reshape(-1), src.reshape(-1, d))
+    return jw.view(n, v, e, d)
+
+
+def _max_rows(module, n, sample, idx, keep, g):
+    """J[n, v, r(n, d), d] = G[v, n, d] with r(n, d) the row of bag n holding the maximum of column d."""
+    v, _, d = g.shape
+    vals = module.weight.detach()[idx].masked_fill(~keep[:, None], float("-inf"))  # (L, D)
+    bag = sample[:, None].expand(-1, d)
+    top = vals.new_full((n, d), float("-inf")).scatter_reduce_(0, bag, vals, "amax")
+    # one row per (bag, column) even when a bag repeats the maximal index; -1 for empty bags
+    hit = torch.where((vals == top[sample]) & keep[:, None], idx[:, None], -1)
+    rows = torch.full((n, d), -1, device=idx.device).scatter_reduce_(0, bag, hit, "amax")
+    src = g.transpose(0, 1) * (rows >= 0)[:, None, :]  # (N, V, D)
+    jw = g.new_zeros(n, v, module.num_embeddings, d)
+    return jw.scatter_(2, rows.clamp(min=0)[:, None, None, :].expand(n, v, 1, d), src[:, :, None, :])
