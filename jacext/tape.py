@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Dict, List, Optional
 
 import torch
+from backpack import disable
 from backpack.context import CTX
 from backpack.utils.hooks import no_op
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
 from jacext.rules import rule_for
+from jacext.rules.generic import generic
 
 
 def module_label(module: nn.Module) -> str:
@@ -72,19 +74,16 @@ class Tape:
         self.busy = False
 
     def record(self, module: nn.Module, args, kwargs, output) -> None:
-        if rule_for(module) is None:
-            names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            raise JacextError(
-                f"jacext has no rule for module {module_label(module)}, which owns trainable "
-                f"parameters {names}. Freeze them (requires_grad_(False)), replace the module by "
-                "supported layers, or register a rule with jacext.rules.register."
-            )
         rec = Record(module, args, kwargs, output)
         if rec.edges:
             self.records.append(rec)
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""
+        with _backpack_paused():
+            return self._compute(out_edge, out_shape, grad_out)
+
+    def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         seeds = [ext.seeds(out_shape, grad_out) for ext in self.extensions]
         sizes = [s.shape[0] for s in seeds]
         edges = [e for rec in self.records for e in rec.edges]
@@ -99,7 +98,7 @@ class Tape:
             for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
                 leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(sum(sizes), *shape)
             gs = leaf_grads
-            for name, block in rule_for(rec.module)(rec.module, rec.args, rec.kwargs, gs).items():
+            for name, block in _apply_rule(rec, gs).items():
                 p = rec.module.get_parameter(name)
                 blocks[p] = block if p not in blocks else blocks[p] + block
         n = out_shape[0]
@@ -120,29 +119,45 @@ class Tape:
             return []
         self.busy = True
         try:
-            with _backpack_paused():
-                if seeds.shape[0] == 1:
-                    grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
-                    return [None if g is None else g.unsqueeze(0) for g in grads]
-                return list(
-                    torch.autograd.grad(
-                        out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
-                    )
-                )
+            if seeds.shape[0] == 1:
+                grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
+                return [None if g is None else g.unsqueeze(0) for g in grads]
+            return list(
+                torch.autograd.grad(out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            )
         finally:
             self.busy = False
+
+
+def _apply_rule(rec: Record, grads) -> Dict[str, Tensor]:
+    """The module's hand-written rule, or the generic one (with an error that names the module)."""
+    rule = rule_for(rec.module)
+    if rule is not None:
+        return rule(rec.module, rec.args, rec.kwargs, grads)
+    try:
+        return generic(rec.module, rec.args, rec.kwargs, grads)
+    except JacextError:
+        raise
+    except Exception as error:
+        raise JacextError(
+            f"module {module_label(rec.module)} has no hand-written jacext rule, and the generic rule "
+            f"(torch.func vjp of its forward, vmapped over samples) failed on it: {error}. Register a "
+            "rule for its class with jacext.rules.register, freeze its parameters, or replace it."
+        ) from error
 
 
 @contextmanager
 def _backpack_paused():
     """BackPACK's module hooks (``extend(..., backpack=True)``) also fire in the tape's own
-    backward: let them do nothing there and keep the inputs they stored for the real backward."""
+    backward and in forward passes that rules run: let them do nothing there and keep the
+    inputs they stored for the real backward. With no extension active, no tape opens there."""
     saved = CTX.get_active_exts(), CTX.get_retain_graph(), CTX.get_extension_hook()
     CTX.set_active_exts(())
     CTX.set_retain_graph(True)
     CTX.set_extension_hook(no_op)
     try:
-        yield
+        with disable():
+            yield
     finally:
         CTX.set_active_exts(saved[0])
         CTX.set_retain_graph(saved[1])
