@@ -7,7 +7,8 @@ the VJP of f(., x[n]) at theta with cotangent G[v, n]:
 
 computed as ``vmap`` over samples (each slice keeps a batch dimension of size 1) of ``vmap``
 over seeds of ``torch.func.vjp`` of ``torch.func.functional_call``. Exact for any
-differentiable forward that torch.func can transform; the hand-written rules are faster.
+differentiable forward that torch.func can transform and that treats samples independently
+(``f(x)[n] == f(x[n:n+1])[0]``, as everything in jacext assumes); the hand-written rules are faster.
 """
 
 from typing import Callable, Dict, List, Optional, Sequence

@@ -29,7 +29,7 @@ class RawParameters(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.lin(x))
-        return self.alpha * self.squared(h, scale=torch.linspace(1.0, 2.0, x.shape[0], dtype=x.dtype)[:, None])
+        return self.alpha * self.squared(h, scale=1.0 + x[:, :1] ** 2)
 
 
 def test_custom_layer(dtype):
