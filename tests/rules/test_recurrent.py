@@ -39,8 +39,8 @@ class Sequence(nn.Module):
             out, _ = pad_packed_sequence(out, batch_first=True)
         elif not batch_first:
             out = out.transpose(0, 1)
-        parts = [out] + (list(state) if isinstance(state, tuple) else [state]) * self.states
-        return torch.cat([p.flatten(1) if p is out else p.transpose(0, 1).flatten(1) for p in parts], 1)
+        states = list(state) if isinstance(state, tuple) else [state]
+        return torch.cat([out.flatten(1)] + [s.transpose(0, 1).flatten(1) for s in states] * self.states, 1)
 
 
 def initial_states(rnn, dtype):
