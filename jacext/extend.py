@@ -17,28 +17,40 @@ from torch.autograd.graph import GradientEdge
 
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
+from jacext.rules.batchnorm import BATCHNORMS, CHOICES
 from jacext.tape import Tape
 
 _current: Optional[Tape] = None  # the tape of the forward pass in progress
 _last: Optional[Tape] = None  # the tape of the last finished forward pass
 
 
-def extend(module: nn.Module, *, backpack: bool = False) -> nn.Module:
+def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error") -> nn.Module:
     """Make ``module`` ready for jacext's extensions and return it.
 
     Args:
         module: the model; its output is what ``BatchJacobian`` differentiates.
         backpack: also apply ``backpack.extend`` so that BackPACK's own
             extensions (DiagGGN, KFAC, ...) work in the same ``backpack`` context.
+        batchnorm: what BatchNorm layers that normalise with batch statistics (train mode)
+            do, since they make every output depend on the whole batch: ``"error"`` (raise),
+            ``"eval"`` (use the running statistics in the forward passes jacext records; they
+            are then not updated), ``"exact"`` (differentiate each sample's output through the
+            batch statistics; N times the cost).
     """
+    if batchnorm not in CHOICES:
+        raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
     if backpack:
         bp.extend(module)
         module._jacext_backpack = True
     for name, m in module.named_modules():
         m._jacext_path = name or "<root>"
+        if isinstance(m, BATCHNORMS):
+            m._jacext_batchnorm = batchnorm
+            if batchnorm == "eval" and not hasattr(m, "_jacext_eval_handles"):
+                m._jacext_eval_handles = (m.register_forward_pre_hook(_to_eval), m.register_forward_hook(_back_to_mode, always_call=True))
     if not hasattr(module, "_jacext_root_handles"):
         pre = module.register_forward_pre_hook(_open_tape)
-        _hook_recorders(module)  # before the closing hook: a root with own parameters records first
+        _hook_recorders(module)
         post = module.register_forward_hook(_close_tape, always_call=True)
         module._jacext_root_handles = (pre, post)
     return module
@@ -47,11 +59,14 @@ def extend(module: nn.Module, *, backpack: bool = False) -> nn.Module:
 def unextend(module: nn.Module) -> nn.Module:
     """Remove every hook and attribute ``extend`` added (BackPACK's own hooks excepted)."""
     for m in module.modules():
-        for handle in getattr(m, "_jacext_root_handles", ()):
+        for handle in getattr(m, "_jacext_root_handles", ()) + getattr(m, "_jacext_eval_handles", ()):
             handle.remove()
         if hasattr(m, "_jacext_record_handle"):
             m._jacext_record_handle.remove()
-        for attr in ("_jacext_root_handles", "_jacext_record_handle", "_jacext_path", "_jacext_backpack"):
+        for attr in (
+            "_jacext_root_handles", "_jacext_record_handle", "_jacext_path", "_jacext_backpack",
+            "_jacext_batchnorm", "_jacext_eval_handles", "_jacext_mode",
+        ):
             if hasattr(m, attr):
                 delattr(m, attr)
     return module
@@ -75,7 +90,18 @@ def _owns_trainable(module: nn.Module) -> bool:
 def _hook_recorders(root: nn.Module) -> None:
     for m in root.modules():
         if not hasattr(m, "_jacext_record_handle") and any(True for _ in m.parameters(recurse=False)):
-            m._jacext_record_handle = m.register_forward_hook(_record, with_kwargs=True)
+            m._jacext_record_handle = m.register_forward_hook(_record, with_kwargs=True, prepend=True)
+
+
+def _to_eval(module: nn.Module, args) -> None:
+    """batchnorm="eval": normalise with the running statistics while a tape records."""
+    module._jacext_mode = module.training
+    if _current is not None:
+        module.training = False
+
+
+def _back_to_mode(module: nn.Module, args, output) -> None:
+    module.training = module._jacext_mode
 
 
 def _open_tape(root: nn.Module, args) -> None:

@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
 from jacext.rules import rule_for
+from jacext.rules.batchnorm import couples_samples
 from jacext.rules.generic import generic
 
 
@@ -44,6 +45,8 @@ class Record:
 
     def __init__(self, module: nn.Module, args, kwargs, output):
         self.module = module
+        self.training = module.training  # rules run with the module in its forward-time mode
+        self.coupled = couples_samples(module)
         self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
         self.versions = self._versions()
         leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
@@ -71,12 +74,14 @@ class Tape:
         self.root = root
         self.extensions = list(extensions)
         self.records: List[Record] = []
+        self.coupled = False  # samples depend on each other: seed each one separately
         self.busy = False
 
     def record(self, module: nn.Module, args, kwargs, output) -> None:
         rec = Record(module, args, kwargs, output)
         if rec.edges:
             self.records.append(rec)
+            self.coupled = self.coupled or rec.coupled
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""
@@ -86,8 +91,13 @@ class Tape:
     def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         seeds = [ext.seeds(out_shape, grad_out) for ext in self.extensions]
         sizes = [s.shape[0] for s in seeds]
+        seeds = torch.cat(seeds)  # (V, N, ...)
+        n = out_shape[0]
+        if self.coupled:  # seed (n, v) is seed v restricted to sample n: (N * V, N, ...)
+            only = torch.eye(n, dtype=seeds.dtype, device=seeds.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
+            seeds = (seeds.unsqueeze(0) * only).flatten(0, 1)
         edges = [e for rec in self.records for e in rec.edges]
-        grads = self._pull_back(out_edge, edges, torch.cat(seeds))
+        grads = self._pull_back(out_edge, edges, seeds)
         blocks: Dict[nn.Parameter, Tensor] = {}
         i = 0
         for rec in self.records:
@@ -96,12 +106,13 @@ class Tape:
             i += len(rec.edges)
             leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
             for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
-                leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(sum(sizes), *shape)
+                leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
             gs = leaf_grads
             for name, block in _apply_rule(rec, gs).items():
+                if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
+                    block = block.sum(0).unflatten(0, (n, -1))
                 p = rec.module.get_parameter(name)
                 blocks[p] = block if p not in blocks else blocks[p] + block
-        n = out_shape[0]
         results = {}
         for p in self.root.parameters():
             if not p.requires_grad:
@@ -131,19 +142,22 @@ class Tape:
 
 def _apply_rule(rec: Record, grads) -> Dict[str, Tensor]:
     """The module's hand-written rule, or the generic one (with an error that names the module)."""
-    rule = rule_for(rec.module)
-    if rule is not None:
-        return rule(rec.module, rec.args, rec.kwargs, grads)
+    rule = rule_for(rec.module) or generic
+    training, rec.module.training = rec.module.training, rec.training
     try:
-        return generic(rec.module, rec.args, rec.kwargs, grads)
+        return rule(rec.module, rec.args, rec.kwargs, grads)
     except JacextError:
         raise
     except Exception as error:
+        if rule is not generic:
+            raise
         raise JacextError(
             f"module {module_label(rec.module)} has no hand-written jacext rule, and the generic rule "
             f"(torch.func vjp of its forward, vmapped over samples) failed on it: {error}. Register a "
             "rule for its class with jacext.rules.register, freeze its parameters, or replace it."
         ) from error
+    finally:
+        rec.module.training = training
 
 
 @contextmanager

@@ -1,12 +1,17 @@
-"""BatchNorm1d/2d/3d in eval mode: y = xhat * w + b, xhat = (x - running_mean) / sqrt(running_var + eps).
+"""BatchNorm1d/2d/3d: y = xhat * w + b, xhat = (x - mean) / sqrt(var + eps) per channel.
 
     J_w[n, v, c] = sum_s G[v, n, c, s] xhat[n, c, s],   J_b[n, v, c] = sum_s G[v, n, c, s]
 
-In train mode (or without running statistics) each output depends on the whole
-batch through the batch statistics, so per-sample quantities are not defined by
-a local rule; jacext refuses rather than return per-sample contributions.
+In eval mode mean and var are the running statistics and samples are independent. In
+train mode (or without running statistics) they are the batch's, so each output depends on
+every sample and per-sample quantities need an explicit choice, ``jacext.extend(model,
+batchnorm=...)``: ``"eval"`` runs BatchNorm on its running statistics in the forward passes
+that jacext records (they are then not updated), ``"exact"`` differentiates each sample's
+output through the batch statistics: the tape then seeds every sample separately (N times
+the cost) and this rule's xhat uses the batch statistics. Without a choice jacext raises.
 """
 
+import torch.nn.functional as F
 from torch import nn
 
 from jacext.errors import JacextError
@@ -14,16 +19,33 @@ from jacext.rules import register
 from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CHOICES = ("error", "eval", "exact")
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    return module.training or module.running_mean is None
+
+
+def couples_samples(module: nn.Module) -> bool:
+    """Whether this call of ``module`` makes samples depend on each other (and "exact" was chosen)."""
+    return type(module) in BATCHNORMS and uses_batch_statistics(module) and getattr(module, "_jacext_batchnorm", "") == "exact"
+
+
+@register(*BATCHNORMS)
 def batchnorm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    if module.training or module.running_mean is None:
-        raise JacextError(
-            f"{type(module).__name__} normalises with batch statistics (train mode or "
-            "track_running_stats=False), so each sample's output depends on the whole batch and "
-            "per-sample Jacobians are not separable. Put the module in eval mode (module.eval()) "
-            "to use its running statistics, or use a per-sample normalisation (GroupNorm, LayerNorm)."
-        )
     require_batch_dim(module, x, min_dim=2)
-    xhat = running_stats_xhat(module, x)
+    if not uses_batch_statistics(module):
+        xhat = running_stats_xhat(module, x)
+    elif getattr(module, "_jacext_batchnorm", "error") == "exact":
+        xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)
+    else:
+        raise JacextError(
+            f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' normalises with batch "
+            "statistics (train mode or track_running_stats=False), so each sample's output depends on "
+            "the whole batch. Choose: jacext.extend(model, batchnorm='eval') to run BatchNorm on its "
+            "running statistics while jacext records, batchnorm='exact' for the Jacobian of each "
+            "sample's output through the batch statistics (N times the cost), or module.eval()."
+        )
     return affine_jacobians(module, g, xhat, channel_dim=True)

@@ -1,0 +1,68 @@
+"""BatchNorm with batch statistics: an error by default, and the two explicit choices."""
+
+import pytest
+import torch
+from backpack import backpack
+from torch import nn
+
+import jacext
+from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale
+
+
+def net(dtype, d=2):
+    conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}[d]
+    return nn.Sequential(conv(2, 3, 3), bn(3), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).to(dtype)
+
+
+def inputs(dtype, d=2, n=4):
+    return torch.randn(n, 2, *([5] * d), dtype=dtype)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_exact_differentiates_through_the_batch_statistics(d, dtype):
+    model, x = net(dtype, d), inputs(dtype, d)
+    model(x)  # materialise the lazy layer
+    y = torch.randint(0, 2, (x.shape[0],))
+    expected_j, expected_g = loop_jacobian(model, x), loop_grad_batch(model, nn.CrossEntropyLoss(), y, x)
+    jacext.extend(model, batchnorm="exact")
+    with backpack(jacext.BatchJacobian(), jacext.BatchGrad()):
+        nn.CrossEntropyLoss()(model(x), y).backward()
+    sj, sg = overall_scale(expected_j), overall_scale(expected_g)
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected_j[name], dtype, name, sj)
+        assert_close(p.grad_batch, expected_g[name], dtype, name, sg)
+        assert_close(p.grad_batch.sum(0), p.grad, dtype, name, sg)
+
+
+def test_eval_choice_uses_running_statistics_while_recording(dtype):
+    model, x = net(dtype), inputs(dtype)
+    model(x)
+    bn = model[1]
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    before = bn.running_mean.clone()
+    expected = loop_jacobian(model.eval(), x)
+    model.train()
+    jacext.extend(model, batchnorm="eval")
+    with backpack(jacext.BatchJacobian()):
+        model(x).sum().backward()
+    assert bn.training and torch.equal(bn.running_mean, before)
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected[name], dtype, name, overall_scale(expected))
+    model(x)  # outside the context BatchNorm trains as usual
+    assert not torch.equal(bn.running_mean, before)
+
+
+def test_default_is_a_clear_error_naming_the_choices():
+    model, x = net(torch.float32), inputs(torch.float32)
+    model(x)
+    jacext.extend(model)
+    with backpack(jacext.BatchGrad()):
+        out = model(x)
+        with pytest.raises(jacext.JacextError, match="'1'.*batchnorm='eval'.*batchnorm='exact'"):
+            out.sum().backward()
+
+
+def test_unknown_choice():
+    with pytest.raises(ValueError, match="batchnorm"):
+        jacext.extend(nn.BatchNorm1d(2), batchnorm="running")
