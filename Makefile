@@ -17,7 +17,7 @@ demo: $(PY)
 
 test: $(PY)
 	$(PIP) install --quiet -e ".[test]"
-	$(PY) -m pytest -q -n 2 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

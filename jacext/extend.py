@@ -121,9 +121,10 @@ def _open_tape(root: nn.Module, args) -> None:
         _current = Tape(root, ours)
 
 
-def _record(module: nn.Module, args, kwargs, output) -> None:
+def _record(module: nn.Module, args, kwargs, output):
     if _current is not None and _owns_trainable(module):
-        _current.record(module, args, kwargs, output)
+        return _current.record(module, args, kwargs, output)
+    return None
 
 
 def _close_tape(root: nn.Module, args, output) -> None:

@@ -52,6 +52,17 @@ class Record:
         leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
+        if len(self.grad_leaves) > 1:
+            # One output may be computed from another inside the module (LSTMCell's h' from c'):
+            # the edge of c' itself would also collect what flows back through h'. Hand out
+            # aliases, whose edges see only what comes from outside the module.
+            output = tree_map(lambda o: o.view_as(o) if isinstance(o, Tensor) and o.requires_grad else o, output)
+            leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+            self.aliases = [leaves[i] for i in self.grad_leaves]
+        else:
+            self.aliases = []
+        self.output = output
+        self.alias_versions = [a._version for a in self.aliases]
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
 
@@ -59,6 +70,12 @@ class Record:
         return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
 
     def check_unmodified(self) -> None:
+        if [a._version for a in self.aliases] != self.alias_versions:
+            raise JacextError(
+                f"An output of module {module_label(self.module)}, which returns several tensors, was "
+                "modified in place; jacext follows its outputs from where the module returned them. "
+                "Use an out-of-place operation on it."
+            )
         if self._versions() != self.versions:
             raise JacextError(
                 f"An input of module {module_label(self.module)} was modified in place after the "
@@ -77,11 +94,13 @@ class Tape:
         self.coupled = False  # samples depend on each other: seed each one separately
         self.busy = False
 
-    def record(self, module: nn.Module, args, kwargs, output) -> None:
+    def record(self, module: nn.Module, args, kwargs, output):
+        """Record a call; returns the output to hand on (aliased where the record needs it)."""
         rec = Record(module, args, kwargs, output)
         if rec.edges:
             self.records.append(rec)
             self.coupled = self.coupled or rec.coupled
+        return rec.output
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""

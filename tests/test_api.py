@@ -208,3 +208,51 @@ def test_reference_catches_a_wrong_rule(monkeypatch):
         nn.CrossEntropyLoss()(model(x), y).backward()
     with pytest.raises(AssertionError):
         assert_close(model[0].weight.grad_batch, expected["0.weight"], torch.float64)
+
+
+class Pair(nn.Module):
+    """Two outputs, the second computed from the first inside the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 2))
+        self.bias = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        a = nn.functional.linear(x, self.weight, self.bias)
+        return a, torch.tanh(a) * self.bias
+
+
+def test_outputs_computed_from_each_other_get_their_own_cotangents():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            a, b = self.pair(x)
+            return a * 2.0 + b
+
+    model = Root().double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    expected = loop_jacobian(model, x)
+    got = jacext.jacobian(model, x)
+    for name in expected:
+        assert_close(got[name], expected[name], torch.float64, name)
+
+
+def test_in_place_change_of_an_aliased_output_is_a_clear_error():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            a, b = self.pair(x)
+            return a.mul_(2.0) + b
+
+    model = jacext.extend(Root())
+    with backpack(jacext.BatchGrad()):
+        out = model(torch.randn(3, 2))
+        with pytest.raises(jacext.JacextError, match="modified in place"):
+            out.sum().backward()

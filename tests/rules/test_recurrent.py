@@ -122,12 +122,6 @@ CELLS = {
 }
 
 
-# On the CPU, LSTMCell computes h' = o * tanh(c') from the very tensor c' it returns, so the
-# cotangent the tape hands the rule for c' also holds the path through h': counted twice.
-# The tape should give every output leaf its own edge (for example alias views made in the
-# forward hook). test_lstm_cell_rule checks the rule itself against autograd.
-TAPE_COUNTS_C_TWICE = pytest.mark.xfail(strict=True, reason="the tape's cotangent of c' includes d h'/d c'")
-CELL_PARAMS = [pytest.param(c, marks=TAPE_COUNTS_C_TWICE) if c == "lstm" else c for c in CELLS]
 
 
 class Unrolled(nn.Module):
@@ -147,14 +141,14 @@ class Unrolled(nn.Module):
 
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("cell", CELL_PARAMS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_cell(cell, bias, with_state, dtype):
     module = CELLS[cell](bias).to(dtype)
     states = [torch.randn(N, HIDDEN, dtype=dtype) for _ in range(2 if cell == "lstm" else 1)]
     check_jacobian(Unrolled(module, steps=1), torch.randn(N, IN, dtype=dtype), *(states if with_state else []))
 
 
-@pytest.mark.parametrize("cell", CELL_PARAMS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_cell_unrolled(cell, dtype):
     """One cell called at every time step: the contributions of the calls add up."""
     model = Unrolled(CELLS[cell](True).to(dtype), steps=3)
