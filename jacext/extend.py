@@ -61,10 +61,10 @@ def unextend(module: nn.Module) -> nn.Module:
     for m in module.modules():
         for handle in getattr(m, "_jacext_root_handles", ()) + getattr(m, "_jacext_eval_handles", ()):
             handle.remove()
-        if hasattr(m, "_jacext_record_handle"):
-            m._jacext_record_handle.remove()
+        for handle in getattr(m, "_jacext_record_handles", ()):
+            handle.remove()
         for attr in (
-            "_jacext_root_handles", "_jacext_record_handle", "_jacext_path", "_jacext_backpack",
+            "_jacext_root_handles", "_jacext_record_handles", "_jacext_path", "_jacext_backpack",
             "_jacext_batchnorm", "_jacext_eval_handles", "_jacext_mode",
         ):
             if hasattr(m, attr):
@@ -89,8 +89,11 @@ def _owns_trainable(module: nn.Module) -> bool:
 
 def _hook_recorders(root: nn.Module) -> None:
     for m in root.modules():
-        if not hasattr(m, "_jacext_record_handle") and any(True for _ in m.parameters(recurse=False)):
-            m._jacext_record_handle = m.register_forward_hook(_record, with_kwargs=True, prepend=True)
+        if not hasattr(m, "_jacext_record_handles") and any(True for _ in m.parameters(recurse=False)):
+            m._jacext_record_handles = (
+                m.register_forward_pre_hook(_enter),
+                m.register_forward_hook(_record, with_kwargs=True, prepend=True, always_call=True),
+            )
 
 
 def _to_eval(module: nn.Module, args) -> None:
@@ -119,12 +122,21 @@ def _open_tape(root: nn.Module, args) -> None:
     if ours:
         _hook_recorders(root)  # modules added after extend()
         _current = Tape(root, ours)
+        _current.uses.__enter__()
+
+
+def _enter(module: nn.Module, args) -> None:
+    if _current is not None:
+        _current.uses.enter(module)
 
 
 def _record(module: nn.Module, args, kwargs, output):
-    if _current is not None and _owns_trainable(module):
-        return _current.record(module, args, kwargs, output)
-    return None
+    if _current is None:
+        return None
+    _current.uses.leave(module)
+    if output is None or not _owns_trainable(module):  # the forward raised, or all frozen
+        return None
+    return _current.record(module, args, kwargs, output)
 
 
 def _close_tape(root: nn.Module, args, output) -> None:
@@ -133,6 +145,7 @@ def _close_tape(root: nn.Module, args, output) -> None:
     if tape is None or tape.root is not root:
         return
     _current = None
+    tape.uses.__exit__(None, None, None)
     if output is None:  # the forward pass raised
         return
     if not isinstance(output, Tensor):

@@ -29,6 +29,7 @@ from jacext.errors import JacextError
 from jacext.rules import rule_for
 from jacext.rules.batchnorm import couples_samples
 from jacext.rules.generic import generic
+from jacext.uses import ParameterUses
 
 
 def module_label(module: nn.Module) -> str:
@@ -92,6 +93,7 @@ class Tape:
         self.extensions = list(extensions)
         self.records: List[Record] = []
         self.coupled = False  # samples depend on each other: seed each one separately
+        self.uses = ParameterUses(root)
         self.busy = False
 
     def record(self, module: nn.Module, args, kwargs, output):

@@ -256,3 +256,50 @@ def test_in_place_change_of_an_aliased_output_is_a_clear_error():
         out = model(torch.randn(3, 2))
         with pytest.raises(jacext.JacextError, match="modified in place"):
             out.sum().backward()
+
+
+class FunctionalTie(nn.Module):
+    """Uses the embedding matrix functionally in the parent's forward: not attributable."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return nn.functional.linear(self.lin(self.emb(x)), self.emb.weight)
+
+
+class UsesChildBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * self.lin.bias
+
+
+@pytest.mark.parametrize(
+    "model,x,where",
+    [
+        (FunctionalTie(), torch.tensor([[1, 2]]), r"'emb\.weight' is used in the forward of a module without parameters"),
+        (nn.Sequential(UsesChildBias()), torch.randn(2, 2), r"'0\.lin\.bias' is used in"),
+    ],
+)
+def test_parameter_used_outside_its_module_is_a_clear_error(model, x, where):
+    jacext.extend(model)
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=where):
+        model(x)
+
+
+def test_parameter_metadata_outside_its_module_is_fine():
+    class Peeks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            scale = self.lin.weight.detach().norm()  # no gradient flows: not a use
+            return self.lin(x) / scale
+
+    jacext.jacobian(Peeks(), torch.randn(2, 2))

@@ -22,26 +22,37 @@ may change ``forward`` and needs its own registration.
 
 import importlib
 import pkgutil
-from typing import Callable, Dict, Optional, Type
+from typing import Callable, Dict, Optional, Set, Type
 
 from torch import Tensor, nn
 
 Rule = Callable[..., Dict[str, Tensor]]
 
 RULES: Dict[Type[nn.Module], Rule] = {}
+SUBTREE: Set[Type[nn.Module]] = set()  # classes whose rule also covers their submodules' parameters
 
 
-def register(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for the given module classes (decorator)."""
+def register(*classes: Type[nn.Module], subtree: bool = False) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for the given module classes (decorator).
+
+    ``subtree=True``: the rule also returns the parameters of submodules that the module
+    uses in its own forward without calling them (MultiheadAttention's out_proj).
+    """
 
     def decorator(rule: Rule) -> Rule:
         for cls in classes:
             if cls in RULES:
                 raise ValueError(f"{cls.__name__} already has a jacext rule: {RULES[cls]}")
             RULES[cls] = rule
+            if subtree:
+                SUBTREE.add(cls)
         return rule
 
     return decorator
+
+
+def covers_subtree(module: nn.Module) -> bool:
+    return type(module) in SUBTREE
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:

@@ -20,7 +20,7 @@ from jacext.rules.generic import per_sample_vjp
 from jacext.rules.util import require_batch_dim
 
 
-@register(nn.MultiheadAttention)
+@register(nn.MultiheadAttention, subtree=True)
 def multihead_attention(module, args, kwargs, grads):
     if module.training and module.dropout > 0:
         raise JacextError(

@@ -1,0 +1,72 @@
+"""Where parameters are used: a guard against silently missing a contribution.
+
+jacext attributes every use of a parameter to a recorded module call: the module that owns
+it (or, for rules that cover their submodules, such as MultiheadAttention's out_proj, an
+ancestor). A parameter used anywhere else, for example ``F.linear(h, self.emb.weight)`` in a
+parent's forward, would contribute to ``p.grad`` but not to the per-sample results. While a
+tape records, this torch-function mode checks every differentiable use and raises instead.
+"""
+
+from typing import Dict, List, Set
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from jacext.errors import JacextError
+from jacext.rules import covers_subtree
+
+
+class ParameterUses(TorchFunctionMode):
+    """A torch-function mode that knows which parameterised module is running."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+        self.stack: List[nn.Module] = []
+        self._covered: Dict[int, Set[int]] = {}
+
+    def enter(self, module: nn.Module) -> None:
+        self.stack.append(module)
+
+    def leave(self, module: nn.Module) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def covered(self, module: nn.Module) -> Set[int]:
+        if id(module) not in self._covered:
+            params = module.parameters(recurse=covers_subtree(module))
+            self._covered[id(module)] = {id(p) for p in params}
+        return self._covered[id(module)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if torch.is_grad_enabled():
+            used = [a for a in _shallow(args, kwargs) if isinstance(a, nn.Parameter) and a.requires_grad]
+            if used and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
+                inside = self.stack[-1] if self.stack else None
+                for p in used:
+                    if inside is None or id(p) not in self.covered(inside):
+                        self._raise(p, inside)
+        return out
+
+    def _raise(self, p: nn.Parameter, inside) -> None:
+        name = next((n for n, q in self.root.named_parameters() if q is p), "?")
+        where = "the forward of a module without parameters of its own"
+        if inside is not None:
+            where = f"the forward of '{getattr(inside, '_jacext_path', '?')}' ({type(inside).__name__})"
+        raise JacextError(
+            f"parameter '{name}' is used in {where}, outside the module that owns it, so jacext "
+            "cannot attribute that use to a recorded call. Use it through its module, or share it as "
+            "a parameter of the module that uses it (for tied weights: out.weight = emb.weight)."
+        )
+
+
+def _shallow(args, kwargs):
+    """The arguments, with lists and tuples opened one level (torch.cat, torch.stack, ...)."""
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
