@@ -223,17 +223,18 @@ class Pair(nn.Module):
         return a, torch.tanh(a) * self.bias
 
 
+class PairUser(nn.Module):
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.pair, self.inplace = Pair(), inplace
+
+    def forward(self, x):
+        a, b = self.pair(x)
+        return (a.mul_(2.0) if self.inplace else a * 2.0) + b
+
+
 def test_outputs_computed_from_each_other_get_their_own_cotangents():
-    class Root(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pair = Pair()
-
-        def forward(self, x):
-            a, b = self.pair(x)
-            return a * 2.0 + b
-
-    model = Root().double()
+    model = PairUser().double()
     x = torch.randn(3, 2, dtype=torch.float64)
     expected = loop_jacobian(model, x)
     got = jacext.jacobian(model, x)
@@ -242,16 +243,7 @@ def test_outputs_computed_from_each_other_get_their_own_cotangents():
 
 
 def test_in_place_change_of_an_aliased_output_is_a_clear_error():
-    class Root(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pair = Pair()
-
-        def forward(self, x):
-            a, b = self.pair(x)
-            return a.mul_(2.0) + b
-
-    model = jacext.extend(Root())
+    model = jacext.extend(PairUser(inplace=True))
     with backpack(jacext.BatchGrad()):
         out = model(torch.randn(3, 2))
         with pytest.raises(jacext.JacextError, match="modified in place"):

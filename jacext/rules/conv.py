@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import kernel_letters, patches, require_batch_dim, spatial_letters
+from jacext.rules.util import channel_sums, kernel_letters, patches, require_batch_dim, spatial_letters
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -33,5 +33,5 @@ def conv(module, args, kwargs, grads):
         jw = torch.einsum(f"vngo{s},ngi{s}{k}->nvgoi{k}", gg, p)
         out["weight"] = jw.reshape(n, v, *module.weight.shape)
     if trainable(module, "bias"):
-        out["bias"] = g.flatten(3).sum(-1).transpose(0, 1)
+        out["bias"] = channel_sums(g)
     return out

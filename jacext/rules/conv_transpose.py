@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import kernel_letters, patches, require_batch_dim, spatial_letters
+from jacext.rules.util import channel_sums, kernel_letters, patches, require_batch_dim, spatial_letters
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -38,5 +38,5 @@ def conv_transpose(module, args, kwargs, grads):
         jw = torch.einsum(f"ngi{s},vngo{s}{k}->nvgio{k}", xg, p)
         out["weight"] = jw.reshape(n, v, *module.weight.shape)
     if trainable(module, "bias"):
-        out["bias"] = g.flatten(3).sum(-1).transpose(0, 1)
+        out["bias"] = channel_sums(g)
     return out

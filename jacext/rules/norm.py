@@ -17,19 +17,12 @@ from jacext.rules import register
 from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
 
 
-@register(nn.LayerNorm)
-def layer_norm(module, args, kwargs, grads):
+@register(nn.LayerNorm, nn.RMSNorm)
+def trailing_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
     require_batch_dim(module, x, min_dim=len(module.normalized_shape) + 1)
-    xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
-    return affine_jacobians(module, g, xhat, channel_dim=False)
-
-
-@register(nn.RMSNorm)
-def rms_norm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=len(module.normalized_shape) + 1)
-    xhat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    normalise = F.layer_norm if type(module) is nn.LayerNorm else F.rms_norm
+    xhat = normalise(x, module.normalized_shape, eps=module.eps)
     return affine_jacobians(module, g, xhat, channel_dim=False)
 
 

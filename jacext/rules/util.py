@@ -17,6 +17,11 @@ def require_batch_dim(module: nn.Module, x: Tensor, min_dim: int) -> None:
         )
 
 
+def channel_sums(g: Tensor) -> Tensor:
+    """J of a per-channel bias: G (V, N, C, *S) summed over the positions, as (N, V, C)."""
+    return g.flatten(3).sum(-1).transpose(0, 1)
+
+
 def spatial_letters(d: int) -> str:
     """Einsum letters for ``d`` spatial dimensions."""
     return "xyz"[:d]
