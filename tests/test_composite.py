@@ -82,3 +82,49 @@ def test_nested_containers_and_varying_batch_shapes(dtype):
     model = Deep().to(dtype)
     check_jacobian(model, torch.randn(2, 2, 7, dtype=dtype))
     check_jacobian(model, torch.randn(4, 2, 7, dtype=dtype))
+
+
+class ResidualCNN(nn.Module):
+    """Two residual blocks (convolutions, normalisations, in-place activations), a pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1))
+            for _ in range(2)
+        )
+        self.norm = nn.BatchNorm2d(4).eval()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = torch.relu(h + block(h))
+        return self.head(self.norm(h).mean((2, 3)))
+
+
+def test_residual_cnn(dtype):
+    x = torch.randn(3, 1, 6, 6, dtype=dtype)
+    check_grad_batch(ResidualCNN().to(dtype), nn.CrossEntropyLoss(), torch.randint(0, 3, (3,)), x)
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> 2-layer LSTM -> projection tied to the embedding: logits (N, T, vocab)."""
+
+    def __init__(self, vocab=7, width=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, width, num_layers=2, batch_first=True)
+        self.out = nn.Linear(width, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):
+        h, _ = self.lstm(self.emb(x))
+        return self.out(h)
+
+
+def test_lstm_language_model_with_tied_weights(dtype):
+    x = torch.randint(0, 7, (2, 4))
+    loss = lambda logits, y: nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())  # noqa: E731
+    check_grad_batch(LSTMLanguageModel().to(dtype), loss, torch.randint(0, 7, (2, 4)), x)
