@@ -1,12 +1,12 @@
 """jacext's BackPACK extensions.
 
-Each extension says which cotangent seeds it needs at the root output and how to
-turn the per-layer rule's result ``(N, V, *param.shape)`` into its attribute.
+Each extension says which cotangent seeds it needs at the root output (its ``kind``:
+extensions of one kind share seeds), and how to turn the per-layer result into its
+attribute: the materialised contraction ``(N, V, *param.shape)``, or only its squared
+norms ``(N, V)`` (``needs_block = False``), which norm rules compute without materialising.
 The work itself happens in :mod:`jacext.tape`, once for all active extensions.
 BackPACK's own module hooks, where installed, find nothing to do for them.
 """
-
-from typing import List
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
@@ -17,6 +17,8 @@ class JacextExtension(BackpropExtension):
     """Base class: a BackPACK extension computed by jacext's tape, not by module hooks."""
 
     savefield: str
+    kind: str  # "outputs": one seed per output coordinate; "loss": the backward's cotangent
+    needs_block = True
 
     def __init__(self):
         super().__init__(savefield=self.savefield, module_exts={})
@@ -29,10 +31,14 @@ class JacextExtension(BackpropExtension):
 
     def seeds(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
         """Cotangents ``(V, *out_shape)`` to pull back from the root output."""
-        raise NotImplementedError
+        if self.kind == "loss":
+            return grad_out.unsqueeze(0)
+        n, c = out_shape[0], out_shape[1:].numel()
+        eye = torch.eye(c, dtype=grad_out.dtype, device=grad_out.device)
+        return eye.unsqueeze(1).expand(c, n, c).reshape(c, *out_shape)
 
-    def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
-        """Turn the rule result ``(N, V, *p.shape)`` into the stored attribute."""
+    def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
+        """Turn ``(N, V, *p.shape)`` (or ``(N, V)`` norms) into the stored attribute."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -49,11 +55,7 @@ class BatchJacobian(JacextExtension):
     """
 
     savefield = "jacobian"
-
-    def seeds(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
-        n, c = out_shape[0], out_shape[1:].numel()
-        eye = torch.eye(c, dtype=grad_out.dtype, device=grad_out.device)
-        return eye.unsqueeze(1).expand(c, n, c).reshape(c, *out_shape)
+    kind = "outputs"
 
     def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
         return block.reshape(*out_shape, *block.shape[2:])
@@ -68,14 +70,24 @@ class BatchGrad(JacextExtension):
     """
 
     savefield = "grad_batch"
-
-    def seeds(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
-        return grad_out.unsqueeze(0)
+    kind = "loss"
 
     def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
         return block.squeeze(1)
 
 
-def active(exts) -> List[JacextExtension]:
-    """The jacext extensions among BackPACK's active extensions."""
-    return [e for e in exts if isinstance(e, JacextExtension)]
+class BatchL2Grad(JacextExtension):
+    """Squared norms of the per-sample gradients: ``p.batch_l2``, shape ``(N,)``.
+
+    BackPACK's semantics (``batch_l2[n] == grad_batch[n].square().sum()``). Where the layer has
+    a norm rule (Linear, Conv, Embedding), computed from Gram matrices over positions without
+    materialising per-sample gradients; otherwise from the layer's materialised result, one
+    layer at a time.
+    """
+
+    savefield = "batch_l2"
+    kind = "loss"
+    needs_block = False
+
+    def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
+        return value.squeeze(1)

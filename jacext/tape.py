@@ -15,7 +15,7 @@ shared parameter are summed. The ordinary backward then runs unchanged.
 """
 
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 from backpack import disable
@@ -26,7 +26,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
-from jacext.rules import rule_for
+from jacext.rules import covers_subtree, norm_rule_for, rule_for
 from jacext.rules.batchnorm import couples_samples
 from jacext.rules.generic import generic
 from jacext.uses import ParameterUses
@@ -50,6 +50,7 @@ class Record:
         self.coupled = couples_samples(module)
         self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
         self.versions = self._versions()
+        self.parameters = {id(p) for p in module.parameters(recurse=covers_subtree(module)) if p.requires_grad}
         leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
@@ -110,16 +111,26 @@ class Tape:
             return self._compute(out_edge, out_shape, grad_out)
 
     def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
-        seeds = [ext.seeds(out_shape, grad_out) for ext in self.extensions]
-        sizes = [s.shape[0] for s in seeds]
-        seeds = torch.cat(seeds)  # (V, N, ...)
+        kinds: Dict[str, Tensor] = {}  # seed kind -> seeds (V_k, *out_shape); extensions share them
+        for ext in self.extensions:
+            if ext.kind not in kinds:
+                kinds[ext.kind] = ext.seeds(out_shape, grad_out)
+        spans, start = {}, 0
+        for kind, s in kinds.items():
+            spans[kind] = (start, start + s.shape[0])
+            start += s.shape[0]
+        seeds = torch.cat(list(kinds.values()))  # (V, N, ...)
         n = out_shape[0]
         if self.coupled:  # seed (n, v) is seed v restricted to sample n: (N * V, N, ...)
             only = torch.eye(n, dtype=seeds.dtype, device=seeds.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
             seeds = (seeds.unsqueeze(0) * only).flatten(0, 1)
         edges = [e for rec in self.records for e in rec.edges]
         grads = self._pull_back(out_edge, edges, seeds)
-        blocks: Dict[nn.Parameter, Tensor] = {}
+
+        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {e.kind for e in self.extensions if e.needs_block}
+        shared = self._shared_parameters()
+        blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
+        norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
         i = 0
         for rec in self.records:
             rec.check_unmodified()
@@ -128,22 +139,51 @@ class Tape:
             leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
             for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
                 leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
-            gs = leaf_grads
-            for name, block in _apply_rule(rec, gs).items():
+            by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
+            for kind in by_norms:
+                for name, sq in _apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
+                    _accumulate(norms, rec.module.get_parameter(name), kind, sq)
+            materialised = [k for k in kinds if k not in by_norms]
+            if not materialised:
+                continue
+            ranges = [spans[k] for k in materialised]
+            selected = leaf_grads if len(materialised) == len(kinds) else _seed_slice(leaf_grads, ranges)
+            for name, block in _apply_rule(rec, selected).items():
                 if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
                     block = block.sum(0).unflatten(0, (n, -1))
-                p = rec.module.get_parameter(name)
-                blocks[p] = block if p not in blocks else blocks[p] + block
+                parts = block.split([b - a for a, b in ranges], dim=1)
+                for kind, part in zip(materialised, parts):
+                    _accumulate(blocks, rec.module.get_parameter(name), kind, part)
+
         results = {}
         for p in self.root.parameters():
-            if not p.requires_grad:
-                continue
-            block = blocks.get(p)
-            if block is None:  # not used in this forward pass: its derivative is zero
-                block = torch.zeros(n, sum(sizes), *p.shape, dtype=p.dtype, device=p.device)
-            parts = block.split(sizes, dim=1)
-            results[p] = [ext.finish(part, out_shape) for ext, part in zip(self.extensions, parts)]
+            if p.requires_grad:
+                results[p] = [self._finish(ext, p, blocks, norms, spans, out_shape) for ext in self.extensions]
         return results
+
+    def _shared_parameters(self) -> Set[int]:
+        """Parameters reached by more than one record: their norms need the summed contraction."""
+        seen: Set[int] = set()
+        shared: Set[int] = set()
+        for rec in self.records:
+            shared |= seen & rec.parameters
+            seen |= rec.parameters
+        return shared
+
+    @staticmethod
+    def _finish(ext, p, blocks, norms, spans, out_shape) -> Tensor:
+        n = out_shape[0]
+        block = blocks.get(p, {}).get(ext.kind)
+        if ext.needs_block:
+            if block is None:  # not used in this forward pass: its derivative is zero
+                a, b = spans[ext.kind]
+                block = torch.zeros(n, b - a, *p.shape, dtype=p.dtype, device=p.device)
+            return ext.finish(block, out_shape)
+        sq = norms.get(p, {}).get(ext.kind)
+        if sq is None:
+            a, b = spans[ext.kind]
+            sq = block.flatten(2).square().sum(-1) if block is not None else p.new_zeros(n, b - a)
+        return ext.finish(sq, out_shape)
 
     def _pull_back(self, out_edge, edges, seeds: Tensor) -> List[Optional[Tensor]]:
         """Cotangents (V, N, *out) at every edge for the V seeds, in one batched backward."""
@@ -161,9 +201,22 @@ class Tape:
             self.busy = False
 
 
-def _apply_rule(rec: Record, grads) -> Dict[str, Tensor]:
-    """The module's hand-written rule, or the generic one (with an error that names the module)."""
-    rule = rule_for(rec.module) or generic
+def _seed_slice(grads, ranges) -> List[Optional[Tensor]]:
+    """The cotangents of the seeds in the index ranges ``[(a1, b1), (a2, b2), ...]``."""
+    if len(ranges) == 1:
+        return [None if g is None else g[ranges[0][0] : ranges[0][1]] for g in grads]
+    return [None if g is None else torch.cat([g[a:b] for a, b in ranges]) for g in grads]
+
+
+def _accumulate(store: Dict[nn.Parameter, Dict[str, Tensor]], p: nn.Parameter, kind: str, value: Tensor) -> None:
+    per_kind = store.setdefault(p, {})
+    per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
+
+
+def _apply_rule(rec: Record, grads, rule=None) -> Dict[str, Tensor]:
+    """``rule`` (default: the module's hand-written rule, or the generic one), run in the
+    module's forward-time mode; a failing generic rule raises an error that names the module."""
+    rule = rule or rule_for(rec.module) or generic
     training, rec.module.training = rec.module.training, rec.training
     try:
         return rule(rec.module, rec.args, rec.kwargs, grads)

@@ -55,6 +55,27 @@ def covers_subtree(module: nn.Module) -> bool:
     return type(module) in SUBTREE
 
 
+NORM_RULES: Dict[Type[nn.Module], Rule] = {}
+
+
+def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Register a squared-norm rule (decorator): same arguments as a rule, returns
+    ``{param_name: (N, V)}``, the squared norms of the per-sample contractions, computed
+    without materialising them (Gram matrices over positions). Optional: without one, norms
+    come from the rule's materialised result."""
+
+    def decorator(rule: Rule) -> Rule:
+        for cls in classes:
+            NORM_RULES[cls] = rule
+        return rule
+
+    return decorator
+
+
+def norm_rule_for(module: nn.Module) -> Optional[Rule]:
+    return NORM_RULES.get(type(module))
+
+
 def rule_for(module: nn.Module) -> Optional[Rule]:
     """The rule registered for ``type(module)``, or None."""
     return RULES.get(type(module))

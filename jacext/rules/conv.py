@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jacext.rules import register, trainable
-from jacext.rules.util import channel_sums, kernel_letters, patches, require_batch_dim, spatial_letters
+from jacext.rules import register, register_norms, trainable
+from jacext.rules.util import (
+    channel_sums,
+    kernel_letters,
+    patches,
+    require_batch_dim,
+    spatial_letters,
+    sq_norms_of_products,
+)
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -24,14 +31,37 @@ def conv(module, args, kwargs, grads):
     v, n = g.shape[:2]
     out = {}
     if trainable(module, "weight"):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        xpad = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        p = patches(xpad, module.kernel_size, module.stride, module.dilation)
-        p = p.unflatten(1, (module.groups, -1))  # (N, g, Cin/g, *S, *K)
-        gg = g.unflatten(2, (module.groups, -1))  # (V, N, g, Cout/g, *S)
+        p, gg = _grouped_patches(module, x, g)
         s, k = spatial_letters(d), kernel_letters(d)
         jw = torch.einsum(f"vngo{s},ngi{s}{k}->nvgoi{k}", gg, p)
         out["weight"] = jw.reshape(n, v, *module.weight.shape)
     if trainable(module, "bias"):
         out["bias"] = channel_sums(g)
+    return out
+
+
+def _grouped_patches(module, x, g):
+    """The input's sliding windows (N, g, Cin/g, *S, *K), padded as the module pads, and
+    G as (V, N, g, Cout/g, *S)."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    xpad = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+    p = patches(xpad, module.kernel_size, module.stride, module.dilation)
+    return p.unflatten(1, (module.groups, -1)), g.unflatten(2, (module.groups, -1))
+
+
+@register_norms(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_norms(module, args, kwargs, grads):
+    """||J_W[n, v]||^2 per group via Gram matrices over positions s (or materialised where cheaper)."""
+    x, (g,) = args[0], grads
+    d = len(module.kernel_size)
+    v, n = g.shape[:2]
+    out = {}
+    if trainable(module, "weight"):
+        p, gg = _grouped_patches(module, x, g)
+        groups = module.groups
+        p = p.flatten(3, 2 + d).transpose(2, 3).flatten(3).flatten(0, 1)  # (N g, S, Cin/g K)
+        gg = gg.flatten(4).transpose(3, 4).flatten(1, 2)  # (V, N g, S, Cout/g)
+        out["weight"] = sq_norms_of_products(gg, p).view(v, n, groups).sum(-1).T
+    if trainable(module, "bias"):
+        out["bias"] = channel_sums(g).square().sum(-1)
     return out

@@ -37,7 +37,7 @@ rules are unchanged (the max is taken over the renormalised W).
 import torch
 from torch import nn
 
-from jacext.rules import register, trainable
+from jacext.rules import register, register_norms, trainable
 from jacext.rules.util import require_batch_dim
 
 
@@ -56,6 +56,20 @@ def embedding(module, args, kwargs, grads):
     src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1)  # (L, V, D)
     coef = _coefficients(module, idx, _kept(module, idx), g.dtype)
     return {"weight": _scatter_rows(module, n, sample, idx, src * coef[:, None, None])}
+
+
+@register_norms(nn.Embedding)
+def embedding_norms(module, args, kwargs, grads):
+    """||J_W[n, v]||^2 = sum_{t, u : x[n, t] = x[n, u]} s[n, t] s[n, u] G[v, n, t] . G[v, n, u]."""
+    (g,) = grads
+    if not trainable(module, "weight"):
+        return {}
+    v, n = g.shape[:2]
+    idx = args[0].reshape(n, -1).long()  # (N, T)
+    coef = _coefficients(module, idx.reshape(-1), _kept(module, idx.reshape(-1)), g.dtype).view(n, -1)
+    src = g.reshape(v, n, -1, module.embedding_dim) * coef[:, :, None]
+    same = (idx[:, :, None] == idx[:, None, :]).to(g.dtype)
+    return {"weight": torch.einsum("vnts,nts->nv", src @ src.transpose(2, 3), same)}
 
 
 def _embedding_bag(module, args, kwargs, g):

@@ -7,8 +7,8 @@
 import torch
 from torch import nn
 
-from jacext.rules import register, trainable
-from jacext.rules.util import require_batch_dim
+from jacext.rules import register, register_norms, trainable
+from jacext.rules.util import require_batch_dim, sq_norms_of_products
 
 
 @register(nn.Linear)
@@ -23,4 +23,18 @@ def linear(module: nn.Linear, args, kwargs, grads):
         out["weight"] = torch.einsum("vnto,nti->nvoi", g, x)
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
+    return out
+
+
+@register_norms(nn.Linear)
+def linear_norms(module: nn.Linear, args, kwargs, grads):
+    """||J_W[n, v]||^2 via Gram matrices over the positions t, ||J_b[n, v]||^2 = ||sum_t G[v, n, t]||^2."""
+    x, (g,) = args[0], grads
+    n = x.shape[0]
+    g = g.reshape(g.shape[0], n, -1, module.out_features)
+    out = {}
+    if trainable(module, "weight"):
+        out["weight"] = sq_norms_of_products(g, x.reshape(n, -1, module.in_features)).T
+    if trainable(module, "bias"):
+        out["bias"] = g.sum(2).square().sum(-1).T
     return out

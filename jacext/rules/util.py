@@ -71,3 +71,17 @@ def running_stats_xhat(module: nn.Module, x: Tensor) -> Tensor:
     """(x - running_mean) / sqrt(running_var + eps), statistics per channel (dim 1)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+
+
+def sq_norms_of_products(g: Tensor, x: Tensor) -> Tensor:
+    """||sum_t g[v, b, t] x[b, t]^T||^2 of shape (V, B), for g (V, B, T, O) and x (B, T, I).
+
+    With Gram matrices over positions, sum_{t, s} (g_t . g_s)(x_t . x_s), where that is
+    cheaper (T (O + I) < O I) than materialising the (V, B, O, I) products.
+    """
+    t, o, i = g.shape[2], g.shape[3], x.shape[2]
+    if t == 1:
+        return g.square().sum((2, 3)) * x.square().sum((1, 2))
+    if t * (o + i) < o * i:
+        return torch.einsum("vbts,bts->vb", g @ g.transpose(2, 3), x @ x.transpose(1, 2))
+    return torch.einsum("vbto,bti->vboi", g, x).square().sum((2, 3))
