@@ -159,12 +159,26 @@ def _close_tape(root: nn.Module, args, output) -> None:
         output.register_hook(partial(_on_root_grad, tape, output.shape, output.output_nr))
 
 
-def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> None:
-    """Runs when the backward pass reaches the root output, before the model's own backward."""
+def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> Optional[Tensor]:
+    """Runs when the backward pass reaches the root output, before the model's own backward.
+
+    Returns the cotangent the model's own backward continues with: unchanged, or rescaled
+    per sample by an extension that asks for it (``jacext.dp.ClipGrad``)."""
     if tape.busy:  # the tape's own batched backward passes through here too
-        return
+        return None
     # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
     out_edge = GradientEdge(torch._C._current_autograd_node(), output_nr)
-    for p, values in tape.compute(out_edge, shape, grad).items():
+    results = tape.compute(out_edge, shape, grad)
+    for p, values in results.items():
         for ext, value in zip(tape.extensions, values):
             setattr(p, ext.savefield, value)
+    rescaling = [(i, e) for i, e in enumerate(tape.extensions) if hasattr(e, "rescale")]
+    if not rescaling:
+        return None
+    if len(rescaling) > 1 or tape.coupled:
+        raise JacextError(
+            "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
+            "independent samples (not batchnorm='exact')"
+        )
+    i, ext = rescaling[0]
+    return ext.rescale(grad, [values[i] for values in results.values()])

@@ -124,7 +124,8 @@ class Tape:
         if self.coupled:  # seed (n, v) is seed v restricted to sample n: (N * V, N, ...)
             only = torch.eye(n, dtype=seeds.dtype, device=seeds.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
             seeds = (seeds.unsqueeze(0) * only).flatten(0, 1)
-        edges = [e for rec in self.records for e in rec.edges]
+        records = self.records if n > 0 else []  # an empty batch: every result is empty
+        edges = [e for rec in records for e in rec.edges]
         grads = self._pull_back(out_edge, edges, seeds)
 
         only_norms = {e.kind for e in self.extensions if not e.needs_block} - {e.kind for e in self.extensions if e.needs_block}
@@ -132,7 +133,7 @@ class Tape:
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
         i = 0
-        for rec in self.records:
+        for rec in records:
             rec.check_unmodified()
             gs = grads[i : i + len(rec.edges)]
             i += len(rec.edges)

@@ -295,3 +295,12 @@ def test_parameter_metadata_outside_its_module_is_fine():
             return self.lin(x) / scale
 
     jacext.jacobian(Peeks(), torch.randn(2, 2))
+
+
+def test_empty_batch_gives_empty_results_and_the_usual_grad():
+    model = jacext.extend(mlp())
+    with backpack(jacext.BatchJacobian(), jacext.BatchGrad(), jacext.BatchL2Grad()):
+        nn.CrossEntropyLoss(reduction="sum")(model(torch.randn(0, 4)), torch.zeros(0, dtype=torch.long)).backward()
+    for p in model.parameters():
+        assert p.jacobian.shape == (0, 3, *p.shape) and p.grad_batch.shape == (0, *p.shape) and p.batch_l2.shape == (0,)
+        assert torch.equal(p.grad, torch.zeros_like(p))
