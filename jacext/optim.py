@@ -1,0 +1,5 @@
+"""Optimizers that consume what jacext's extensions fill in the same backward pass."""
+
+from jacext.dp import DPSGD
+
+__all__ = ["DPSGD"]
