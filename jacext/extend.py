@@ -96,6 +96,31 @@ def _hook_recorders(root: nn.Module) -> None:
             )
 
 
+def install_guard() -> None:
+    """Once per process: a global forward pre-hook that catches models used with a jacext
+    extension active but never extended (they would otherwise get no attributes, silently)."""
+    global _guard_installed
+    if not _guard_installed:
+        nn.modules.module.register_module_forward_pre_hook(_guard)
+        _guard_installed = True
+
+
+_guard_installed = False
+
+
+def _guard(module: nn.Module, args) -> None:
+    if _current is not None or is_extended(module) or not torch.is_grad_enabled():
+        return
+    if not any(isinstance(e, JacextExtension) for e in CTX.get_active_exts()):
+        return
+    if any(p.requires_grad for p in module.parameters()) and not any(is_extended(m) for m in module.modules()):
+        raise JacextError(
+            f"{type(module).__name__} with trainable parameters runs inside a backpack context with "
+            f"jacext extensions, but neither it nor a module inside it was extended: call "
+            "model = jacext.extend(model) once before the forward pass."
+        )
+
+
 def _to_eval(module: nn.Module, args) -> None:
     """batchnorm="eval": normalise with the running statistics while a tape records."""
     module._jacext_mode = module.training
@@ -139,15 +164,15 @@ def _record(module: nn.Module, args, kwargs, output):
     return _current.record(module, args, kwargs, output)
 
 
-def _close_tape(root: nn.Module, args, output) -> None:
+def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     global _current, _last
     tape = _current
     if tape is None or tape.root is not root:
-        return
+        return None
     _current = None
     tape.uses.__exit__(None, None, None)
     if output is None:  # the forward pass raised
-        return
+        return None
     if not isinstance(output, Tensor):
         raise JacextError(
             f"jacext differentiates the output of the extended module ({type(root).__name__}), which "
@@ -155,8 +180,15 @@ def _close_tape(root: nn.Module, args, output) -> None:
             "the tensor of shape (N, ...) to differentiate."
         )
     _last = tape
-    if output.requires_grad:
-        output.register_hook(partial(_on_root_grad, tape, output.shape, output.output_nr))
+    if not output.requires_grad:
+        return None
+    # The hook (which holds the tape, which holds the records' autograd edges) lives on the
+    # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
+    # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
+    # frees. An alias of the output has its own node, which no record references.
+    output = output.view_as(output)
+    output.register_hook(partial(_on_root_grad, tape, output.shape, output.output_nr))
+    return output
 
 
 def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> Optional[Tensor]:

@@ -22,6 +22,9 @@ class JacextExtension(BackpropExtension):
 
     def __init__(self):
         super().__init__(savefield=self.savefield, module_exts={})
+        from jacext.extend import install_guard  # extend imports this module
+
+        install_guard()
 
     def __call__(self, module, g_inp, g_out) -> None:
         """BackPACK's per-module hook: nothing to do, the tape computes everything."""

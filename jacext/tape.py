@@ -63,16 +63,19 @@ class Record:
             self.aliases = [leaves[i] for i in self.grad_leaves]
         else:
             self.aliases = []
-        self.output = output
-        self.alias_versions = [a._version for a in self.aliases]
+        self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
+        self.alias_versions = self._alias_versions()
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
 
     def _versions(self) -> List[int]:
         return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
 
+    def _alias_versions(self) -> List[int]:
+        return [a._version for a in self.aliases]
+
     def check_unmodified(self) -> None:
-        if [a._version for a in self.aliases] != self.alias_versions:
+        if self._alias_versions() != self.alias_versions:
             raise JacextError(
                 f"An output of module {module_label(self.module)}, which returns several tensors, was "
                 "modified in place; jacext follows its outputs from where the module returned them. "
@@ -100,10 +103,11 @@ class Tape:
     def record(self, module: nn.Module, args, kwargs, output):
         """Record a call; returns the output to hand on (aliased where the record needs it)."""
         rec = Record(module, args, kwargs, output)
+        output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         if rec.edges:
             self.records.append(rec)
             self.coupled = self.coupled or rec.coupled
-        return rec.output
+        return output
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""

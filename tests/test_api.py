@@ -1,5 +1,7 @@
 """The public API: shapes, several extensions at once, errors, hooks and state."""
 
+import sys
+
 import backpack.extensions as bpext
 import pytest
 import torch
@@ -304,3 +306,66 @@ def test_empty_batch_gives_empty_results_and_the_usual_grad():
     for p in model.parameters():
         assert p.jacobian.shape == (0, 3, *p.shape) and p.grad_batch.shape == (0, *p.shape) and p.batch_l2.shape == (0,)
         assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_model_never_extended_is_a_clear_error():
+    model = mlp()
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match="jacext.extend"):
+        model(torch.randn(2, 4))
+
+
+def test_wrapper_around_an_extended_model_and_loss_modules_are_fine():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = jacext.extend(mlp())
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = Wrapper()
+    with backpack(jacext.BatchGrad()):
+        nn.CrossEntropyLoss()(model(torch.randn(2, 4)), torch.tensor([0, 1])).backward()
+    assert model.net[0].weight.grad_batch.shape == (2, 5, 4)
+
+
+class Failing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x, fail=False):
+        h = self.lin(x)
+        if fail:
+            raise ValueError("boom")
+        return h
+
+
+def test_exception_in_forward_leaves_nothing_behind():
+    model = jacext.extend(Failing()).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    with backpack(jacext.BatchJacobian()):
+        with pytest.raises(ValueError, match="boom"):
+            model(x, fail=True)
+        model(x).sum().backward()
+    assert sys.modules["jacext.extend"]._current is None
+    assert_close(model.lin.weight.jacobian, loop_jacobian(model, x)["lin.weight"], torch.float64)
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_memory_is_flat_over_many_steps():
+    import resource
+
+    model = jacext.extend(mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def steps(k):
+        for _ in range(k):
+            opt.zero_grad()
+            with backpack(jacext.BatchGrad(), jacext.BatchJacobian(), jacext.BatchL2Grad()):
+                nn.CrossEntropyLoss()(model(torch.randn(16, 4)), torch.randint(0, 3, (16,))).backward()
+            opt.step()
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+
+    warm = steps(200)
+    assert steps(2000) - warm < 4 * 1024, "peak memory grew by more than 4 MiB over 2000 steps"
