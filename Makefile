@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test clean
+.PHONY: install demo test docs clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(PY)
 test: $(PY)
 	$(PIP) install --quiet -e ".[test]"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+
+docs: $(PY)
+	$(PIP) install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) *.egg-info
