@@ -1,0 +1,210 @@
+"""The empirical neural tangent kernel (NTK) of a model, from jacext's per-sample Jacobians.
+
+For a model F(x; theta) with C = prod(out.shape[1:]) outputs per sample and per-sample
+Jacobian J(x) = dF(x)/dtheta of shape (C, P), the empirical NTK is
+
+    K(x, x')[c, d] = sum_p J(x)[c, p] J(x')[d, p],    i.e.  K(x, x') = J(x) J(x')^T.
+
+It is a sum over parameter tensors, K = sum_k J_k(x) J_k(x')^T, so ``ntk`` contracts one
+parameter's Jacobian block at a time (an einsum over that parameter's entries) and never
+concatenates them into one (N, C, P) matrix. Every c and d is kept: the kernel of
+``out.sum(1)`` (summing the logits first) is sum_{c,d} K[c, d], a different quantity.
+
+Modes (N1, N2 samples):
+
+- ``"full"``: K of shape (N1, N2, C, C); (N1, N2) for a model with one scalar output per
+  sample (out of shape (N,));
+- ``"trace"``: sum_c K[:, :, c, c], shape (N1, N2);
+- ``"diagonal"``: K[:, :, c, c], shape (N1, N2, C); (N1, N2) for a scalar output.
+
+Data too large for one batch are processed block-wise: one Jacobian computation (one
+forward and one backward pass, ``jacext.jacobian``) per batch and block of the kernel, at
+most two batches' Jacobians alive at a time.
+"""
+
+from collections.abc import Iterator
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from jacext.functional import jacobian
+
+MODES = ("full", "trace", "diagonal")
+
+# a, b: samples of the two batches; c, d: outputs; p: entries of one parameter.
+_CONTRACTIONS = {"full": "acp,bdp->abcd", "trace": "acp,bcp->ab", "diagonal": "acp,bcp->abc"}
+# K(x', x) from K(x, x'): swap the samples, and the outputs where both are kept.
+_SWAPS = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
+
+_TOTAL = "total"  # the key of the summed kernel in a block's dictionary
+
+Kernel = Union[Tensor, Dict[str, Tensor]]
+Batches = Callable[[], Iterator]
+
+
+def ntk(
+    model: nn.Module,
+    x1,
+    x2=None,
+    *,
+    mode: str = "full",
+    per_layer: bool = False,
+    batch_size: Optional[int] = None,
+) -> Kernel:
+    """The empirical NTK ``K(x1, x2) = J(x1) J(x2)^T`` of ``model``'s output.
+
+    Args:
+        model: the network; its output has the batch as first dimension. Put it in eval
+            mode (dropout, batch statistics) for a deterministic kernel.
+        x1, x2: the inputs: a tensor, or a tuple of the model's positional arguments, or a
+            re-iterable of such batches (a ``DataLoader`` without shuffling, a list), which
+            is computed block-wise. ``x2=None`` means ``x2 = x1`` and uses the symmetry
+            K(x', x) = K(x, x')^T: each off-diagonal block is computed once.
+        mode: ``"full"``, ``"trace"`` or ``"diagonal"`` (module docstring for the shapes).
+        per_layer: return ``{parameter name: its contribution J_k J_k^T}`` (trainable
+            parameters, ``model.named_parameters()`` order); their sum is the kernel.
+        batch_size: split tensor inputs into batches of this many samples.
+
+    Blocks: for every batch a of x1, its Jacobian is computed once and contracted with the
+    Jacobian of every batch b of x2 (b >= a when ``x2`` is None), computed for that block.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    symmetric = x2 is None
+    batches1 = _batches(x1, batch_size)
+    batches2 = batches1 if symmetric else _batches(x2, batch_size)
+    rows: List[List[Optional[Dict[str, Tensor]]]] = []
+    scalar_output = False
+    for a, xa in enumerate(batches1()):
+        ja, scalar_output = _jacobian_blocks(model, xa)
+        row: List[Optional[Dict[str, Tensor]]] = []
+        for b, xb in enumerate(batches2()):
+            if symmetric and b < a:
+                row.append(None)  # the transpose of block (b, a)
+            elif symmetric and b == a:
+                row.append(_contract(ja, ja, mode, per_layer))
+            else:
+                row.append(_contract(ja, _jacobian_blocks(model, xb)[0], mode, per_layer))
+        if rows and len(row) != len(rows[0]):
+            raise ValueError("x2 (or x1) gave a different number of batches on another pass over it")
+        rows.append(row)
+    if not rows:
+        raise ValueError("x1 holds no batch")
+    names = list(rows[0][0])
+    kernels = {name: _assemble([[None if blk is None else blk[name] for blk in row] for row in rows], mode) for name in names}
+    if scalar_output and mode != "trace":
+        kernels = {name: k.reshape(k.shape[:2]) for name, k in kernels.items()}
+    return kernels if per_layer else kernels[_TOTAL]
+
+
+def ntk_vp(model: nn.Module, x1, v: Tensor, x2=None) -> Tensor:
+    """The kernel-vector product ``K(x1, x2) v = J(x1) (J(x2)^T v)`` without forming K or J.
+
+    ``v`` has the shape of ``model(x2)``, (N2, *out.shape[1:]); the result that of
+    ``model(x1)``. ``u = J(x2)^T v`` is one backward pass (a vector-Jacobian product);
+    ``J(x1) u`` is a Jacobian-vector product by double backward: ``g(w) = J(x1)^T w`` is
+    linear in w, so its derivative with respect to w in the direction u is ``J(x1) u``.
+    Costs about three backward passes; memory of an ordinary training step.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    args1 = x1 if isinstance(x1, tuple) else (x1,)
+    args2 = args1 if x2 is None else (x2 if isinstance(x2, tuple) else (x2,))
+    with torch.enable_grad():
+        out2 = model(*args2)
+        u = torch.autograd.grad(out2, params, v, allow_unused=True)
+        out1 = model(*args1)
+        w = torch.zeros_like(out1, requires_grad=True)
+        g = torch.autograd.grad(out1, params, w, create_graph=True, allow_unused=True)
+        used = [(gi, ui) for gi, ui in zip(g, u) if gi is not None and ui is not None]
+        if not used:
+            return torch.zeros_like(out1)
+        (jv,) = torch.autograd.grad([gi for gi, _ in used], w, [ui for _, ui in used])
+    return jv
+
+
+def top_eigenvalues(
+    model: nn.Module, x, k: int, *, mode: str = "full", method: str = "auto", batch_size: Optional[int] = None
+) -> Tensor:
+    """The ``k`` largest eigenvalues of the NTK of ``x`` with itself, in descending order.
+
+    ``mode="full"``: of the (N C, N C) matrix K[(a, c), (b, d)], whose nonzero eigenvalues
+    are those of the empirical Fisher-like J^T J (P, P); ``mode="trace"``: of the (N, N)
+    trace kernel. The kernel is formed with :func:`ntk` (``batch_size`` as there), then
+
+    - ``method="eigvalsh"``: ``torch.linalg.eigvalsh`` of the whole kernel, exact,
+      O(n^3) for n rows;
+    - ``method="lobpcg"``: ``torch.lobpcg`` (largest=True), iterative, O(n^2 k) per
+      iteration, converged to a residual of about sqrt(machine epsilon); needs n >= 3 k;
+    - ``method="auto"``: lobpcg when n > 2048 and n >= 3 k, eigvalsh otherwise.
+    """
+    if mode not in ("full", "trace"):
+        raise ValueError(f"mode must be 'full' or 'trace' (a square kernel), got {mode!r}")
+    kernel = ntk(model, x, mode=mode, batch_size=batch_size)
+    if kernel.dim() == 4:
+        n, c = kernel.shape[0], kernel.shape[2]
+        kernel = kernel.permute(0, 2, 1, 3).reshape(n * c, n * c)
+    rows = kernel.shape[0]
+    if not 1 <= k <= rows:
+        raise ValueError(f"k must be between 1 and the kernel's size {rows}, got {k}")
+    if method == "auto":
+        method = "lobpcg" if rows > 2048 and rows >= 3 * k else "eigvalsh"
+    if method == "eigvalsh":
+        return torch.linalg.eigvalsh(kernel).flip(0)[:k]
+    if method == "lobpcg":
+        if rows < 3 * k:
+            raise ValueError(f"lobpcg needs at least 3 k = {3 * k} rows; the kernel has {rows}: use eigvalsh")
+        start = torch.randn(rows, k, generator=torch.Generator().manual_seed(0), dtype=kernel.dtype).to(kernel.device)
+        values, _ = torch.lobpcg(kernel, k=k, X=start, largest=True)
+        return values.sort(descending=True).values
+    raise ValueError(f"method must be 'auto', 'eigvalsh' or 'lobpcg', got {method!r}")
+
+
+def _batches(x, batch_size: Optional[int]) -> Batches:
+    """A function that starts a new pass over the batches of ``x``, each a tuple of arguments."""
+    if isinstance(x, (Tensor, tuple)):
+        args = x if isinstance(x, tuple) else (x,)
+        chunks = [args] if batch_size is None else list(zip(*(a.split(batch_size) for a in args)))
+        return lambda: iter(chunks)
+    if batch_size is not None:
+        raise ValueError("batch_size splits tensor inputs; an iterable of batches brings its own")
+    if isinstance(x, Iterator):
+        raise TypeError(
+            "the kernel is computed block-wise in several passes over the batches: pass a "
+            "re-iterable (a DataLoader, a list), not an iterator or generator"
+        )
+    if isinstance(x, DataLoader) and isinstance(x.sampler, RandomSampler):
+        raise ValueError("the kernel's rows follow the DataLoader's order: use shuffle=False")
+    return lambda: (tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in x)
+
+
+def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Dict[str, Tensor], bool]:
+    """``{name: (n, C, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,)."""
+    per_param = jacobian(model, args if len(args) > 1 else args[0])
+    params = dict(model.named_parameters())
+    blocks, scalar_output = {}, False
+    for name, jac in per_param.items():
+        out_dims = jac.shape[1 : jac.dim() - params[name].dim()]
+        scalar_output = len(out_dims) == 0
+        blocks[name] = jac.reshape(jac.shape[0], out_dims.numel(), -1)
+    return blocks, scalar_output
+
+
+def _contract(ja: Dict[str, Tensor], jb: Dict[str, Tensor], mode: str, per_layer: bool) -> Dict[str, Tensor]:
+    """Kernel block J(batch a) J(batch b)^T in the mode's layout, contracted one parameter at a
+    time: ``{name: J_k J_k^T}`` with ``per_layer``, else their sum as ``{_TOTAL: K}``."""
+    parts: Dict[str, Tensor] = {}
+    for name in ja:
+        part = torch.einsum(_CONTRACTIONS[mode], ja[name], jb[name])
+        if per_layer or _TOTAL not in parts:
+            parts[name if per_layer else _TOTAL] = part
+        else:
+            parts[_TOTAL] += part
+    return parts
+
+
+def _assemble(blocks: List[List[Optional[Tensor]]], mode: str) -> Tensor:
+    """The kernel from its blocks; a missing block (a, b) is block (b, a) swapped."""
+    filled = [[blk if blk is not None else blocks[b][a].permute(_SWAPS[mode]) for b, blk in enumerate(row)] for a, row in enumerate(blocks)]
+    return torch.cat([torch.cat(row, dim=1) for row in filled], dim=0)
