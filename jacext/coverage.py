@@ -31,7 +31,13 @@ def table() -> str:
         names = ", ".join(f"`nn.{c.__name__}`" for c in by_file[module])
         summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
         lines.append(f"| {names} | `{module.__name__}` | {summary.replace('|', '/')} |")
-    lines += ["", "## The rules", "", "G is the cotangent (V, N, *output) for V seeds; J[n, v] its per-sample contraction.", ""]
+    lines += [
+        "",
+        "## The rules",
+        "",
+        "G is the cotangent (V, N, *output) for V seeds; J[n, v] its per-sample contraction.",
+        "",
+    ]
     for module in files:
         lines += [f"### `{module.__name__}`", "", "```text", inspect.cleandoc(module.__doc__ or ""), "```", ""]
     return "\n".join(lines)

@@ -122,7 +122,9 @@ def to_opacus(model: nn.Module, loss_reduction: str = "mean") -> None:
         if not p.requires_grad:
             continue
         if not hasattr(p, "grad_batch"):
-            raise JacextError(f"parameter '{name}' has no grad_batch: run the backward pass inside backpack(jacext.BatchGrad())")
+            raise JacextError(
+                f"parameter '{name}' has no grad_batch: run the backward pass inside backpack(jacext.BatchGrad())"
+            )
         p.grad_sample = p.grad_batch * (p.grad_batch.shape[0] if loss_reduction == "mean" else 1)
 
 

@@ -47,7 +47,10 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         if isinstance(m, BATCHNORMS):
             m._jacext_batchnorm = batchnorm
             if batchnorm == "eval" and not hasattr(m, "_jacext_eval_handles"):
-                m._jacext_eval_handles = (m.register_forward_pre_hook(_to_eval), m.register_forward_hook(_back_to_mode, always_call=True))
+                m._jacext_eval_handles = (
+                    m.register_forward_pre_hook(_to_eval),
+                    m.register_forward_hook(_back_to_mode, always_call=True),
+                )
     if not hasattr(module, "_jacext_root_handles"):
         pre = module.register_forward_pre_hook(_open_tape)
         _hook_recorders(module)
@@ -64,8 +67,13 @@ def unextend(module: nn.Module) -> nn.Module:
         for handle in getattr(m, "_jacext_record_handles", ()):
             handle.remove()
         for attr in (
-            "_jacext_root_handles", "_jacext_record_handles", "_jacext_path", "_jacext_backpack",
-            "_jacext_batchnorm", "_jacext_eval_handles", "_jacext_mode",
+            "_jacext_root_handles",
+            "_jacext_record_handles",
+            "_jacext_path",
+            "_jacext_backpack",
+            "_jacext_batchnorm",
+            "_jacext_eval_handles",
+            "_jacext_mode",
         ):
             if hasattr(m, attr):
                 delattr(m, attr)

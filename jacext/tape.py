@@ -132,7 +132,9 @@ class Tape:
         edges = [e for rec in records for e in rec.edges]
         grads = self._pull_back(out_edge, edges, seeds)
 
-        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {e.kind for e in self.extensions if e.needs_block}
+        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
+            e.kind for e in self.extensions if e.needs_block
+        }
         shared = self._shared_parameters()
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
@@ -146,7 +148,9 @@ class Tape:
                 leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
             by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
             for kind in by_norms:
-                for name, sq in _apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
+                for name, sq in _apply_rule(
+                    rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)
+                ).items():
                     _accumulate(norms, rec.module.get_parameter(name), kind, sq)
             materialised = [k for k in kinds if k not in by_norms]
             if not materialised:

@@ -18,7 +18,6 @@ from jacext.errors import JacextError
 from jacext.rules import register
 from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
 
-
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 CHOICES = ("error", "eval", "exact")
 
@@ -29,7 +28,11 @@ def uses_batch_statistics(module: nn.Module) -> bool:
 
 def couples_samples(module: nn.Module) -> bool:
     """Whether this call of ``module`` makes samples depend on each other (and "exact" was chosen)."""
-    return type(module) in BATCHNORMS and uses_batch_statistics(module) and getattr(module, "_jacext_batchnorm", "") == "exact"
+    return (
+        type(module) in BATCHNORMS
+        and uses_batch_statistics(module)
+        and getattr(module, "_jacext_batchnorm", "") == "exact"
+    )
 
 
 @register(*BATCHNORMS)

@@ -1,6 +1,6 @@
 """Bilinear: y[n, t, o] = sum_{i, j} x1[n, t, i] W[o, i, j] x2[n, t, j] + b[o] over any leading dims t.
 
-    J_W[n, v, o, i, j] = sum_t G[v, n, t, o] x1[n, t, i] x2[n, t, j],   J_b[n, v] = sum_t G[v, n, t]
+J_W[n, v, o, i, j] = sum_t G[v, n, t, o] x1[n, t, i] x2[n, t, j],   J_b[n, v] = sum_t G[v, n, t]
 """
 
 import torch

@@ -13,7 +13,6 @@ differentiable forward that torch.func can transform and that treats samples ind
 
 from typing import Callable, Dict, List, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten

@@ -1,7 +1,7 @@
 """Linear: y = x W^T + b over any leading dimensions.
 
-    dy[n, t, o] / dW[o, i] = x[n, t, i]  =>  J_W[n, v] = sum_t G[v, n, t]^T x[n, t]
-    dy[n, t, o] / db[o]    = 1           =>  J_b[n, v] = sum_t G[v, n, t]
+dy[n, t, o] / dW[o, i] = x[n, t, i]  =>  J_W[n, v] = sum_t G[v, n, t]^T x[n, t]
+dy[n, t, o] / db[o]    = 1           =>  J_b[n, v] = sum_t G[v, n, t]
 """
 
 import torch

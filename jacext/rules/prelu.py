@@ -1,6 +1,6 @@
 """PReLU: y = max(0, x) + a * min(0, x), one slope a, or one per channel (dim 1 of the input).
 
-    J_a[n, v, c] = sum_s G[v, n, c, s] min(0, x[n, c, s])   (summed over all entries for one slope)
+J_a[n, v, c] = sum_s G[v, n, c, s] min(0, x[n, c, s])   (summed over all entries for one slope)
 """
 
 from torch import nn

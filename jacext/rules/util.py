@@ -56,9 +56,19 @@ def affine_jacobians(module: nn.Module, g: Tensor, xhat: Tensor, channel_dim: bo
     v, n = g.shape[:2]
     shape = (module.weight if module.weight is not None else module.bias).shape
     if channel_dim:  # (V, N, C, S): contract the positions s
-        g, xhat, pattern, summed = g.reshape(v, n, shape.numel(), -1), xhat.reshape(n, shape.numel(), -1), "vncs,ncs->nvc", 3
+        g, xhat, pattern, summed = (
+            g.reshape(v, n, shape.numel(), -1),
+            xhat.reshape(n, shape.numel(), -1),
+            "vncs,ncs->nvc",
+            3,
+        )
     else:  # (V, N, T, E): contract the leading positions t
-        g, xhat, pattern, summed = g.reshape(v, n, -1, shape.numel()), xhat.reshape(n, -1, shape.numel()), "vnte,nte->nve", 2
+        g, xhat, pattern, summed = (
+            g.reshape(v, n, -1, shape.numel()),
+            xhat.reshape(n, -1, shape.numel()),
+            "vnte,nte->nve",
+            2,
+        )
     out = {}
     if trainable(module, "weight"):
         out["weight"] = torch.einsum(pattern, g, xhat).reshape(n, v, *shape)
