@@ -203,9 +203,21 @@ class Tape:
             if seeds.shape[0] == 1:
                 grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
                 return [None if g is None else g.unsqueeze(0) for g in grads]
-            return list(
-                torch.autograd.grad(out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            )
+            try:
+                return list(
+                    torch.autograd.grad(
+                        out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    )
+                )
+            except RuntimeError as error:
+                if "atching rule" not in str(error):
+                    raise
+                raise JacextError(
+                    f"the batched pull-back of {seeds.shape[0]} seeds (vmap over the model's backward) met an "
+                    f"operation without a batching rule ({error}). This happens in backward graphs made by "
+                    "torch.compile: compute BatchJacobian on the uncompiled model (BatchGrad, BatchL2Grad "
+                    "and ClipGrad need one seed and work with compiled modules)."
+                ) from error
         finally:
             self.busy = False
 
