@@ -6,6 +6,7 @@ keep working. ``backpack=True`` additionally applies ``backpack.extend`` for
 BackPACK's own extensions, with BackPACK's restrictions.
 """
 
+from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
@@ -78,6 +79,31 @@ def unextend(module: nn.Module) -> nn.Module:
             if hasattr(m, attr):
                 delattr(m, attr)
     return module
+
+
+@contextmanager
+def temporarily_extended(module: nn.Module):
+    """``module`` extended for the duration, then exactly as before (modules the user extended
+    stay extended, with their own paths)."""
+    if is_extended(module):
+        yield module
+        return
+    before = {m: {k: v for k, v in vars(m).items() if k.startswith("_jacext")} for m in module.modules()}
+    extend(module)
+    try:
+        yield module
+    finally:
+        for m in module.modules():
+            old = before.get(m, {})
+            for key in [k for k in vars(m) if k.startswith("_jacext")]:
+                value = vars(m)[key]
+                if key in old:
+                    setattr(m, key, old[key])
+                    continue
+                if key.endswith("handles"):
+                    for handle in value:
+                        handle.remove()
+                delattr(m, key)
 
 
 def is_extended(module: nn.Module) -> bool:

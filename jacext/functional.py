@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from jacext.errors import JacextError
-from jacext.extend import extend, is_extended, take_last_tape, unextend
+from jacext.extend import take_last_tape, temporarily_extended
 from jacext.extensions import BatchJacobian
 
 
@@ -21,19 +21,12 @@ def jacobian(model: nn.Module, x, *, flat: bool = False) -> Union[Dict[str, Tens
     is left untouched. ``x`` may be a tensor or a tuple of positional arguments.
     """
     args = x if isinstance(x, tuple) else (x,)
-    temporary = not is_extended(model)
-    if temporary:
-        extend(model)
-    try:
-        with torch.enable_grad(), backpack(BatchJacobian()):
-            out = model(*args)
-            tape = take_last_tape()
+    with temporarily_extended(model), torch.enable_grad(), backpack(BatchJacobian()):
+        out = model(*args)
+        tape = take_last_tape()
         if not out.requires_grad:
             raise JacextError("the model's output does not depend on any trainable parameter")
         per_param = tape.compute(get_gradient_edge(out), out.shape, out.detach())
-    finally:
-        if temporary:
-            unextend(model)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if flat:
         n, c = out.shape[0], out.shape[1:].numel()

@@ -369,3 +369,19 @@ def test_memory_is_flat_over_many_steps():
 
     warm = steps(200)
     assert steps(2000) - warm < 4 * 1024, "peak memory grew by more than 4 MiB over 2000 steps"
+
+
+def test_jacobian_of_a_wrapper_keeps_the_inner_extension():
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    inner = jacext.extend(mlp())
+    hooks = [dict(m._forward_hooks) for m in inner.modules()]
+    jacext.jacobian(Wrapper(inner), torch.randn(2, 4))
+    assert [dict(m._forward_hooks) for m in inner.modules()] == hooks
+    assert inner[0]._jacext_path == "0"

@@ -337,12 +337,6 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=jacext.JacextError,
-    reason="jacext.jacobian(model) on a model that is not extended (here the DDP wrapper) extends it "
-    "for the call, then unextend()s every module inside it, also the inner model the user extended",
-)
 def test_jacobian_through_ddp_keeps_the_inner_model_extended(one_rank_group):
     """jacext.jacobian(DDP(extended net)) must leave net extended for the next training step."""
     net, (x, y) = make_net(), make_batch(4, seed=5)
@@ -357,13 +351,6 @@ def test_jacobian_through_ddp_keeps_the_inner_model_extended(one_rank_group):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="nn.SyncBatchNorm (what convert_sync_batchnorm gives DDP models) is not among jacext's "
-    "BatchNorm classes: with batch statistics it bypasses batchnorm='error'/'eval'/'exact' and the "
-    "generic rule vmaps it over single samples, i.e. normalises each sample by its own statistics",
-)
 def test_syncbatchnorm_with_batch_statistics_is_refused_or_exact():
     """Outside a process group SyncBatchNorm is BatchNorm; jacext must refuse it like BatchNorm
     (default batchnorm='error') or differentiate it exactly, never return other numbers."""

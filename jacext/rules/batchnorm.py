@@ -18,12 +18,21 @@ from jacext.errors import JacextError
 from jacext.rules import register
 from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
 
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CHOICES = ("error", "eval", "exact")
 
 
 def uses_batch_statistics(module: nn.Module) -> bool:
     return module.training or module.running_mean is None
+
+
+def _synchronised(module: nn.Module) -> bool:
+    """A SyncBatchNorm whose statistics span processes: samples of other ranks are not in reach."""
+    import torch.distributed as dist
+
+    return (
+        type(module) is nn.SyncBatchNorm and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
 
 
 def couples_samples(module: nn.Module) -> bool:
@@ -41,7 +50,7 @@ def batchnorm(module, args, kwargs, grads):
     require_batch_dim(module, x, min_dim=2)
     if not uses_batch_statistics(module):
         xhat = running_stats_xhat(module, x)
-    elif getattr(module, "_jacext_batchnorm", "error") == "exact":
+    elif getattr(module, "_jacext_batchnorm", "error") == "exact" and not _synchronised(module):
         xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)
     else:
         raise JacextError(
@@ -49,6 +58,7 @@ def batchnorm(module, args, kwargs, grads):
             "statistics (train mode or track_running_stats=False), so each sample's output depends on "
             "the whole batch. Choose: jacext.extend(model, batchnorm='eval') to run BatchNorm on its "
             "running statistics while jacext records, batchnorm='exact' for the Jacobian of each "
-            "sample's output through the batch statistics (N times the cost), or module.eval()."
+            "sample's output through the batch statistics (N times the cost; not for a SyncBatchNorm "
+            "synchronised across processes), or module.eval()."
         )
     return affine_jacobians(module, g, xhat, channel_dim=True)

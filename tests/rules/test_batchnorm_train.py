@@ -66,3 +66,16 @@ def test_default_is_a_clear_error_naming_the_choices():
 def test_unknown_choice():
     with pytest.raises(ValueError, match="batchnorm"):
         jacext.extend(nn.BatchNorm1d(2), batchnorm="running")
+
+
+def test_sync_batchnorm_outside_a_process_group_is_batchnorm(dtype):
+    """nn.SyncBatchNorm (what convert_sync_batchnorm gives DDP models) follows the same choices."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.SyncBatchNorm(3, track_running_stats=False), nn.Flatten(), nn.Linear(9, 2))
+    model = model.to(dtype)
+    x = inputs(dtype, d=1, n=5)[..., :4]
+    expected = loop_jacobian(model, x)
+    jacext.extend(model, batchnorm="exact")
+    with backpack(jacext.BatchJacobian()):
+        model(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected[name], dtype, name, overall_scale(expected))
