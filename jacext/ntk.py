@@ -6,7 +6,7 @@ Jacobian J(x) = dF(x)/dtheta of shape (C, P), the empirical NTK is
     K(x, x')[c, d] = sum_p J(x)[c, p] J(x')[d, p],    i.e.  K(x, x') = J(x) J(x')^T.
 
 It is a sum over parameter tensors, K = sum_k J_k(x) J_k(x')^T, so ``ntk`` contracts one
-parameter's Jacobian block at a time (an einsum over that parameter's entries) and never
+parameter's Jacobian block at a time (a matrix product over that parameter's entries) and never
 concatenates them into one (N, C, P) matrix. Every c and d is kept: the kernel of
 ``out.sum(1)`` (summing the logits first) is sum_{c,d} K[c, d], a different quantity.
 
@@ -33,11 +33,12 @@ from jacext.functional import jacobian
 
 MODES = ("full", "trace", "diagonal")
 
-# a, b: samples of the two batches; c, d: outputs; p: entries of one parameter.
-_CONTRACTIONS = {"full": "acp,bdp->abcd", "trace": "acp,bcp->ab", "diagonal": "acp,bcp->abc"}
-# K(x', x) from K(x, x'): swap the samples, and the outputs where both are kept.
+# Kernel blocks are computed in the layout of jacext's Jacobians, outputs first (C, N, P):
+# full (C, Na, C, Nb), trace (Na, Nb), diagonal (C, Na, Nb); these permutations give the
+# returned layouts (Na, Nb, C, C), (Na, Nb), (Na, Nb, C).
+_TO_RETURNED = {"full": (1, 3, 0, 2), "trace": (0, 1), "diagonal": (1, 2, 0)}
+# K(x', x) from K(x, x'), returned layouts: swap the samples, and the outputs where both are kept.
 _SWAPS = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
-
 _TOTAL = "total"  # the key of the summed kernel in a block's dictionary
 
 Kernel = Union[Tensor, Dict[str, Tensor]]
@@ -180,14 +181,16 @@ def _batches(x, batch_size: Optional[int]) -> Batches:
 
 
 def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Dict[str, Tensor], bool]:
-    """``{name: (n, C, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,)."""
+    """``{name: (C, n, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,).
+
+    Outputs first is how jacext stores Jacobians (one seed per output), so these are views."""
     per_param = jacobian(model, args if len(args) > 1 else args[0])
     params = dict(model.named_parameters())
     blocks, scalar_output = {}, False
     for name, jac in per_param.items():
         out_dims = jac.shape[1 : jac.dim() - params[name].dim()]
         scalar_output = len(out_dims) == 0
-        blocks[name] = jac.reshape(jac.shape[0], out_dims.numel(), -1)
+        blocks[name] = jac.reshape(jac.shape[0], out_dims.numel(), -1).transpose(0, 1)
     return blocks, scalar_output
 
 
@@ -196,12 +199,23 @@ def _contract(ja: Dict[str, Tensor], jb: Dict[str, Tensor], mode: str, per_layer
     time: ``{name: J_k J_k^T}`` with ``per_layer``, else their sum as ``{_TOTAL: K}``."""
     parts: Dict[str, Tensor] = {}
     for name in ja:
-        part = torch.einsum(_CONTRACTIONS[mode], ja[name], jb[name])
+        part = _parameter_block(ja[name], jb[name], mode)
         if per_layer or _TOTAL not in parts:
             parts[name if per_layer else _TOTAL] = part
         else:
             parts[_TOTAL] += part
-    return parts
+    return {name: part.permute(_TO_RETURNED[mode]) for name, part in parts.items()}
+
+
+def _parameter_block(a: Tensor, b: Tensor, mode: str) -> Tensor:
+    """One parameter's block from a (C, Na, P) and b (C, Nb, P): full (C, Na, C, Nb) is one
+    matrix product (C Na, P) (P, C Nb); diagonal (C, Na, Nb) a batched product over the
+    outputs, trace (Na, Nb) its sum over the outputs."""
+    if mode == "full":
+        c, na, p = a.shape
+        return (a.reshape(c * na, p) @ b.reshape(-1, p).T).view(c, na, c, b.shape[1])
+    per_output = torch.bmm(a, b.transpose(1, 2))
+    return per_output.sum(0) if mode == "trace" else per_output
 
 
 def _assemble(blocks: List[List[Optional[Tensor]]], mode: str) -> Tensor:
