@@ -5,15 +5,18 @@ the documentation never claims more than the registry holds.
 """
 
 import inspect
+import sys
 from collections import defaultdict
+from types import ModuleType
+from typing import Dict, List
 
 from jacext.rules import RULES
 
 
 def table() -> str:
-    by_file = defaultdict(list)
+    by_file: Dict[ModuleType, List[type]] = defaultdict(list)
     for cls, rule in RULES.items():
-        by_file[inspect.getmodule(rule)].append(cls)
+        by_file[sys.modules[rule.__module__]].append(cls)
     lines = [
         "# Supported layers",
         "",

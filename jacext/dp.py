@@ -125,7 +125,7 @@ def to_opacus(model: nn.Module, loss_reduction: str = "mean") -> None:
             raise JacextError(
                 f"parameter '{name}' has no grad_batch: run the backward pass inside backpack(jacext.BatchGrad())"
             )
-        p.grad_sample = p.grad_batch * (p.grad_batch.shape[0] if loss_reduction == "mean" else 1)
+        vars(p)["grad_sample"] = p.grad_batch * (p.grad_batch.shape[0] if loss_reduction == "mean" else 1)
 
 
 def epsilon(accountant, delta: float) -> float:

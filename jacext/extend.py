@@ -42,13 +42,13 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
     if backpack:
         bp.extend(module)
-        module._jacext_backpack = True
+        vars(module)["_jacext_backpack"] = True
     for name, m in module.named_modules():
-        m._jacext_path = name or "<root>"
+        vars(m)["_jacext_path"] = name or "<root>"
         if isinstance(m, BATCHNORMS):
-            m._jacext_batchnorm = batchnorm
+            vars(m)["_jacext_batchnorm"] = batchnorm
             if batchnorm == "eval" and not hasattr(m, "_jacext_eval_handles"):
-                m._jacext_eval_handles = (
+                vars(m)["_jacext_eval_handles"] = (
                     m.register_forward_pre_hook(_to_eval),
                     m.register_forward_hook(_back_to_mode, always_call=True),
                 )
@@ -56,7 +56,7 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         pre = module.register_forward_pre_hook(_open_tape)
         _hook_recorders(module)
         post = module.register_forward_hook(_close_tape, always_call=True)
-        module._jacext_root_handles = (pre, post)
+        vars(module)["_jacext_root_handles"] = (pre, post)
     return module
 
 
@@ -124,7 +124,7 @@ def _owns_trainable(module: nn.Module) -> bool:
 def _hook_recorders(root: nn.Module) -> None:
     for m in root.modules():
         if not hasattr(m, "_jacext_record_handles") and any(True for _ in m.parameters(recurse=False)):
-            m._jacext_record_handles = (
+            vars(m)["_jacext_record_handles"] = (
                 m.register_forward_pre_hook(_enter),
                 m.register_forward_hook(_record, with_kwargs=True, prepend=True, always_call=True),
             )
@@ -157,13 +157,13 @@ def _guard(module: nn.Module, args) -> None:
 
 def _to_eval(module: nn.Module, args) -> None:
     """batchnorm="eval": normalise with the running statistics while a tape records."""
-    module._jacext_mode = module.training
+    vars(module)["_jacext_mode"] = module.training
     if _current is not None:
         module.training = False
 
 
 def _back_to_mode(module: nn.Module, args, output) -> None:
-    module.training = module._jacext_mode
+    module.training = vars(module)["_jacext_mode"]
 
 
 def _open_tape(root: nn.Module, args) -> None:

@@ -24,7 +24,7 @@ def jacobian(model: nn.Module, x, *, flat: bool = False) -> Union[Dict[str, Tens
     with temporarily_extended(model), torch.enable_grad(), backpack(BatchJacobian()):
         out = model(*args)
         tape = take_last_tape()
-        if not out.requires_grad:
+        if tape is None or not out.requires_grad:
             raise JacextError("the model's output does not depend on any trainable parameter")
         per_param = tape.compute(get_gradient_edge(out), out.shape, out.detach())
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]

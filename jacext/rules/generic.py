@@ -64,7 +64,7 @@ def per_sample_vjp(
             leaves = [o for o in tree_leaves(forward(p, a, k)) if isinstance(o, Tensor)]
             return [leaves[i] for i in used]
 
-        _, pullback = vjp(f, params)
+        pullback = vjp(f, params)[1]
         cotangents = [g.unsqueeze(1 + out_dims[i]) for g, i in zip(grads_n, used)]  # (V, ..., 1, ...)
         return vmap(lambda cs: pullback(cs)[0])(cotangents)  # {name: (V, *p.shape)}
 

@@ -24,7 +24,7 @@ cotangents there are zero. Dropout between layers (train mode) draws masks jacex
 cannot see: refused.
 """
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ def _maps(module: nn.Module, suffix: str, kinds=("ih", "hh")) -> List[_Affine]:
     return [_Affine(f"weight_{k}{suffix}", bias(k), [], []) for k in kinds]
 
 
-def _step(mode: str, a: Tensor, b: Tensor, h: Tensor, c: Optional[Tensor]):
+def _step(mode: str, a: Tensor, b: Tensor, h: Tensor, c: Any):
     """The new hidden state (before any projection) and cell state (None but for LSTM)
     from the pre-activations a = W_ih x + b_ih and b = W_hh h + b_hh."""
     if mode == "LSTM":
@@ -74,7 +74,7 @@ def _step(mode: str, a: Tensor, b: Tensor, h: Tensor, c: Optional[Tensor]):
     return (torch.tanh if mode == "RNN_TANH" else torch.relu)(a + b), None
 
 
-def _tile(t: Optional[Tensor], dim: int, v: int) -> Optional[Tensor]:
+def _tile(t: Any, dim: int, v: int) -> Any:
     """``v`` copies of ``t`` along its batch dimension ``dim``: row ``i * N + n`` is sample n."""
     return None if t is None else t.repeat(*(v if d == dim else 1 for d in range(t.dim())))
 
@@ -139,13 +139,15 @@ def _time_major(module: nn.Module, x):
     return (x.transpose(0, 1) if module.batch_first else x), None, None
 
 
-def _run(module: nn.RNNBase, x: Tensor, h0: Tensor, c0: Optional[Tensor], mask: Optional[Tensor]):
+def _run(module: nn.RNNBase, x: Any, h0: Any, c0: Any, mask: Any):
     """PyTorch's multi-layer recurrence on time-major ``x``: the output (T, B, directions * hidden),
     the final states ([h_n] or [h_n, c_n]) and the affine maps it applied."""
     lstm, proj = module.mode == "LSTM", module.proj_size > 0
     directions = 2 if module.bidirectional else 1
     weights = _detached_weights(module)
-    affines, h_n, c_n = [], [], []
+    affines: List[_Affine] = []
+    h_n: List[Tensor] = []
+    c_n: List[Any] = []
     layer_input = x
     for layer in range(module.num_layers):
         outputs = []
@@ -154,10 +156,10 @@ def _run(module: nn.RNNBase, x: Tensor, h0: Tensor, c0: Optional[Tensor], mask: 
             affines += [ih, hh, hr] if proj else [ih, hh]
             a = ih(weights, layer_input)
             h = h0[layer * directions + direction]
-            c = c0[layer * directions + direction] if lstm else None
-            out = [None] * len(x)
+            c: Any = c0[layer * directions + direction] if lstm else None
+            out: List[Any] = [None] * len(x)
             for t in reversed(range(len(x))) if direction else range(len(x)):
-                h_new, c_new = _step(module.mode, a[t], hh(weights, h), h, c)
+                h_new, c_new = _step(module.mode, a[t], hh(weights, h), h, c)  # c: None but for LSTM
                 if proj:
                     h_new = hr(weights, h_new)
                 if mask is not None:  # past a sample's length its state stays
@@ -208,7 +210,7 @@ _CELL_MODES = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}
 
 
 @register(nn.RNNCell, nn.LSTMCell, nn.GRUCell)
-def recurrent_cell(module: nn.RNNCellBase, args, kwargs, grads):
+def recurrent_cell(module: Any, args, kwargs, grads):
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     require_batch_dim(module, x, min_dim=2)

@@ -1,5 +1,7 @@
 """Small helpers shared by the rules."""
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -45,7 +47,7 @@ def patches(x: Tensor, kernel_size, stride, dilation) -> Tensor:
     return x
 
 
-def affine_jacobians(module: nn.Module, g: Tensor, xhat: Tensor, channel_dim: bool) -> dict:
+def affine_jacobians(module: Any, g: Tensor, xhat: Tensor, channel_dim: bool) -> dict:
     """J of y = xhat * w + b for a normalisation layer, from the normalised input ``xhat``.
 
     ``channel_dim=True``: w, b have one entry per channel (dim 1 of the input), so
@@ -54,21 +56,13 @@ def affine_jacobians(module: nn.Module, g: Tensor, xhat: Tensor, channel_dim: bo
     J_b is the same contraction with xhat = 1.
     """
     v, n = g.shape[:2]
-    shape = (module.weight if module.weight is not None else module.bias).shape
+    shape: torch.Size = (module.weight if module.weight is not None else module.bias).shape
     if channel_dim:  # (V, N, C, S): contract the positions s
-        g, xhat, pattern, summed = (
-            g.reshape(v, n, shape.numel(), -1),
-            xhat.reshape(n, shape.numel(), -1),
-            "vncs,ncs->nvc",
-            3,
-        )
+        c = shape.numel()
+        g, xhat, pattern, summed = g.reshape(v, n, c, -1), xhat.reshape(n, c, -1), "vncs,ncs->nvc", 3
     else:  # (V, N, T, E): contract the leading positions t
-        g, xhat, pattern, summed = (
-            g.reshape(v, n, -1, shape.numel()),
-            xhat.reshape(n, -1, shape.numel()),
-            "vnte,nte->nve",
-            2,
-        )
+        e = shape.numel()
+        g, xhat, pattern, summed = g.reshape(v, n, -1, e), xhat.reshape(n, -1, e), "vnte,nte->nve", 2
     out = {}
     if trainable(module, "weight"):
         out["weight"] = torch.einsum(pattern, g, xhat).reshape(n, v, *shape)
@@ -77,7 +71,7 @@ def affine_jacobians(module: nn.Module, g: Tensor, xhat: Tensor, channel_dim: bo
     return out
 
 
-def running_stats_xhat(module: nn.Module, x: Tensor) -> Tensor:
+def running_stats_xhat(module: Any, x: Tensor) -> Tensor:
     """(x - running_mean) / sqrt(running_var + eps), statistics per channel (dim 1)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     return (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
