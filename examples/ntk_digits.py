@@ -3,8 +3,8 @@
 At initialisation, the MLP's empirical neural tangent kernel K(x, x') = J(x) J(x')^T is
 computed with jacext (one forward and backward pass per batch of samples, contracted one
 parameter at a time). Its eigenvalue spectrum (trace kernel, and the largest eigenvalues of
-the full (N C, N C) kernel of the first training samples) is saved as a PNG; kernel ridge regression with the trace kernel
-on one-hot targets classifies the test digits.
+the full (N C, N C) kernel of the first training samples) is saved as a PNG; kernel ridge
+regression with the trace kernel on one-hot targets classifies the test digits.
 
     python examples/ntk_digits.py [--train 500] [--test 300] [--width 128] [--out ntk_spectrum.png]
     python examples/ntk_digits.py --quick
@@ -35,7 +35,8 @@ def data(n_train, n_test):
 
 
 def mlp(width):
-    return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)).double()
+    layers = [nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10)]
+    return nn.Sequential(*layers).double()
 
 
 def kernel_ridge(k_train, k_test, y_train, ridge):
@@ -50,7 +51,8 @@ def plot_spectrum(trace_values, full_values, full_rows, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     n = len(trace_values)
     ax.semilogy(range(1, n + 1), trace_values.clamp_min(1e-12), label=f"trace kernel ({n} x {n})")
-    ax.semilogy(range(1, len(full_values) + 1), full_values, "o", ms=3, label=f"full kernel ({full_rows} x {full_rows}), largest")
+    full_label = f"full kernel ({full_rows} x {full_rows}), largest"
+    ax.semilogy(range(1, len(full_values) + 1), full_values, "o", ms=3, label=full_label)
     ax.set_xlabel("index")
     ax.set_ylabel("eigenvalue")
     ax.set_title("Empirical NTK of an MLP on digits, at initialisation")
@@ -83,12 +85,14 @@ def main():
     start = time.perf_counter()
     k_train = ntk(model, x_train, mode="trace", batch_size=args.batch_size)
     k_test = ntk(model, x_test, x_train, mode="trace", batch_size=args.batch_size)
-    print(f"trace NTK: train x train {tuple(k_train.shape)} and test x train {tuple(k_test.shape)} in {time.perf_counter() - start:.2f} s")
+    print(f"trace NTK: train x train {tuple(k_train.shape)} and test x train {tuple(k_test.shape)} "
+          f"in {time.perf_counter() - start:.2f} s")
 
     start = time.perf_counter()
     trace_values = torch.linalg.eigvalsh(k_train).flip(0)
-    full_values = top_eigenvalues(model, x_train[: args.full_samples], args.top, mode="full", batch_size=args.batch_size)
-    rows = min(args.full_samples, args.train) * 10
+    x_full = x_train[: args.full_samples]
+    full_values = top_eigenvalues(model, x_full, args.top, mode="full", batch_size=args.batch_size)
+    rows = len(x_full) * 10
     print(f"spectrum: all {len(trace_values)} eigenvalues of the trace kernel, {args.top} largest of the full "
           f"({rows} x {rows}) kernel in {time.perf_counter() - start:.2f} s")
     print(f"largest eigenvalues: trace {trace_values[0]:.4g}, full {full_values[0]:.4g}; "

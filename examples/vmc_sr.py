@@ -117,7 +117,8 @@ def main():
         if step < args.steps:
             opt.step(e_loc - energy, weights=weights)
             model.zero_grad()
-    print(f"final energy {energy.item():.6f}, exact {exact:.6f}, relative error {(energy.item() - exact) / abs(exact):.2e}")
+    error = (energy.item() - exact) / abs(exact)
+    print(f"final energy {energy.item():.6f}, exact {exact:.6f}, relative error {error:.2e}")
 
 
 if __name__ == "__main__":

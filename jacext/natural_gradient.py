@@ -91,7 +91,9 @@ class SR(torch.optim.Optimizer):
     the solve couples all parameters.
     """
 
-    def __init__(self, params: Iterable, lr: float = 0.1, damping: float = 1e-4, mode: str = "minsr", center: bool = False):
+    def __init__(
+        self, params: Iterable, lr: float = 0.1, damping: float = 1e-4, mode: str = "minsr", center: bool = False
+    ):
         if mode not in ("minsr", "sr"):
             raise ValueError(f"mode must be 'minsr' or 'sr', got {mode!r}")
         if damping < 0:
@@ -120,7 +122,10 @@ class SR(torch.optim.Optimizer):
         n = residual.shape[0]
         for i, p in enumerate(params):
             if p.jacobian.shape[: residual.dim()] != residual.shape:
-                raise ValueError(f"parameter {i}: p.jacobian {tuple(p.jacobian.shape)} does not start with the residual's shape {tuple(residual.shape)}")
+                raise ValueError(
+                    f"parameter {i}: p.jacobian {tuple(p.jacobian.shape)} does not start with the "
+                    f"residual's shape {tuple(residual.shape)}"
+                )
         jac = torch.cat([p.jacobian.reshape(n, residual[0].numel(), -1) for p in params], dim=2)  # (N, C, P)
         r = residual.reshape(n, -1)
         w = None if weights is None else (weights / weights.mean()).to(jac.dtype)

@@ -23,7 +23,7 @@ most two batches' Jacobians alive at a time.
 """
 
 from collections.abc import Iterator
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,14 +41,15 @@ _TO_RETURNED = {"full": (1, 3, 0, 2), "trace": (0, 1), "diagonal": (1, 2, 0)}
 _SWAPS = {"full": (1, 0, 3, 2), "trace": (1, 0), "diagonal": (1, 0, 2)}
 _TOTAL = "total"  # the key of the summed kernel in a block's dictionary
 
+Inputs = Union[Tensor, tuple, Iterable]  # one batch (a tensor, a tuple of arguments) or batches
 Kernel = Union[Tensor, Dict[str, Tensor]]
 Batches = Callable[[], Iterator]
 
 
 def ntk(
     model: nn.Module,
-    x1,
-    x2=None,
+    x1: Inputs,
+    x2: Optional[Inputs] = None,
     *,
     mode: str = "full",
     per_layer: bool = False,
@@ -59,10 +60,11 @@ def ntk(
     Args:
         model: the network; its output has the batch as first dimension. Put it in eval
             mode (dropout, batch statistics) for a deterministic kernel.
-        x1, x2: the inputs: a tensor, or a tuple of the model's positional arguments, or a
-            re-iterable of such batches (a ``DataLoader`` without shuffling, a list), which
-            is computed block-wise. ``x2=None`` means ``x2 = x1`` and uses the symmetry
-            K(x', x) = K(x, x')^T: each off-diagonal block is computed once.
+        x1: the inputs of the kernel's rows: a tensor, or a tuple of the model's positional
+            arguments, or a re-iterable of such batches (a ``DataLoader`` without
+            shuffling, a list), which is computed block-wise.
+        x2: the inputs of its columns, in the same forms; ``None`` means ``x2 = x1`` and
+            uses the symmetry K(x', x) = K(x, x')^T: each off-diagonal block is computed once.
         mode: ``"full"``, ``"trace"`` or ``"diagonal"`` (module docstring for the shapes).
         per_layer: return ``{parameter name: its contribution J_k J_k^T}`` (trainable
             parameters, ``model.named_parameters()`` order); their sum is the kernel.
@@ -93,14 +95,15 @@ def ntk(
         rows.append(row)
     if not rows:
         raise ValueError("x1 holds no batch")
-    names = list(rows[0][0])
-    kernels = {name: _assemble([[None if blk is None else blk[name] for blk in row] for row in rows], mode) for name in names}
+    kernels = {}
+    for name in rows[0][0]:
+        kernels[name] = _assemble([[None if blk is None else blk[name] for blk in row] for row in rows], mode)
     if scalar_output and mode != "trace":
         kernels = {name: k.reshape(k.shape[:2]) for name, k in kernels.items()}
     return kernels if per_layer else kernels[_TOTAL]
 
 
-def ntk_vp(model: nn.Module, x1, v: Tensor, x2=None) -> Tensor:
+def ntk_vp(model: nn.Module, x1: Union[Tensor, tuple], v: Tensor, x2: Union[Tensor, tuple, None] = None) -> Tensor:
     """The kernel-vector product ``K(x1, x2) v = J(x1) (J(x2)^T v)`` without forming K or J.
 
     ``v`` has the shape of ``model(x2)``, (N2, *out.shape[1:]); the result that of
@@ -126,7 +129,7 @@ def ntk_vp(model: nn.Module, x1, v: Tensor, x2=None) -> Tensor:
 
 
 def top_eigenvalues(
-    model: nn.Module, x, k: int, *, mode: str = "full", method: str = "auto", batch_size: Optional[int] = None
+    model: nn.Module, x: Inputs, k: int, *, mode: str = "full", method: str = "auto", batch_size: Optional[int] = None
 ) -> Tensor:
     """The ``k`` largest eigenvalues of the NTK of ``x`` with itself, in descending order.
 
@@ -183,7 +186,7 @@ def _batches(x, batch_size: Optional[int]) -> Batches:
 def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Dict[str, Tensor], bool]:
     """``{name: (C, n, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,).
 
-    Outputs first is how jacext stores Jacobians (one seed per output), so these are views."""
+    Outputs first is how jacext stores Jacobians (one seed per output): usually a view."""
     per_param = jacobian(model, args if len(args) > 1 else args[0])
     params = dict(model.named_parameters())
     blocks, scalar_output = {}, False
@@ -220,5 +223,8 @@ def _parameter_block(a: Tensor, b: Tensor, mode: str) -> Tensor:
 
 def _assemble(blocks: List[List[Optional[Tensor]]], mode: str) -> Tensor:
     """The kernel from its blocks; a missing block (a, b) is block (b, a) swapped."""
-    filled = [[blk if blk is not None else blocks[b][a].permute(_SWAPS[mode]) for b, blk in enumerate(row)] for a, row in enumerate(blocks)]
-    return torch.cat([torch.cat(row, dim=1) for row in filled], dim=0)
+    rows = []
+    for a, row in enumerate(blocks):
+        filled = [blocks[b][a].permute(_SWAPS[mode]) if blk is None else blk for b, blk in enumerate(row)]
+        rows.append(torch.cat(filled, dim=1))
+    return torch.cat(rows, dim=0)

@@ -33,7 +33,8 @@ def test_ntk_digits_saves_plot_in_working_directory_by_default(tmp_path):
 def test_vmc_sr_quick_approaches_ground_state():
     out = run_example("vmc_sr.py", "--quick")
     energies = [float(e) for e in re.findall(r"^\| \d+ \| (-?[0-9.]+) \|", out, flags=re.M)]
-    final, exact, error = (float(v) for v in re.search(r"final energy (\S+), exact (\S+), relative error (\S+)", out).groups())
+    summary = re.search(r"final energy (\S+), exact (\S+), relative error (\S+)", out)
+    final, exact, error = (float(v) for v in summary.groups())
     assert energies[-1] == final and energies[-1] < energies[0], out
     assert exact - 1e-9 <= final and error < 5e-3, out  # variational: never below the exact energy
 

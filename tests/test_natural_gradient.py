@@ -3,11 +3,11 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import loop_jacobian
 from torch import nn
 
 import jacext
 from jacext.natural_gradient import SR, minsr_step, sr_step
-from reference import loop_jacobian
 
 DTYPES = [torch.float64, torch.complex128]
 
@@ -35,7 +35,8 @@ def test_sr_step_preconditions_with_the_metric(dtype):
     J, _ = random_problem(dtype, n=40, c=1, p=8)
     grad, damping = torch.randn(8, dtype=dtype), 1e-3
     rows = J.reshape(40, 8)
-    close(sr_step(J, grad, damping), torch.linalg.solve(rows.mH @ rows / 40 + damping * torch.eye(8, dtype=dtype), grad))
+    metric = rows.mH @ rows / 40 + damping * torch.eye(8, dtype=dtype)
+    close(sr_step(J, grad, damping), torch.linalg.solve(metric, grad))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["real", "complex"])
@@ -121,7 +122,8 @@ def test_sr_optimizer_learning_rate_per_group():
     residual = backward_with_jacobian(model, x, y)
     expected = loop_step(model, x, residual, 1e-3, center=False)
     SR([{"params": first, "lr": 0.1}, {"params": second, "lr": 0.2}], damping=1e-3).step(residual)
-    moved = torch.cat([((b - p.detach()) / lr).reshape(-1) for b, p, lr in zip(before, model.parameters(), [0.1, 0.1, 0.2, 0.2])])
+    lrs = [0.1, 0.1, 0.2, 0.2]
+    moved = torch.cat([((b - p.detach()) / lr).reshape(-1) for b, p, lr in zip(before, model.parameters(), lrs)])
     close(moved, expected)
 
 

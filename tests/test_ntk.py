@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from reference import assert_close, loop_jacobian
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from jacext.ntk import ntk, ntk_vp, top_eigenvalues
-from reference import assert_close, loop_jacobian
 
 MODES = ["full", "trace", "diagonal"]
 
@@ -120,12 +120,14 @@ def test_kernel_and_layers_against_loop(case, mode, dtype):
     cat = lambda j: torch.cat(list(j.values()), dim=2)  # noqa: E731
     for x_b, j_b in [(None, j1), (x2, j2)]:
         expected = expected_kernel(cat(j1), cat(j_b), mode, scalar_output)
-        assert_close(ntk(model, x1, x_b, mode=mode), expected, dtype, f"{case} kernel, x2 {'given' if x_b is not None else 'None'}")
+        given = "None" if x_b is None else "given"
+        assert_close(ntk(model, x1, x_b, mode=mode), expected, dtype, f"{case} kernel, x2 {given}")
         layers = ntk(model, x1, x_b, mode=mode, per_layer=True)
         assert list(layers) == list(j1)
         scale = expected.abs().max().item()
         for name, part in layers.items():
-            assert_close(part, expected_kernel(j1[name], j_b[name], mode, scalar_output), dtype, f"{case} layer {name}", scale)
+            layer = expected_kernel(j1[name], j_b[name], mode, scalar_output)
+            assert_close(part, layer, dtype, f"{case} layer {name}, x2 {given}", scale)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -153,12 +155,15 @@ def test_blockwise_equals_one_shot(case, mode):
         loaders = [DataLoader(TensorDataset(x), batch_size=3) for x in (x1, x2)]
         variants = {
             "DataLoader": ntk(model, loaders[0], None if x_b is None else loaders[1], mode=mode, per_layer=True),
-            "list of batches": ntk(model, list(x1.split(2)), None if x_b is None else list(x2.split(4)), mode=mode, per_layer=True),
+            "list of batches": ntk(
+                model, list(x1.split(2)), None if x_b is None else list(x2.split(4)), mode=mode, per_layer=True
+            ),
             "batch_size": ntk(model, x1, x_b, mode=mode, per_layer=True, batch_size=2),
         }
         for how, blockwise in variants.items():
             for name, expected in one_shot.items():
-                assert_close(blockwise[name], expected, torch.float64, f"{how}, x2 {'None' if x_b is None else 'given'}, {name}")
+                given = "None" if x_b is None else "given"
+                assert_close(blockwise[name], expected, torch.float64, f"{how}, x2 {given}, {name}")
 
 
 def test_tuple_inputs_split_into_batches():
@@ -175,8 +180,9 @@ def test_summing_logits_first_gives_another_kernel():
     reference comparison above would catch it (it differs from full and trace)."""
     model, x = mlp().double(), torch.randn(6, 4, dtype=torch.float64)
     params = list(model.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(x[n : n + 1]).sum(), params)]) for n in range(6)]
-    naive = torch.stack(rows) @ torch.stack(rows).T
+    summed_logits = [torch.autograd.grad(model(x[n : n + 1]).sum(), params) for n in range(6)]
+    rows = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in summed_logits])
+    naive = rows @ rows.T
     full = ntk(model, x)
     torch.testing.assert_close(full.sum((2, 3)), naive, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(naive, ntk(model, x, mode="trace"), rtol=1e-3)
