@@ -101,8 +101,8 @@ class SR(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr})
         self.damping, self.mode, self.center = damping, mode, center
 
-    @torch.no_grad()
-    def step(self, residual: Tensor, weights: Optional[Tensor] = None) -> None:
+    @torch.no_grad()  # the step needs the residual, not a closure: a different signature from Optimizer.step
+    def step(self, residual: Tensor, weights: Optional[Tensor] = None) -> None:  # type: ignore[override]
         """Apply ``p -= lr * delta`` for the residual (N, *out.shape[1:]) of this batch.
 
         ``weights`` (N,), optional: relative weights of the samples (for exactly enumerated

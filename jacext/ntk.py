@@ -23,7 +23,7 @@ most two batches' Jacobians alive at a time.
 """
 
 from collections.abc import Iterator
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ _TOTAL = "total"  # the key of the summed kernel in a block's dictionary
 
 Inputs = Union[Tensor, tuple, Iterable]  # one batch (a tensor, a tuple of arguments) or batches
 Kernel = Union[Tensor, Dict[str, Tensor]]
+Blocks = Dict[str, Tensor]  # one block of the kernel (or of every parameter's kernel), by name
 Batches = Callable[[], Iterator]
 
 
@@ -73,33 +74,7 @@ def ntk(
     Blocks: for every batch a of x1, its Jacobian is computed once and contracted with the
     Jacobian of every batch b of x2 (b >= a when ``x2`` is None), computed for that block.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    symmetric = x2 is None
-    batches1 = _batches(x1, batch_size)
-    batches2 = batches1 if symmetric else _batches(x2, batch_size)
-    rows: List[List[Optional[Dict[str, Tensor]]]] = []
-    scalar_output = False
-    for a, xa in enumerate(batches1()):
-        ja, scalar_output = _jacobian_blocks(model, xa)
-        row: List[Optional[Dict[str, Tensor]]] = []
-        for b, xb in enumerate(batches2()):
-            if symmetric and b < a:
-                row.append(None)  # the transpose of block (b, a)
-            elif symmetric and b == a:
-                row.append(_contract(ja, ja, mode, per_layer))
-            else:
-                row.append(_contract(ja, _jacobian_blocks(model, xb)[0], mode, per_layer))
-        if rows and len(row) != len(rows[0]):
-            raise ValueError("x2 (or x1) gave a different number of batches on another pass over it")
-        rows.append(row)
-    if not rows:
-        raise ValueError("x1 holds no batch")
-    kernels = {}
-    for name in rows[0][0]:
-        kernels[name] = _assemble([[None if blk is None else blk[name] for blk in row] for row in rows], mode)
-    if scalar_output and mode != "trace":
-        kernels = {name: k.reshape(k.shape[:2]) for name, k in kernels.items()}
+    kernels = _kernels(model, x1, x2, mode, per_layer, batch_size)
     return kernels if per_layer else kernels[_TOTAL]
 
 
@@ -145,7 +120,7 @@ def top_eigenvalues(
     """
     if mode not in ("full", "trace"):
         raise ValueError(f"mode must be 'full' or 'trace' (a square kernel), got {mode!r}")
-    kernel = ntk(model, x, mode=mode, batch_size=batch_size)
+    kernel = _kernels(model, x, None, mode, False, batch_size)[_TOTAL]
     if kernel.dim() == 4:
         n, c = kernel.shape[0], kernel.shape[2]
         kernel = kernel.permute(0, 2, 1, 3).reshape(n * c, n * c)
@@ -163,6 +138,36 @@ def top_eigenvalues(
         values, _ = torch.lobpcg(kernel, k=k, X=start, largest=True)
         return values.sort(descending=True).values
     raise ValueError(f"method must be 'auto', 'eigvalsh' or 'lobpcg', got {method!r}")
+
+
+def _kernels(model: nn.Module, x1: Inputs, x2: Optional[Inputs], mode: str, per_layer: bool, batch_size) -> Blocks:
+    """``ntk``'s work: ``{name: kernel}`` per parameter with ``per_layer``, else ``{_TOTAL: kernel}``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    symmetric = x2 is None
+    batches1 = _batches(x1, batch_size)
+    batches2 = batches1 if symmetric else _batches(x2, batch_size)
+    rows: List[List[Blocks]] = []
+    scalar_output = False
+    for a, xa in enumerate(batches1()):
+        ja, scalar_output = _jacobian_blocks(model, xa)
+        row: List[Blocks] = []
+        for b, xb in enumerate(batches2()):
+            if symmetric and b < a:
+                row.append({name: k.permute(_SWAPS[mode]) for name, k in rows[b][a].items()})  # K(b, a) swapped
+            elif symmetric and b == a:
+                row.append(_contract(ja, ja, mode, per_layer))
+            else:
+                row.append(_contract(ja, _jacobian_blocks(model, xb)[0], mode, per_layer))
+        if rows and len(row) != len(rows[0]):
+            raise ValueError("x2 (or x1) gave a different number of batches on another pass over it")
+        rows.append(row)
+    if not rows:
+        raise ValueError("x1 holds no batch")
+    kernels = {name: torch.cat([torch.cat([blk[name] for blk in row], dim=1) for row in rows]) for name in rows[0][0]}
+    if scalar_output and mode != "trace":
+        kernels = {name: k.reshape(k.shape[:2]) for name, k in kernels.items()}
+    return kernels
 
 
 def _batches(x, batch_size: Optional[int]) -> Batches:
@@ -183,11 +188,11 @@ def _batches(x, batch_size: Optional[int]) -> Batches:
     return lambda: (tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in x)
 
 
-def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Dict[str, Tensor], bool]:
+def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
     """``{name: (C, n, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,).
 
     Outputs first is how jacext stores Jacobians (one seed per output): usually a view."""
-    per_param = jacobian(model, args if len(args) > 1 else args[0])
+    per_param = cast(Blocks, jacobian(model, args if len(args) > 1 else args[0]))
     params = dict(model.named_parameters())
     blocks, scalar_output = {}, False
     for name, jac in per_param.items():
@@ -197,10 +202,10 @@ def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Dict[str, Tensor], 
     return blocks, scalar_output
 
 
-def _contract(ja: Dict[str, Tensor], jb: Dict[str, Tensor], mode: str, per_layer: bool) -> Dict[str, Tensor]:
+def _contract(ja: Blocks, jb: Blocks, mode: str, per_layer: bool) -> Blocks:
     """Kernel block J(batch a) J(batch b)^T in the mode's layout, contracted one parameter at a
     time: ``{name: J_k J_k^T}`` with ``per_layer``, else their sum as ``{_TOTAL: K}``."""
-    parts: Dict[str, Tensor] = {}
+    parts: Blocks = {}
     for name in ja:
         part = _parameter_block(ja[name], jb[name], mode)
         if per_layer or _TOTAL not in parts:
@@ -219,12 +224,3 @@ def _parameter_block(a: Tensor, b: Tensor, mode: str) -> Tensor:
         return (a.reshape(c * na, p) @ b.reshape(-1, p).T).view(c, na, c, b.shape[1])
     per_output = torch.bmm(a, b.transpose(1, 2))
     return per_output.sum(0) if mode == "trace" else per_output
-
-
-def _assemble(blocks: List[List[Optional[Tensor]]], mode: str) -> Tensor:
-    """The kernel from its blocks; a missing block (a, b) is block (b, a) swapped."""
-    rows = []
-    for a, row in enumerate(blocks):
-        filled = [blocks[b][a].permute(_SWAPS[mode]) if blk is None else blk for b, blk in enumerate(row)]
-        rows.append(torch.cat(filled, dim=1))
-    return torch.cat(rows, dim=0)

@@ -1,11 +1,14 @@
 """jacext.ntk against J J^T built from the autograd-loop Jacobians."""
 
+import importlib
+
 import pytest
 import torch
 from reference import assert_close, loop_jacobian
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import jacext
 from jacext.ntk import ntk, ntk_vp, top_eigenvalues
 
 MODES = ["full", "trace", "diagonal"]
@@ -164,6 +167,19 @@ def test_blockwise_equals_one_shot(case, mode):
             for name, expected in one_shot.items():
                 given = "None" if x_b is None else "given"
                 assert_close(blockwise[name], expected, torch.float64, f"{how}, x2 {given}, {name}")
+
+
+def test_blockwise_computes_each_jacobian_once_per_block(monkeypatch):
+    """x2=None: batch a's Jacobian once, then one for each block (a, b > a); x2 given: one per block."""
+    calls = []
+    module = importlib.import_module("jacext.ntk")  # not jacext.ntk: the package exports the function under that name
+    monkeypatch.setattr(module, "jacobian", lambda model, x: calls.append(len(x)) or jacext.jacobian(model, x))
+    x = torch.randn(7, 4)
+    ntk(mlp(), x, batch_size=3)  # batches of 3, 3, 1
+    assert calls == [3, 3, 1, 3, 1, 1]
+    calls.clear()
+    ntk(mlp(), x, x[:4], batch_size=3)
+    assert calls == [3, 3, 1, 3, 3, 1, 1, 3, 1]
 
 
 def test_tuple_inputs_split_into_batches():
