@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test docs bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(PY)
 docs: $(PY)
 	$(PIP) install --quiet -e ".[docs]"
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+bench: $(PY)
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) -m jacext.bench
 
 clean:
 	rm -rf $(VENV) *.egg-info
