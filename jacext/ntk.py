@@ -23,13 +23,17 @@ most two batches' Jacobians alive at a time.
 """
 
 from collections.abc import Iterator
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
+from backpack import backpack
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import DataLoader, RandomSampler
 
-from jacext.functional import jacobian
+from jacext.extend import take_last_tape, temporarily_extended
+from jacext.extensions import BatchJacobian
+from jacext.tape import apply_rule
 
 MODES = ("full", "trace", "diagonal")
 
@@ -189,17 +193,48 @@ def _batches(x, batch_size: Optional[int]) -> Batches:
 
 
 def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
-    """``{name: (C, n, P_k)}`` from one ``jacext.jacobian`` call; and whether out is (n,).
+    """``{name: factor}`` for one batch, and whether the output is (n,).
 
-    Outputs first is how jacext stores Jacobians (one seed per output): usually a view."""
-    per_param = cast(Blocks, jacobian(model, args if len(args) > 1 else args[0]))
-    params = dict(model.named_parameters())
-    blocks, scalar_output = {}, False
-    for name, jac in per_param.items():
-        out_dims = jac.shape[1 : jac.dim() - params[name].dim()]
-        scalar_output = len(out_dims) == 0
-        blocks[name] = jac.reshape(jac.shape[0], out_dims.numel(), -1).transpose(0, 1)
-    return blocks, scalar_output
+    A factor is either a dense Jacobian block (C, n, P_k), outputs first as jacext stores it,
+    or, for the weight of a Linear layer used once, the pair (X, G) with X (n, T, in) its input
+    and G (C, n, T, out) the output's cotangents: its Jacobian J[c, n] = sum_t G[c, n, t]^T X[n, t]
+    is never built (``_linear_block`` contracts X and G directly)."""
+    with temporarily_extended(model), torch.enable_grad(), backpack(BatchJacobian()):
+        out = model(*args)
+        tape = take_last_tape()
+        if tape is None or not out.requires_grad:
+            raise ValueError("the model's output does not depend on any trainable parameter")
+        _, per_record = tape.factors(get_gradient_edge(out), out.shape, out.detach())
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    shared = tape.shared_parameters()
+    n, c = out.shape[0], out.shape[1:].numel()
+    blocks: Dict[str, Any] = {}
+    for rec, grads in per_record:
+        module = rec.module
+        if type(module) is nn.Linear and not (shared & rec.parameters) and not tape.coupled:
+            x = rec.args[0].reshape(n, -1, module.in_features)
+            g = grads[0].reshape(c, n, -1, module.out_features)
+            if module.weight.requires_grad:
+                blocks[names[id(module.weight)]] = (x, g)
+            if module.bias is not None and module.bias.requires_grad:
+                blocks[names[id(module.bias)]] = g.sum(2)
+            continue
+        for pname, block in apply_rule(rec, grads).items():  # (n, C, *p)
+            name = names[id(module.get_parameter(pname))]
+            dense = block.reshape(n, c, -1).transpose(0, 1)
+            blocks[name] = dense if name not in blocks else blocks[name] + dense
+    for name, p in model.named_parameters():  # parameters the forward pass did not use
+        if p.requires_grad and name not in blocks:
+            blocks[name] = out.new_zeros(c, n, p.numel())
+    return {name: blocks[name] for name in names.values()}, out.dim() == 1
+
+
+def _dense(factor) -> Tensor:
+    """The Jacobian block (C, n, P) of a factor."""
+    if isinstance(factor, Tensor):
+        return factor
+    x, g = factor
+    return torch.einsum("cnto,nti->cnoi", g, x).flatten(2)
 
 
 def _contract(ja: Blocks, jb: Blocks, mode: str, per_layer: bool) -> Blocks:
@@ -207,12 +242,31 @@ def _contract(ja: Blocks, jb: Blocks, mode: str, per_layer: bool) -> Blocks:
     time: ``{name: J_k J_k^T}`` with ``per_layer``, else their sum as ``{_TOTAL: K}``."""
     parts: Blocks = {}
     for name in ja:
-        part = _parameter_block(ja[name], jb[name], mode)
+        a, b = ja[name], jb[name]
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            part = _linear_block(a, b, mode)
+        else:
+            part = _parameter_block(_dense(a), _dense(b), mode)
         if per_layer or _TOTAL not in parts:
             parts[name if per_layer else _TOTAL] = part
         else:
             parts[_TOTAL] += part
     return {name: part.permute(_TO_RETURNED[mode]) for name, part in parts.items()}
+
+
+def _linear_block(a, b, mode: str) -> Tensor:
+    """A Linear weight's block without its Jacobian (neural-tangents' structured derivatives):
+
+        K[c, m, d, n] = sum_{t, s} (G_a[c, m, t] . G_b[d, n, s]) (X_a[m, t] . X_b[n, s]),
+
+    a product of the Gram matrices of the cotangents and of the inputs; for one position
+    (T = 1) simply (G_a G_b^T) * (X_a X_b^T)."""
+    (xa, ga), (xb, gb) = a, b
+    inputs = torch.einsum("mti,nsi->mtns", xa, xb)
+    if mode == "full":
+        return torch.einsum("cmto,dnso,mtns->cmdn", ga, gb, inputs)
+    diagonal = torch.einsum("cmto,cnso,mtns->cmn", ga, gb, inputs)
+    return diagonal.sum(0) if mode == "trace" else diagonal
 
 
 def _parameter_block(a: Tensor, b: Tensor, mode: str) -> Tensor:

@@ -114,7 +114,12 @@ class Tape:
         with _backpack_paused():
             return self._compute(out_edge, out_shape, grad_out)
 
-    def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
+    def cotangents(self, out_edge: GradientEdge, out_shape, grad_out: Tensor):
+        """Pull every active extension's seeds back to the records in one batched backward.
+
+        Returns the seed ranges per kind and, per record, its output leaves' cotangents
+        ``(V, *leaf)`` (zeros where a leaf did not reach the output; ``None`` where it does not
+        require a gradient). With coupled samples, V is N times the seeds (one per sample)."""
         kinds: Dict[str, Tensor] = {}  # seed kind -> seeds (V_k, *out_shape); extensions share them
         for ext in self.extensions:
             if ext.kind not in kinds:
@@ -129,26 +134,31 @@ class Tape:
             only = torch.eye(n, dtype=seeds.dtype, device=seeds.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
             seeds = (seeds.unsqueeze(0) * only).flatten(0, 1)
         records = self.records if n > 0 else []  # an empty batch: every result is empty
-        edges = [e for rec in records for e in rec.edges]
-        grads = self._pull_back(out_edge, edges, seeds)
+        grads = self._pull_back(out_edge, [e for rec in records for e in rec.edges], seeds)
+        per_record, i = [], 0
+        for rec in records:
+            rec.check_unmodified()
+            leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
+            for leaf, g, shape in zip(rec.grad_leaves, grads[i : i + len(rec.edges)], rec.out_shapes):
+                leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
+            i += len(rec.edges)
+            per_record.append((rec, leaf_grads))
+        return spans, per_record
 
+    def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
+        spans, per_record = self.cotangents(out_edge, out_shape, grad_out)
+        kinds = list(spans)
+        n = out_shape[0]
         only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
             e.kind for e in self.extensions if e.needs_block
         }
-        shared = self._shared_parameters()
+        shared = self.shared_parameters()
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
-        i = 0
-        for rec in records:
-            rec.check_unmodified()
-            gs = grads[i : i + len(rec.edges)]
-            i += len(rec.edges)
-            leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
-            for leaf, g, shape in zip(rec.grad_leaves, gs, rec.out_shapes):
-                leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
+        for rec, leaf_grads in per_record:
             by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
             for kind in by_norms:
-                for name, sq in _apply_rule(
+                for name, sq in apply_rule(
                     rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)
                 ).items():
                     _accumulate(norms, rec.module.get_parameter(name), kind, sq)
@@ -157,7 +167,7 @@ class Tape:
                 continue
             ranges = [spans[k] for k in materialised]
             selected = leaf_grads if len(materialised) == len(kinds) else _seed_slice(leaf_grads, ranges)
-            for name, block in _apply_rule(rec, selected).items():
+            for name, block in apply_rule(rec, selected).items():
                 if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
                     block = block.sum(0).unflatten(0, (n, -1))
                 parts = block.split([b - a for a, b in ranges], dim=1)
@@ -170,7 +180,12 @@ class Tape:
                 results[p] = [self._finish(ext, p, blocks, norms, spans, out_shape) for ext in self.extensions]
         return results
 
-    def _shared_parameters(self) -> Set[int]:
+    def factors(self, out_edge: GradientEdge, out_shape, grad_out: Tensor):
+        """:meth:`cotangents` with BackPACK's hooks paused, for callers outside a backward pass."""
+        with _backpack_paused():
+            return self.cotangents(out_edge, out_shape, grad_out)
+
+    def shared_parameters(self) -> Set[int]:
         """Parameters reached by more than one record: their norms need the summed contraction."""
         seen: Set[int] = set()
         shared: Set[int] = set()
@@ -234,7 +249,7 @@ def _accumulate(store: Dict[nn.Parameter, Dict[str, Tensor]], p: nn.Parameter, k
     per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
 
 
-def _apply_rule(rec: Record, grads, rule=None) -> Dict[str, Tensor]:
+def apply_rule(rec: Record, grads, rule=None) -> Dict[str, Tensor]:
     """``rule`` (default: the module's hand-written rule, or the generic one), run in the
     module's forward-time mode; a failing generic rule raises an error that names the module."""
     rule = rule or rule_for(rec.module) or generic

@@ -173,7 +173,8 @@ def test_blockwise_computes_each_jacobian_once_per_block(monkeypatch):
     """x2=None: batch a's Jacobian once, then one for each block (a, b > a); x2 given: one per block."""
     calls = []
     module = importlib.import_module("jacext.ntk")  # not jacext.ntk: the package exports the function under that name
-    monkeypatch.setattr(module, "jacobian", lambda model, x: calls.append(len(x)) or jacext.jacobian(model, x))
+    blocks = module._jacobian_blocks
+    monkeypatch.setattr(module, "_jacobian_blocks", lambda model, args: calls.append(len(args[0])) or blocks(model, args))
     x = torch.randn(7, 4)
     ntk(mlp(), x, batch_size=3)  # batches of 3, 3, 1
     assert calls == [3, 3, 1, 3, 1, 1]
@@ -240,3 +241,25 @@ def test_invalid_arguments():
         ntk(mlp(), [x], batch_size=2)
     with pytest.raises(ValueError, match="3 k"):
         top_eigenvalues(mlp(), x, 5, method="lobpcg")
+
+
+@pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
+def test_linear_weights_use_the_structured_contraction_over_sequences(mode, monkeypatch):
+    """Linear over (N, T, in): the kernel comes from Gram matrices of X and G, never J_W."""
+    module = importlib.import_module("jacext.ntk")
+    dense = module._dense
+    monkeypatch.setattr(module, "_dense", lambda f: pytest.fail("a Linear weight was densified") if isinstance(f, tuple) else dense(f))
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x))).mean(1)
+
+    model, x1, x2 = Seq().double(), torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    j1, j2 = (torch.cat([j.reshape(len(x), 2, -1) for j in loop_jacobian(model, x).values()], dim=2) for x in (x1, x2))
+    full = torch.einsum("acp,bdp->abcd", j1, j2)
+    expected = {"full": full, "trace": full.diagonal(0, 2, 3).sum(-1), "diagonal": full.diagonal(0, 2, 3)}[mode]
+    assert_close(ntk(model, x1, x2, mode=mode), expected, torch.float64, mode)
