@@ -50,7 +50,9 @@ class SequenceMean(nn.Module):
 
 
 def mlp(d_in: int, width: int, classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes))
+    return nn.Sequential(
+        nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, classes)
+    )
 
 
 def cnn(side: int, c1: int, c2: int, hidden: int, classes: int) -> nn.Sequential:

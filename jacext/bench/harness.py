@@ -1,0 +1,137 @@
+"""One workload end to end: check every method's result, time them side by side, measure memory.
+
+The check runs every method once (recording its warnings) and compares its
+result with jacext's; jacext's own rows are compared with the naive per-sample
+loop. A method that cannot do the workload (missing package, unsupported layer,
+error) becomes an "n/a" row with the reason and is neither timed nor measured.
+"""
+
+import importlib
+import statistics
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from torch import Tensor
+
+from jacext.bench.memory import peak_extra
+from jacext.bench.methods import Method, Prepared
+from jacext.bench.registry import methods_for
+from jacext.bench.timing import interleaved
+from jacext.bench.workloads import Case, Workload
+
+TOLERANCE = 1e-4  # float32: max |difference| allowed, relative to max(1, max |reference|)
+LOOP = "naive per-sample loop"
+
+
+@dataclass
+class Row:
+    """One method's line in a workload's table; times in seconds, memory in MiB."""
+
+    method: str
+    family: str
+    available: bool = True
+    reason: str = ""
+    warnings: List[str] = field(default_factory=list)
+    compared_with: str = ""
+    max_diff: Optional[float] = None
+    mismatch: bool = False
+    samples_s: List[float] = field(default_factory=list)
+    median_s: Optional[float] = None
+    ratio_plain: Optional[float] = None
+    ratio_fastest_peer: Optional[float] = None
+    baseline_mib: Optional[float] = None
+    peak_extra_mib: Optional[float] = None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _prepare(method: Method, case: Case, row: Row) -> Optional[Tuple[Prepared, Optional[List[Tensor]]]]:
+    """Set the method up and run it once: ``(prepared, result)``, or ``None`` with ``row`` marked n/a."""
+    try:
+        importlib.import_module(method.needs)
+    except ImportError as error:
+        row.available, row.reason = False, f"{method.needs} not importable ({_first_line(error)})"
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared: Optional[Prepared] = None
+        try:
+            prepared = method.setup(case)
+            result = prepared.standard(prepared.run())
+        except Exception as error:  # a peer's failure is a result of the benchmark
+            row.available, row.reason = False, _first_line(error)
+            prepared = None
+    row.warnings = sorted({str(w.message).split(". ")[0][:200] for w in caught})
+    return None if prepared is None else (prepared, result)
+
+
+def _compare(row: Row, result: List[Tensor], reference: List[Tensor], against: str) -> None:
+    row.compared_with = against
+    if [r.shape for r in result] != [r.shape for r in reference]:
+        row.mismatch = True
+        row.reason = f"shapes {[tuple(r.shape) for r in result]} != {[tuple(r.shape) for r in reference]}"
+        return
+    row.max_diff = max((a - b).abs().max().item() for a, b in zip(result, reference))
+    scale = max(1.0, max(r.abs().max().item() for r in reference))
+    row.mismatch = row.max_diff > TOLERANCE * scale
+
+
+def _check(case: Case, methods: List[Method]) -> Tuple[List[Row], Dict[str, Callable[[], object]]]:
+    """Run every method once and compare; the rows and the runs to time, in table order.
+
+    The naive loop and jacext's first method go first: they are the references.
+    Other results are compared as they come and dropped (the Jacobians are large).
+    """
+    rows = {m.name: Row(m.name, m.family) for m in methods}
+    ours = next(m.name for m in methods if m.family == "jacext")
+    references: Dict[str, List[Tensor]] = {}
+    runs = {}
+    for method in sorted(methods, key=lambda m: (m.name != LOOP, m.name != ours)):
+        row = rows[method.name]
+        outcome = _prepare(method, case, row)
+        if outcome is None:
+            continue
+        runs[method.name], result = outcome[0].run, outcome[1]
+        if result is None:  # the plain pass computes no per-sample quantity
+            continue
+        if method.name in (LOOP, ours):
+            references[method.name] = result
+        against = LOOP if method.family == "jacext" else ours
+        if against in references and against != method.name:
+            _compare(row, result, references[against], against)
+    if LOOP in references and ours in references:  # the loop ran before jacext's result existed
+        _compare(rows[LOOP], references[LOOP], references[ours], ours)
+    return list(rows.values()), {name: runs[name] for name in rows if name in runs}
+
+
+def run_workload(workload: Workload, quick: bool, repeats: int, min_run_time: float, memory: bool = True) -> dict:
+    """Rows (as dicts) and the workload's description."""
+    case = workload.build(quick)
+    rows, runs = _check(case, methods_for(workload.quantity))
+    samples = interleaved(runs, repeats, min_run_time)
+    for row in rows:
+        if row.method in samples:
+            row.samples_s = samples[row.method]
+            row.median_s = statistics.median(row.samples_s)
+    plain = next((r.median_s for r in rows if r.family == "plain"), None)
+    peers = [r.median_s for r in rows if r.family == "peer" and r.median_s is not None]
+    for row in rows:
+        if row.median_s is not None:
+            row.ratio_plain = row.median_s / plain if plain else None
+            row.ratio_fastest_peer = row.median_s / min(peers) if peers else None
+    if memory:
+        for row in rows:
+            if row.available:
+                measured = peak_extra(workload.name, row.method, quick)
+                row.baseline_mib, row.peak_extra_mib = measured["baseline_mib"], measured["peak_extra_mib"]
+    return {
+        "name": workload.name,
+        "title": workload.title if not quick else f"{workload.title} (quick: tiny sizes, B={case.x.shape[0]})",
+        "quantity": workload.quantity,
+        "batch": int(case.x.shape[0]),
+        "rows": [asdict(r) for r in rows],
+    }

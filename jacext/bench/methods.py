@@ -1,0 +1,115 @@
+"""What a benchmarked method is, the reference (plain) pass, and jacext's methods.
+
+A method's ``setup(case)`` returns a :class:`Prepared`: ``run()`` computes the
+workload's quantity once (this is what is timed) and returns it; ``standard``
+turns that return value into the common layout (a list in ``model.parameters()``
+order of ``(N, *p.shape)`` gradients or ``(N, C, *p.shape)`` Jacobians) without
+being timed. Methods that store results on parameters clear them at the start of
+``run`` so that, for every method, the previous result is freed before the next.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Tuple
+
+from backpack import backpack
+from torch import Tensor, nn
+
+import jacext
+from jacext.bench.workloads import Case
+
+
+class Unsupported(Exception):
+    """The method cannot compute this workload; the message says why."""
+
+
+@dataclass
+class Prepared:
+    """A method bound to one case."""
+
+    run: Callable[[], Any]
+    standard: Callable[[Any], Optional[List[Tensor]]] = list
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named way to compute per-sample gradients and/or Jacobians.
+
+    ``family`` is ``"plain"`` (the reference pass, ratio 1), ``"peer"`` or
+    ``"jacext"``; ``quantities`` lists the workload kinds it takes part in;
+    ``needs`` names a module whose import failure makes it "n/a".
+    """
+
+    name: str
+    family: str
+    quantities: Tuple[str, ...]
+    setup: Callable[[Case], Prepared]
+    needs: str = "torch"
+
+
+Params = List[Tuple[str, nn.Parameter]]
+
+
+def trainable(model: nn.Module) -> Params:
+    """``(name, parameter)`` of the parameters the quantity is taken of."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def clear(params: Params, attr: str) -> None:
+    for _, p in params:
+        if hasattr(p, attr):
+            delattr(p, attr)
+
+
+def collect(params: Params, attr: str, who: str) -> List[Tensor]:
+    """``p.<attr>`` of every parameter; :class:`Unsupported` naming those that got none."""
+    missing = [name for name, p in params if getattr(p, attr, None) is None]
+    if missing:
+        raise Unsupported(f"{who} left no .{attr} on {', '.join(missing)}")
+    return [getattr(p, attr) for _, p in params]
+
+
+def _plain(case: Case) -> Prepared:
+    model = case.model
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        case.loss(model(case.x), case.y).backward()
+
+    return Prepared(run, standard=lambda _: None)
+
+
+def _jacext_extension(extension: type, attr: str) -> Callable[[Case], Prepared]:
+    """jacext's ``extension`` in a ``backpack`` context around the summed loss's backward."""
+
+    def setup(case: Case) -> Prepared:
+        model = jacext.extend(copy.deepcopy(case.model))
+        params = trainable(model)
+
+        def run() -> List[Tensor]:
+            model.zero_grad(set_to_none=True)
+            clear(params, attr)
+            with backpack(extension()):
+                case.loss(model(case.x), case.y).backward()
+            return collect(params, attr, "jacext")
+
+        return Prepared(run)
+
+    return setup
+
+
+def _jacext_jacobian(case: Case) -> Prepared:
+    model = jacext.extend(copy.deepcopy(case.model))
+    return Prepared(lambda: jacext.jacobian(model, case.x), standard=lambda d: list(d.values()))
+
+
+def plain() -> Method:
+    return Method("plain forward+backward", "plain", ("grad", "jacobian"), _plain)
+
+
+def jacext_methods() -> List[Method]:
+    return [
+        Method("jacext BatchGrad", "jacext", ("grad",), _jacext_extension(jacext.BatchGrad, "grad_batch")),
+        Method("jacext BatchJacobian", "jacext", ("jacobian",), _jacext_extension(jacext.BatchJacobian, "jacobian")),
+        Method("jacext.jacobian", "jacext", ("jacobian",), _jacext_jacobian),
+    ]
