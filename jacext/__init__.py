@@ -1,9 +1,9 @@
 """jacext: per-sample Jacobians and gradients for PyTorch networks, as BackPACK extensions."""
 
+from jacext import natural_gradient
 from jacext.errors import JacextError
 from jacext.extend import extend, unextend
 from jacext.extensions import BatchGrad, BatchJacobian, BatchL2Grad
-from jacext import natural_gradient
 from jacext.functional import jacobian
 from jacext.ntk import ntk, ntk_vp
 
