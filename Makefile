@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test docs bench clean
+.PHONY: install demo test fuzz docs bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ demo: $(PY)
 test: $(PY)
 	$(PIP) install --quiet -e ".[test]"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
+
+fuzz: $(PY)
+	$(PIP) install --quiet -e ".[test]"
+	JACEXT_FUZZ=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests/fuzz
 
 docs: $(PY)
 	$(PIP) install --quiet -e ".[docs]"

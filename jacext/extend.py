@@ -18,6 +18,7 @@ from torch.autograd.graph import GradientEdge
 
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
+from jacext.rules import covers_subtree
 from jacext.rules.batchnorm import BATCHNORMS, CHOICES
 from jacext.tape import Tape
 
@@ -118,7 +119,9 @@ def take_last_tape() -> Optional[Tape]:
 
 
 def _owns_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
+    """Whether a call of ``module`` has trainable parameters to record (its own, or its
+    submodules' where its rule covers them, as MultiheadAttention's out_proj)."""
+    return any(p.requires_grad for p in module.parameters(recurse=covers_subtree(module)))
 
 
 def _hook_recorders(root: nn.Module) -> None:

@@ -30,5 +30,5 @@ def jacobian(model: nn.Module, x, *, flat: bool = False) -> Union[Dict[str, Tens
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if flat:
         n, c = out.shape[0], out.shape[1:].numel()
-        return torch.cat([per_param[p][0].reshape(n, c, -1) for _, p in named], dim=2)
+        return torch.cat([per_param[p][0].reshape(n, c, p.numel()) for _, p in named], dim=2)
     return {name: per_param[p][0] for name, p in named}

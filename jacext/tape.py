@@ -60,26 +60,26 @@ class Record:
             # aliases, whose edges see only what comes from outside the module.
             output = tree_map(lambda o: o.view_as(o) if isinstance(o, Tensor) and o.requires_grad else o, output)
             leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
-            self.aliases = [leaves[i] for i in self.grad_leaves]
-        else:
-            self.aliases = []
+        # An output that is a view and is later changed in place gets a new grad_fn: the edge
+        # taken here would fall off the path from the root output. Watch those to refuse it.
+        self.views = [leaves[i] for i in self.grad_leaves if leaves[i]._is_view()]
         self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
-        self.alias_versions = self._alias_versions()
+        self.view_versions = self._view_versions()
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
 
     def _versions(self) -> List[int]:
         return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
 
-    def _alias_versions(self) -> List[int]:
-        return [a._version for a in self.aliases]
+    def _view_versions(self) -> List[int]:
+        return [a._version for a in self.views]
 
     def check_unmodified(self) -> None:
-        if self._alias_versions() != self.alias_versions:
+        if self._view_versions() != self.view_versions:
             raise JacextError(
-                f"An output of module {module_label(self.module)}, which returns several tensors, was "
-                "modified in place; jacext follows its outputs from where the module returned them. "
-                "Use an out-of-place operation on it."
+                f"An output of module {module_label(self.module)} that is a view (of another output, "
+                "or of an internal tensor) was modified in place; that moves it off the autograd path "
+                "jacext recorded. Use an out-of-place operation on it (x = x.relu(), not x.relu_())."
             )
         if self._versions() != self.versions:
             raise JacextError(
@@ -206,7 +206,7 @@ class Tape:
         sq = norms.get(p, {}).get(ext.kind)
         if sq is None:
             a, b = spans[ext.kind]
-            sq = block.flatten(2).square().sum(-1) if block is not None else p.new_zeros(n, b - a)
+            sq = block.reshape(*block.shape[:2], -1).square().sum(-1) if block is not None else p.new_zeros(n, b - a)
         return ext.finish(sq, out_shape)
 
     def _pull_back(self, out_edge, edges, seeds: Tensor) -> List[Optional[Tensor]]:

@@ -58,15 +58,27 @@ def mlp(d_in: int, width: int, classes: int) -> nn.Sequential:
 def cnn(side: int, c1: int, c2: int, hidden: int, classes: int) -> nn.Sequential:
     pooled = (side - 4) // 2
     return nn.Sequential(
-        nn.Conv2d(1, c1, 3), nn.ReLU(), nn.Conv2d(c1, c2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(c2 * pooled * pooled, hidden), nn.ReLU(), nn.Linear(hidden, classes),
+        nn.Conv2d(1, c1, 3),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * pooled * pooled, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
     )
 
 
 def transformer(vocab: int, d: int, hidden: int, classes: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d),
-        SequenceMean(), nn.Linear(d, classes),
+        nn.Embedding(vocab, d),
+        nn.LayerNorm(d),
+        nn.Linear(d, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, d),
+        SequenceMean(),
+        nn.Linear(d, classes),
     )
 
 
