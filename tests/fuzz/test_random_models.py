@@ -3,11 +3,13 @@
 Hypothesis assembles small models from Linear, Conv, ConvTranspose, BatchNorm (eval), LayerNorm,
 RMSNorm, GroupNorm, InstanceNorm, PReLU, Bilinear, Embedding, EmbeddingBag, MultiheadAttention,
 RNN/LSTM/GRU and their cells, custom modules served by the generic rule, parameter-free code,
-residual additions, modules called twice and tied weights, with random shapes and options. One
-backward pass with BatchJacobian, BatchGrad and BatchL2Grad, one with BatchJacobian and
-BatchL2Grad alone (so that the norm rules serve the norms) and ``jacext.jacobian`` are compared
-with the loops of ``tests/reference.py``; ``p.grad`` with a backward pass without jacext. Sizes
-stay tiny: the oracle runs N * C backward passes. Profiles (number of examples): ``conftest.py``.
+residual additions, modules called twice, tied weights, unused and frozen parameters, with random
+shapes, options and batch sizes (N = 0 included). One backward pass with BatchJacobian, BatchGrad
+and BatchL2Grad, one with a random subset of them in random order (BatchL2Grad without BatchGrad:
+the norm rules), and ``jacext.jacobian`` (also ``flat=True``) are compared with the loops of
+``tests/reference.py``; ``p.grad`` with a backward pass without jacext. Sizes stay tiny: the
+oracle runs N * C backward passes. Profiles (number of examples): ``conftest.py``. At the end:
+minimal reproducers of the jacext bugs the fuzzer found, which the strategies avoid.
 """
 
 import math
@@ -675,11 +677,11 @@ def frozen(model):
 @st.composite
 def float_models(draw, stem=None, empty=False):
     """Float inputs, a first block of kind ``stem`` (default: any), more random blocks, a head."""
-    stem = stem or draw(st.sampled_from([name for name in STEMS if BLOCKS[name][3] or not empty]))
-    shape = tuple(draw(st.integers(*r)) for r in SHAPES[draw(st.sampled_from(STEMS[stem]))])
-    stem = draw(block(shape, empty=empty, names=(stem,)))
-    modules, end = draw(body(out_shape(stem, shape), empty, layers=3))
-    model = nn.Sequential(stem, *modules, *draw(head(end)))
+    kind = stem or draw(st.sampled_from([name for name in STEMS if BLOCKS[name][3] or not empty]))
+    shape = tuple(draw(st.integers(*r)) for r in SHAPES[draw(st.sampled_from(STEMS[kind]))])
+    first = draw(block(shape, empty=empty, names=(kind,)))
+    modules, end = draw(body(out_shape(first, shape), empty, layers=3))
+    model = nn.Sequential(first, *modules, *draw(head(end)))
     return Case(model, shape, draw(frozen(model)))
 
 
@@ -718,14 +720,14 @@ def token_models(draw, stem, tied, empty=False):
     random blocks and a head: a Linear, or with ``tied`` a Linear whose weight is the embedding
     matrix (logits over the vocabulary)."""
     vocab = draw(st.integers(2, 5))
-    stem = draw({"embedding": embedding, "bag": embedding_bag}[stem](vocab))
-    low = -1 if isinstance(stem, Bag) and stem.form != "2d" else 0
-    ranks = [1] if isinstance(stem, Bag) else [1, 2]  # tokens (N, T) or (N, A, B)
+    lookup = draw({"embedding": embedding, "bag": embedding_bag}[stem](vocab))
+    low = -1 if isinstance(lookup, Bag) and lookup.form != "2d" else 0
+    ranks = [1] if isinstance(lookup, Bag) else [1, 2]  # tokens (N, T) or (N, A, B)
     tokens = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.sampled_from(ranks))))
-    shape = out_shape(stem, tokens, tokens=True)
+    shape = out_shape(lookup, tokens, tokens=True)
     modules, end = draw(body(shape, empty, layers=2))
     if not tied:
-        model = nn.Sequential(stem, *modules, *draw(head(end)))
+        model = nn.Sequential(lookup, *modules, *draw(head(end)))
         return Case(model, tokens, draw(frozen(model)), vocab, low)
     width = shape[-1]
     if math.prod(end[:-1]) * vocab > MAX_OUTPUTS:
@@ -734,8 +736,8 @@ def token_models(draw, stem, tied, empty=False):
     if end[-1] != width:
         modules.append(nn.Linear(end[-1], width))
     logits = nn.Linear(width, vocab, bias=draw(st.booleans()))
-    logits.weight = (stem.bag if isinstance(stem, Bag) else stem).weight
-    model = nn.Sequential(stem, *modules, logits)
+    logits.weight = (lookup.bag if isinstance(lookup, Bag) else lookup).weight
+    model = nn.Sequential(lookup, *modules, logits)
     return Case(model, tokens, draw(frozen(model)), vocab, low, tied=True)
 
 
