@@ -64,21 +64,7 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
 def unextend(module: nn.Module) -> nn.Module:
     """Remove every hook and attribute ``extend`` added (BackPACK's own hooks excepted)."""
     for m in module.modules():
-        for handle in getattr(m, "_jacext_root_handles", ()) + getattr(m, "_jacext_eval_handles", ()):
-            handle.remove()
-        for handle in getattr(m, "_jacext_record_handles", ()):
-            handle.remove()
-        for attr in (
-            "_jacext_root_handles",
-            "_jacext_record_handles",
-            "_jacext_path",
-            "_jacext_backpack",
-            "_jacext_batchnorm",
-            "_jacext_eval_handles",
-            "_jacext_mode",
-        ):
-            if hasattr(m, attr):
-                delattr(m, attr)
+        _restore(m, {})
     return module
 
 
@@ -95,16 +81,19 @@ def temporarily_extended(module: nn.Module):
         yield module
     finally:
         for m in module.modules():
-            old = before.get(m, {})
-            for key in [k for k in vars(m) if k.startswith("_jacext")]:
-                value = vars(m)[key]
-                if key in old:
-                    setattr(m, key, old[key])
-                    continue
-                if key.endswith("handles"):
-                    for handle in value:
-                        handle.remove()
-                delattr(m, key)
+            _restore(m, before.get(m, {}))
+
+
+def _restore(m: nn.Module, old: dict) -> None:
+    """Set m's jacext attributes back to ``old``, removing the hooks of those not in it."""
+    for key in [k for k in vars(m) if k.startswith("_jacext")]:
+        if key in old:
+            vars(m)[key] = old[key]
+            continue
+        if key.endswith("handles"):
+            for handle in vars(m)[key]:
+                handle.remove()
+        del vars(m)[key]
 
 
 def is_extended(module: nn.Module) -> bool:
