@@ -15,6 +15,9 @@ Embedding (sample n holds the entries x[n, t]):
 
     J_W[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t]
 
+Its squared norms (BatchL2Grad, dp.ClipGrad) sum these rows per distinct pair (n, e) and
+square them, without forming J_W: ||J_W[n, v]||^2 = sum_e ||J_W[n, v, e]||^2.
+
 EmbeddingBag: sample n is bag n, row n of a 2-D input or
 ``input[offsets[n] : offsets[n + 1]]`` of a 1-D input (with
 ``include_last_offset`` the last offset is ignored and the last bag runs to the
@@ -60,16 +63,27 @@ def embedding(module, args, kwargs, grads):
 
 @register_norms(nn.Embedding)
 def embedding_norms(module, args, kwargs, grads):
-    """||J_W[n, v]||^2 = sum_{t, u : x[n, t] = x[n, u]} s[n, t] s[n, u] G[v, n, t] . G[v, n, u]."""
+    """||J_W[n, v]||^2 = sum_e ||R[n, v, e]||^2, R[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t].
+
+    The rows R are summed first, one per distinct pair (n, x[n, t]) (at most N T of them, found
+    by sorting), and then squared; the (N, V, E, D) Jacobian is never formed. Expanding the
+    square into sum_{t, u} s[n, t] s[n, u] G[v, n, t] . G[v, n, u] instead would lose, in
+    float32, the norm of rows of a repeated index that nearly cancel.
+    """
     (g,) = grads
     if not trainable(module, "weight"):
         return {}
+    x = args[0]
+    require_batch_dim(module, x, min_dim=1)
     v, n = g.shape[:2]
-    idx = args[0].reshape(n, -1).long()  # (N, T)
-    coef = _coefficients(module, idx.reshape(-1), _kept(module, idx.reshape(-1)), g.dtype).view(n, -1)
-    src = g.reshape(v, n, -1, module.embedding_dim) * coef[:, :, None]
-    same = (idx[:, :, None] == idx[:, None, :]).to(g.dtype)
-    return {"weight": torch.einsum("vnts,nts->nv", src @ src.transpose(2, 3), same)}
+    idx = x.reshape(-1).long()
+    sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
+    coef = _coefficients(module, idx, _kept(module, idx), g.dtype)
+    src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1) * coef[:, None, None]  # (L, V, D)
+    slot, owner = _distinct_pairs(sample, idx, module.num_embeddings)
+    rows = torch.zeros_like(src).index_add_(0, slot, src)  # R: row slot[i] sums the entries of i's pair
+    sq = rows.square().sum(-1)  # (L, V); zero in the slots no pair uses
+    return {"weight": sq.new_zeros(n, v).index_add_(0, owner, sq)}
 
 
 def _embedding_bag(module, args, kwargs, g):
@@ -109,6 +123,18 @@ def _coefficients(module, idx, keep, dtype):
     if module.scale_grad_by_freq:
         s = s / torch.bincount(idx, minlength=module.num_embeddings)[idx]
     return s
+
+
+def _distinct_pairs(sample, idx, e):
+    """Per entry i, the slot (in [0, L)) of its pair (sample[i], idx[i]), equal for equal pairs;
+    per slot, the sample that owns it (0 for unused slots). Sorting, not unique: no host sync."""
+    key, order = (sample * e + idx).sort()
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    seg = first.cumsum(0) - 1  # slot of each sorted entry
+    slot = torch.empty_like(seg).scatter_(0, order, seg)
+    owner = torch.zeros_like(seg).scatter_(0, seg, key // e)
+    return slot, owner
 
 
 def _scatter_rows(module, n, sample, idx, src):

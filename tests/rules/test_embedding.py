@@ -1,9 +1,12 @@
+import copy
+
 import pytest
 import torch
+from backpack import backpack
 from torch import nn
 
 import jacext
-from reference import check_grad_batch, check_jacobian
+from reference import check_grad_batch, check_jacobian, loop_grad_batch
 
 
 class EmbedThenLinear(nn.Module):
@@ -122,3 +125,69 @@ def test_embedding_bag_grad_batch(mode, dtype):
     x, offsets = bag_inputs("offsets")
     model = BagThenLinear(mode, padding_idx=0).to(dtype)
     check_grad_batch(model, nn.CrossEntropyLoss(), torch.tensor([0, 1, 1, 0, 1]), x, offsets)
+
+
+class Weighted(nn.Module):
+    """y[n] = head(sum_t w[n, t] W[x[n, t]]), w an input without gradient."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(7, 4, **options), nn.Linear(4, 3)
+
+    def forward(self, x, w):
+        return self.head((self.emb(x) * w[..., None]).sum(1))
+
+
+def cancelling_weights(x):
+    """Per sample and index, the occurrences (in order) weigh +c, -c, +c, -c, ... with a large c
+    of the index, and the last one or two 1 and 0.5: the index's gradient row is small next to
+    the rows it sums, and (pairs cancelling exactly) has no float32 error of its own."""
+    large = torch.tensor([1000.0, 3001.0, 777.0, 1234.5, 2049.0, 999.0, 4321.0])
+    w = torch.zeros(x.shape)
+    for n in range(x.shape[0]):
+        for e in x[n].unique():
+            where = (x[n] == e).nonzero().squeeze(1)
+            pairs = 2 * ((len(where) - 1) // 2)
+            w[n, where[:pairs]] = large[e] * torch.tensor([1.0, -1.0]).repeat(pairs // 2)
+            w[n, where[pairs:]] = torch.tensor([1.0, 0.5])[: len(where) - pairs]
+    return w
+
+
+def linear_loss(out, y):
+    """Its gradient y does not depend on the output, whose float32 sums have cancelled too."""
+    return (out * y).sum()
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(padding_idx=0, scale_grad_by_freq=True)], ids=["plain", "padding_freq"]
+)
+def test_embedding_norms_are_accurate_in_float32(options):
+    """Many repeated indices with large, cancelling gradient rows: the norm rule sums an index's
+    rows before squaring. The former rule expanded the square into products of rows, whose
+    float32 sum lost the small result (relative errors up to ~1e-1 here, against ~1e-7 now)."""
+    x = torch.randint(0, 4, (6, 47))
+    w = cancelling_weights(x)
+    y = torch.randn(6, 3)
+    model = Weighted(**options)
+    reference = copy.deepcopy(model).double()
+    expected = loop_grad_batch(reference, linear_loss, y.double(), x, w.double())["emb.weight"]
+    expected = expected.flatten(1).square().sum(1)
+    jacext.extend(model)
+    with backpack(jacext.BatchL2Grad()):
+        linear_loss(model(x, w), y).backward()
+    got = model.emb.weight.batch_l2
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 0), (2, 3, 2)], ids=["N", "empty_samples", "NAB"])
+def test_embedding_norms_of_any_input_shape(shape):
+    """BatchL2Grad alone (the norm rule) on 1-D inputs, samples without entries and N-D inputs."""
+    model = EmbedThenLinear(padding_idx=0, scale_grad_by_freq=True).double()
+    x = torch.randint(0, 7, shape)
+    y = torch.randn(*shape, 2, dtype=torch.float64)
+    expected = loop_grad_batch(model, nn.MSELoss(reduction="sum"), y, x)["emb.weight"].flatten(1).square().sum(1)
+    jacext.extend(model)
+    with backpack(jacext.BatchL2Grad()):
+        nn.MSELoss(reduction="sum")(model(x), y).backward()
+    torch.testing.assert_close(model.emb.weight.batch_l2, expected, rtol=1e-10, atol=1e-12)
