@@ -217,6 +217,7 @@ def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     return output
 
 
+@torch.compiler.disable
 def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> Optional[Tensor]:
     """Runs when the backward pass reaches the root output, before the model's own backward.
 
@@ -224,12 +225,14 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
     per sample by an extension that asks for it (``jacext.dp.ClipGrad``)."""
     if tape.busy:  # the tape's own batched backward passes through here too
         return None
+    if tape.arm_inline():  # G is caught as this backward goes on; results at its end
+        engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+        engine.queue_callback(partial(_assign_inline, tape, shape, grad))
+        return None
     # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
     out_edge = GradientEdge(torch._C._current_autograd_node(), output_nr)
     results = tape.compute(out_edge, shape, grad)
-    for p, values in results.items():
-        for ext, value in zip(tape.extensions, values):
-            setattr(p, ext.savefield, value)
+    _assign(tape, results)
     rescaling = [(i, e) for i, e in enumerate(tape.extensions) if hasattr(e, "rescale")]
     if not rescaling:
         return None
@@ -240,3 +243,13 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
         )
     i, ext = rescaling[0]
     return ext.rescale(grad, [values[i] for values in results.values()])
+
+
+def _assign_inline(tape: Tape, shape: torch.Size, grad: Tensor) -> None:
+    _assign(tape, tape.compute_inline(shape, grad))
+
+
+def _assign(tape: Tape, results) -> None:
+    for p, values in results.items():
+        for ext, value in zip(tape.extensions, values):
+            setattr(p, ext.savefield, value)

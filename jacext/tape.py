@@ -12,9 +12,16 @@ at once (V seeds: C one-hot seeds for the Jacobian, the cotangent itself for
 gradients) to the recorded output edges, giving G of shape (V, N, *out) per
 record. Each record's rule contracts G with its inputs; contributions to a
 shared parameter are summed. The ordinary backward then runs unchanged.
+
+Extensions that need only the backward's own cotangent (BatchGrad, BatchL2Grad)
+skip that extra pull-back where they can: hooks on the recorded edges' nodes
+catch G as the ordinary backward passes through them, and the rules run in a
+callback at the end of that backward (:meth:`Tape.arm_inline`).
 """
 
+import weakref
 from contextlib import contextmanager
+from functools import partial
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -67,6 +74,14 @@ class Record:
         self.view_versions = self._view_versions()
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
+        self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
+
+    def catch_inline(self) -> None:
+        """Hook the edges' nodes to catch their cotangents during the ordinary backward. The
+        hooks hold the record weakly: node -> hook -> record -> edge -> node would be a cycle."""
+        me = weakref.ref(self)
+        for j, edge in enumerate(self.edges):
+            edge.node.register_prehook(partial(_catch, me, j, edge.output_nr))
 
     def _versions(self) -> List[int]:
         return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
@@ -89,6 +104,12 @@ class Record:
             )
 
 
+def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
+    rec = record()
+    if rec is not None and rec.caught is not None:
+        rec.caught[j] = grad_outputs[output_nr]
+
+
 class Tape:
     """Records of one forward pass of an extended root module, for a set of extensions."""
 
@@ -99,6 +120,8 @@ class Tape:
         self.coupled = False  # samples depend on each other: seed each one separately
         self.uses = ParameterUses(root)
         self.busy = False
+        # one seed, the backward's own cotangent, left unchanged: catch G in the ordinary backward
+        self.inline = all(e.kind == "loss" and not hasattr(e, "rescale") for e in self.extensions)
 
     def record(self, module: nn.Module, args, kwargs, output):
         """Record a call; returns the output to hand on (aliased where the record needs it)."""
@@ -107,7 +130,34 @@ class Tape:
         if rec.edges:
             self.records.append(rec)
             self.coupled = self.coupled or rec.coupled
+            if self.inline:
+                rec.catch_inline()
         return output
+
+    def arm_inline(self) -> bool:
+        """Called as the backward reaches the root output: whether G can be caught at every
+        record as the backward goes on (then arm the hooks) instead of a separate pull-back.
+        Not where samples are coupled, nor where the engine will skip a record's node
+        (``backward(inputs=...)`` pruning it, or an output that does not reach the loss)."""
+        will_run = torch._C._will_engine_execute_node
+        if not self.inline or self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
+            return False
+        for rec in self.records:
+            rec.check_unmodified()
+            rec.caught = [None] * len(rec.edges)
+        return True
+
+    def compute_inline(self, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
+        """After a backward armed by :meth:`arm_inline`: the results from the caught G."""
+        per_record = []
+        for rec in self.records if out_shape[0] > 0 else []:
+            caught, rec.caught = rec.caught or [], None
+            leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
+            for leaf, g, shape in zip(rec.grad_leaves, caught, rec.out_shapes):
+                leaf_grads[leaf] = g.unsqueeze(0) if g is not None else grad_out.new_zeros(1, *shape)
+            per_record.append((rec, leaf_grads))
+        with _backpack_paused():
+            return self._contract({"loss": (0, 1)}, per_record, out_shape)
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""
@@ -146,7 +196,10 @@ class Tape:
         return spans, per_record
 
     def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
-        spans, per_record = self.cotangents(out_edge, out_shape, grad_out)
+        return self._contract(*self.cotangents(out_edge, out_shape, grad_out), out_shape)
+
+    def _contract(self, spans, per_record, out_shape) -> Dict[nn.Parameter, list]:
+        """Every record's rule on its cotangents, gathered per parameter and extension."""
         kinds = list(spans)
         n = out_shape[0]
         only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
