@@ -2,23 +2,27 @@
 
 ``xpad`` is the input padded exactly as the module pads it (any ``padding``,
 including ``'same'``, and any ``padding_mode``). With P the sliding windows of
-``xpad`` (a strided view, no copy):
+``xpad``:
 
     J_W[n, v, g o, i, k] = sum_s G[v, n, g o, s] P[n, g i, s, k]
     J_b[n, v, o]         = sum_s G[v, n, o, s]
+
+J_W is the weight gradient of one convolution whose groups are the samples (and
+the module's groups): input ``xpad`` as (1, N Cin, *L), output cotangent G as
+(1, N g V Cout/g, *S), weight (N g V Cout/g, Cin/g, *K). That is torch's own
+convolution backward, without unfolding P (about 3x faster than the unfold
+contraction on the benchmark's CNN).
 """
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from jacext.rules import register, register_norms, trainable
 from jacext.rules.util import (
     channel_sums,
-    kernel_letters,
     patches,
     require_batch_dim,
-    spatial_letters,
     sq_norms_of_products,
 )
 
@@ -31,21 +35,47 @@ def conv(module, args, kwargs, grads):
     v, n = g.shape[:2]
     out = {}
     if trainable(module, "weight"):
-        p, gg = _grouped_patches(module, x, g)
-        s, k = spatial_letters(d), kernel_letters(d)
-        jw = torch.einsum(f"vngo{s},ngi{s}{k}->nvgoi{k}", gg, p)
-        out["weight"] = jw.reshape(n, v, *module.weight.shape)
+        out["weight"] = _weight_jacobian(module, x, g)
     if trainable(module, "bias"):
         out["bias"] = channel_sums(g)
     return out
 
 
+def _weight_jacobian(module, x: Tensor, g: Tensor) -> Tensor:
+    """J_W (N, V, *W.shape) as the weight gradient of a convolution grouped by sample."""
+    v, n = g.shape[:2]
+    groups, (c_out, c_in_group, *kernel) = module.groups, module.weight.shape
+    xpad = _padded(module, x)
+    gg = g.unflatten(2, (groups, -1)).permute(1, 2, 0, 3, *range(4, g.dim() + 1))  # (N, g, V, Cout/g, *S)
+    folded = gg.reshape(1, n * groups * v * (c_out // groups), *g.shape[3:])
+    weight = x.new_empty(n * groups * v * (c_out // groups), c_in_group, *kernel)  # only its shape is read
+    d = len(kernel)
+    _, jw, _ = torch.ops.aten.convolution_backward(
+        folded,
+        xpad.reshape(1, -1, *xpad.shape[2:]),
+        weight,
+        None,
+        module.stride,
+        [0] * d,
+        module.dilation,
+        False,
+        [0] * d,
+        n * groups,
+        [False, True, False],
+    )
+    jw = jw.view(n, groups, v, c_out // groups, c_in_group, *kernel)
+    return jw.transpose(1, 2).reshape(n, v, c_out, c_in_group, *kernel)  # a copy only if V > 1 and groups > 1
+
+
+def _padded(module, x: Tensor) -> Tensor:
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+
+
 def _grouped_patches(module, x, g):
     """The input's sliding windows (N, g, Cin/g, *S, *K), padded as the module pads, and
     G as (V, N, g, Cout/g, *S)."""
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    xpad = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    p = patches(xpad, module.kernel_size, module.stride, module.dilation)
+    p = patches(_padded(module, x), module.kernel_size, module.stride, module.dilation)
     return p.unflatten(1, (module.groups, -1)), g.unflatten(2, (module.groups, -1))
 
 
