@@ -2,7 +2,8 @@
 
 The check runs every method once (recording its warnings) and compares its
 result with jacext's; jacext's own rows are compared with the naive per-sample
-loop. A method that cannot do the workload (missing package, unsupported layer,
+loop (for the NTK, with torch.func's Jacobian contraction, or nngeometry where that
+is n/a). A method that cannot do the workload (missing package, unsupported layer,
 error) becomes an "n/a" row with the reason and is neither timed nor measured.
 """
 
@@ -21,7 +22,6 @@ from jacext.bench.timing import interleaved
 from jacext.bench.workloads import Case, Workload
 
 TOLERANCE = 1e-4  # float32: max |difference| allowed, relative to max(1, max |reference|)
-LOOP = "naive per-sample loop"
 
 
 @dataclass
@@ -83,14 +83,18 @@ def _compare(row: Row, result: List[Tensor], reference: List[Tensor], against: s
 def _check(case: Case, methods: List[Method]) -> Tuple[List[Row], Dict[str, Callable[[], object]]]:
     """Run every method once and compare; the rows and the runs to time, in table order.
 
-    The naive loop and jacext's first method go first: they are the references.
-    Other results are compared as they come and dropped (the Jacobians are large).
+    The reference peers (``Method.reference``: the naive loop, for the NTK the
+    contractions) and jacext's first method go first and keep their results; jacext's
+    rows are compared with the first reference that could do the workload, every
+    other row with jacext's first method. Other results are compared as they come and
+    dropped (the Jacobians are large).
     """
     rows = {m.name: Row(m.name, m.family) for m in methods}
     ours = next(m.name for m in methods if m.family == "jacext")
-    references: Dict[str, List[Tensor]] = {}
+    candidates = [m.name for m in methods if m.reference]
+    kept: Dict[str, List[Tensor]] = {}
     runs = {}
-    for method in sorted(methods, key=lambda m: (m.name != LOOP, m.name != ours)):
+    for method in sorted(methods, key=lambda m: (not m.reference, m.name != ours)):
         row = rows[method.name]
         outcome = _prepare(method, case, row)
         if outcome is None:
@@ -98,13 +102,20 @@ def _check(case: Case, methods: List[Method]) -> Tuple[List[Row], Dict[str, Call
         runs[method.name], result = outcome[0].run, outcome[1]
         if result is None:  # the plain pass computes no per-sample quantity
             continue
-        if method.name in (LOOP, ours):
-            references[method.name] = result
-        against = LOOP if method.family == "jacext" else ours
-        if against in references and against != method.name:
-            _compare(row, result, references[against], against)
-    if LOOP in references and ours in references:  # the loop ran before jacext's result existed
-        _compare(rows[LOOP], references[LOOP], references[ours], ours)
+        if method.reference or method.name == ours:
+            kept[method.name] = result
+            continue
+        reference = next((name for name in candidates if name in kept), None)
+        against = reference if method.family == "jacext" else ours
+        if against is not None and against in kept:
+            _compare(row, result, kept[against], against)
+    reference = next((name for name in candidates if name in kept), None)
+    if ours in kept:  # the references ran before jacext's result existed
+        for name in candidates:
+            if name in kept:
+                _compare(rows[name], kept[name], kept[ours], ours)
+        if reference is not None:
+            _compare(rows[ours], kept[ours], kept[reference], reference)
     return list(rows.values()), {name: runs[name] for name in rows if name in runs}
 
 

@@ -3,20 +3,26 @@
 A method's ``setup(case)`` returns a :class:`Prepared`: ``run()`` computes the
 workload's quantity once (this is what is timed) and returns it; ``standard``
 turns that return value into the common layout (a list in ``model.parameters()``
-order of ``(N, *p.shape)`` gradients or ``(N, C, *p.shape)`` Jacobians) without
-being timed. Methods that store results on parameters clear them at the start of
-``run`` so that, for every method, the previous result is freed before the next.
+order of ``(N, *p.shape)`` gradients or ``(N, C, *p.shape)`` Jacobians, ``[norms]``,
+``[kernel]``: :mod:`~jacext.bench.workloads`) without being timed. Methods that store
+results on parameters clear them at the start of ``run`` so that, for every method,
+the previous result is freed before the next.
 """
 
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
+import torch
 from backpack import backpack
 from torch import Tensor, nn
 
 import jacext
-from jacext.bench.workloads import Case
+from jacext.bench.workloads import QUANTITIES, Case
+from jacext.dp import ClipGrad
+from jacext.extensions import JacextExtension
+
+CLIP_NORM = 1.0  # the clipping threshold of the methods that also clip (the cost does not depend on it)
 
 
 class Unsupported(Exception):
@@ -25,10 +31,12 @@ class Unsupported(Exception):
 
 @dataclass
 class Prepared:
-    """A method bound to one case."""
+    """A method bound to one case; ``model``, where set, holds what ``run`` leaves besides its
+    result (the clipping methods' ``p.grad``, read by the tests)."""
 
     run: Callable[[], Any]
     standard: Callable[[Any], Optional[List[Tensor]]] = list
+    model: Optional[nn.Module] = None
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class Method:
 
     ``family`` is ``"plain"`` (the reference pass, ratio 1), ``"peer"`` or
     ``"jacext"``; ``quantities`` lists the workload kinds it takes part in;
-    ``needs`` names a module whose import failure makes it "n/a".
+    ``needs`` names a module whose import failure makes it "n/a"; jacext's results
+    are checked against the first ``reference`` peer that can do the workload.
     """
 
     name: str
@@ -45,6 +54,7 @@ class Method:
     quantities: Tuple[str, ...]
     setup: Callable[[Case], Prepared]
     needs: str = "torch"
+    reference: bool = False
 
 
 Params = List[Tuple[str, nn.Parameter]]
@@ -98,13 +108,47 @@ def _jacext_extension(extension: type, attr: str) -> Callable[[Case], Prepared]:
     return setup
 
 
+def norms_from_squares(squares: List[Tensor]) -> Tensor:
+    """``(N,)`` per-sample total norms from per-parameter squared norms ``(N,)``."""
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def _jacext_norms(extension: Callable[[], JacextExtension], attr: str) -> Callable[[Case], Prepared]:
+    """Per-sample norms from jacext's squared norms per parameter (``p.batch_l2``, ``p.per_sample_l2``)."""
+
+    def setup(case: Case) -> Prepared:
+        model = jacext.extend(copy.deepcopy(case.model))
+        params = trainable(model)
+
+        def run() -> List[Tensor]:
+            model.zero_grad(set_to_none=True)
+            clear(params, attr)
+            with backpack(extension()):
+                case.loss(model(case.x), case.y).backward()
+            return [norms_from_squares(collect(params, attr, "jacext"))]
+
+        return Prepared(run, model=model)
+
+    return setup
+
+
+def _clip_grad() -> JacextExtension:
+    return ClipGrad(max_grad_norm=CLIP_NORM, loss_reduction="sum")
+
+
+def _jacext_ntk(case: Case) -> Prepared:
+    model = jacext.extend(copy.deepcopy(case.model))
+    mode = case.quantity.split("-")[1]  # "ntk-full" -> "full"
+    return Prepared(lambda: [jacext.ntk(model, case.x, mode=mode)])
+
+
 def _jacext_jacobian(case: Case) -> Prepared:
     model = jacext.extend(copy.deepcopy(case.model))
     return Prepared(lambda: jacext.jacobian(model, case.x), standard=lambda d: list(d.values()))
 
 
 def plain() -> Method:
-    return Method("plain forward+backward", "plain", ("grad", "jacobian"), _plain)
+    return Method("plain forward+backward", "plain", QUANTITIES, _plain)
 
 
 def jacext_methods() -> List[Method]:
@@ -112,4 +156,12 @@ def jacext_methods() -> List[Method]:
         Method("jacext BatchGrad", "jacext", ("grad",), _jacext_extension(jacext.BatchGrad, "grad_batch")),
         Method("jacext BatchJacobian", "jacext", ("jacobian",), _jacext_extension(jacext.BatchJacobian, "jacobian")),
         Method("jacext.jacobian", "jacext", ("jacobian",), _jacext_jacobian),
+        Method("jacext BatchL2Grad", "jacext", ("norms",), _jacext_norms(jacext.BatchL2Grad, "batch_l2")),
+        Method(
+            "jacext.dp.ClipGrad (norms + clipped grad)",
+            "jacext",
+            ("norms",),
+            _jacext_norms(_clip_grad, "per_sample_l2"),
+        ),
+        Method("jacext.ntk", "jacext", ("ntk-full", "ntk-trace"), _jacext_ntk),
     ]

@@ -1,9 +1,13 @@
-"""The peers: other ways to get the same per-sample gradients or Jacobians.
+"""The peers: other ways to get the same per-sample gradients, Jacobians, norms or NTKs.
 
 Each setup imports its library itself, so a missing optional peer (Opacus,
 nngeometry) only makes its own rows "n/a". Gradient-only peers (ExpandedWeights,
 Opacus) compute a Jacobian the way a user of theirs would: one forward and
 backward pass per output, taking the per-sample gradients of ``out[:, c].sum()``.
+Per-sample norms: the naive loop and ``vmap(grad)`` take the norms of the
+per-sample gradients; Opacus's ghost clipping and BackPACK's ``BatchL2Grad`` compute
+them without (for the layers they have norm rules for). The NTK: torch.func's
+"Jacobian contraction" (from its NTK tutorial) and nngeometry's ``GramMatrix``.
 """
 
 import copy
@@ -14,10 +18,21 @@ from typing import Callable, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from jacext.bench.methods import Method, Prepared, clear, collect, trainable
+from jacext.bench.methods import (
+    CLIP_NORM,
+    Method,
+    Params,
+    Prepared,
+    Unsupported,
+    clear,
+    collect,
+    norms_from_squares,
+    trainable,
+)
 from jacext.bench.workloads import Case
 
 OPTIONAL_PEERS = ["opacus", "nngeometry"]  # imported only by their methods; may be missing
+MEMORY_LIMIT_GIB = 8.0  # a peer that would hold more than this is "n/a" instead of run
 Objective = Callable[[Tensor], Tensor]  # model output -> scalar to differentiate
 
 
@@ -61,7 +76,14 @@ def _naive(case: Case) -> Prepared:
             rows.append(_stack_rows([torch.autograd.grad(o, params, retain_graph=True) for o in out]))
         return _stack_rows(rows)
 
-    return Prepared(grads if case.quantity == "grad" else jacobians)
+    def norms() -> List[Tensor]:
+        squares = []
+        for i in range(n):
+            g = torch.autograd.grad(case.loss(model(case.x[i : i + 1]), case.y[i : i + 1]), params)
+            squares.append(torch.stack([gi.square().sum() for gi in g]).sum())
+        return [torch.stack(squares).sqrt()]
+
+    return Prepared({"grad": grads, "jacobian": jacobians, "norms": norms}[case.quantity])
 
 
 def _func_params(model: nn.Module):
@@ -77,6 +99,17 @@ def _vmap_grad(case: Case) -> Prepared:
     per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
     params = _func_params(case.model)
     return Prepared(lambda: per_sample(params, case.x, case.y), standard=lambda d: list(d.values()))
+
+
+def _vmap_grad_norms(case: Case) -> Prepared:
+    """vmap(grad), then the norms of the per-sample gradients (what a user of torch.func writes)."""
+    per_sample = _vmap_grad(case).run
+
+    def run() -> List[Tensor]:
+        grads = per_sample()
+        return [norms_from_squares([g.flatten(1).square().sum(1) for g in grads.values()])]
+
+    return Prepared(run)
 
 
 def _vmap_jacrev(case: Case) -> Prepared:
@@ -105,11 +138,26 @@ def _expanded_weights(case: Case) -> Prepared:
     return _per_objective(case, grads)
 
 
+def _opacus_ready(model: nn.Module) -> nn.Module:
+    """A copy prepared as Opacus's documentation says, ``ModuleValidator.fix`` (nn.LSTM -> DPLSTM,
+    BatchNorm -> GroupNorm; nothing for the other workloads' layers)."""
+    from opacus.validators import ModuleValidator
+
+    return ModuleValidator.fix(copy.deepcopy(model))
+
+
+def _same_order(model: nn.Module, fixed: nn.Module) -> Params:
+    """``fixed``'s parameters in ``model``'s order (DPLSTM keeps nn.LSTM's names, in another order)."""
+    by_name = dict(trainable(fixed))
+    return [(name, by_name[name]) for name, _ in trainable(model)]
+
+
 def _opacus(case: Case) -> Prepared:
     from opacus import GradSampleModule
 
-    module = GradSampleModule(copy.deepcopy(case.model), loss_reduction="sum")
-    params = trainable(module)
+    fixed = _opacus_ready(case.model)
+    module = GradSampleModule(fixed, loss_reduction="sum")
+    params = _same_order(case.model, fixed)
 
     def grads(objective: Objective) -> List[Tensor]:
         module.zero_grad(set_to_none=True)  # clears grad_sample too
@@ -132,6 +180,68 @@ def _backpack_batch_grad(case: Case) -> Prepared:
         with backpack(BatchGrad()):
             case.loss(model(case.x), case.y).backward()
         return collect(params, "grad_batch", "BackPACK BatchGrad")
+
+    return Prepared(run)
+
+
+def _opacus_ghost_norms(case: Case) -> Prepared:
+    """Opacus's ghost clipping module, first backward pass only: the per-sample norms
+    (norm rules for Linear and Embedding; other layers' per-sample gradients, then their norms)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    module = GradSampleModuleFastGradientClipping(
+        _opacus_ready(case.model), loss_reduction="sum", max_grad_norm=CLIP_NORM, use_ghost_clipping=True
+    )
+
+    def run() -> List[Tensor]:
+        module.zero_grad(set_to_none=True)
+        case.loss(module(case.x), case.y).backward()
+        return [module.get_norm_sample()]
+
+    return Prepared(run)
+
+
+def _opacus_ghost_step(case: Case) -> Prepared:
+    """Opacus's ghost clipping as documented for training: ``DPLossFastGradientClipping``'s
+    ``backward`` runs a backward pass for the norms, then a second one of the loss reweighted by
+    the clipping factors (``p.grad`` is the clipped sum; no noise: ``noise_multiplier=0``)."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    module = GradSampleModuleFastGradientClipping(
+        _opacus_ready(case.model), loss_reduction="sum", max_grad_norm=CLIP_NORM, use_ghost_clipping=True
+    )
+    optimizer = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(module.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=CLIP_NORM,
+        expected_batch_size=case.x.shape[0],
+        loss_reduction="sum",
+    )
+    criterion = DPLossFastGradientClipping(module, optimizer, copy.deepcopy(case.loss), loss_reduction="sum")
+
+    def run() -> List[Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        criterion(module(case.x), case.y).backward()
+        return [module.per_sample_gradient_norms]
+
+    return Prepared(run, model=module)
+
+
+def _backpack_batch_l2(case: Case) -> Prepared:
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+
+    model = extend(copy.deepcopy(case.model))
+    params = trainable(model)
+
+    def run() -> List[Tensor]:
+        model.zero_grad(set_to_none=True)
+        clear(params, "batch_l2")
+        with backpack(BatchL2Grad()):
+            case.loss(model(case.x), case.y).backward()
+        return [norms_from_squares(collect(params, "batch_l2", "BackPACK BatchL2Grad"))]
 
     return Prepared(run)
 
@@ -187,11 +297,60 @@ def _nngeometry(case: Case) -> Prepared:
     return Prepared(lambda: Jacobian(model=model, loader=loader, function=function).to_torch(), standard)
 
 
+def _ntk_mode(case: Case) -> str:
+    return case.quantity.split("-")[1]  # "ntk-full" -> "full"
+
+
+def _torch_func_ntk(case: Case) -> Prepared:
+    """torch.func's NTK tutorial, "Jacobian contraction": ``vmap(jacrev)`` per-sample Jacobians
+    (computed once, as x1 = x2), then one einsum per parameter, summed."""
+    from torch.func import functional_call, jacrev, vmap
+
+    n, c = case.x.shape[0], _outputs(case)
+    params = _func_params(case.model)
+    jacobian_gib = n * c * sum(p.numel() for p in params.values()) * 4 / 2**30
+    if jacobian_gib > MEMORY_LIMIT_GIB:
+        raise Unsupported(
+            f"not run: its Jacobian (N x C x P floats) alone would take {jacobian_gib:.1f} GiB "
+            f"(> {MEMORY_LIMIT_GIB:.0f} GiB)"
+        )
+
+    def out_one(params, x):
+        return functional_call(case.model, params, (x.unsqueeze(0),)).squeeze(0)
+
+    per_sample = vmap(jacrev(out_one), in_dims=(None, 0))
+    expression = "Naf,Mbf->NMab" if _ntk_mode(case) == "full" else "Naf,Maf->NM"
+
+    def run() -> List[Tensor]:
+        jac = [j.flatten(2) for j in per_sample(params, case.x).values()]
+        return [torch.stack([torch.einsum(expression, j, j) for j in jac]).sum(0)]
+
+    return Prepared(run)
+
+
+def _nngeometry_gram(case: Case) -> Prepared:
+    """nngeometry's ``GramMatrix`` (C, N, C, N): C (C + 1) backward passes, per-layer Gram products
+    in hooks; for the trace the full kernel is computed and traced (nngeometry has no trace-only path)."""
+    from nngeometry import GramMatrix
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(case.x), batch_size=case.x.shape[0])
+    full = _ntk_mode(case) == "full"
+
+    def run() -> List[Tensor]:
+        gram = GramMatrix(model=case.model, loader=loader).to_torch()  # (C, N, C, N)
+        return [gram.permute(1, 3, 0, 2) if full else torch.einsum("cacb->ab", gram)]
+
+    return Prepared(run)
+
+
 def peers() -> List[Method]:
-    grad, jac, both = ("grad",), ("jacobian",), ("grad", "jacobian")
+    grad, jac, both, norms = ("grad",), ("jacobian",), ("grad", "jacobian"), ("norms",)
+    ntk = ("ntk-full", "ntk-trace")
     return [
-        Method("naive per-sample loop", "peer", both, _naive),
+        Method("naive per-sample loop", "peer", (*both, *norms), _naive, reference=True),
         Method("torch.func vmap(grad)", "peer", grad, _vmap_grad),
+        Method("torch.func vmap(grad) + norms", "peer", norms, _vmap_grad_norms),
         Method("torch.func vmap(jacrev)", "peer", jac, _vmap_jacrev),
         Method("torch ExpandedWeights", "peer", grad, _expanded_weights),
         Method("torch ExpandedWeights (C passes)", "peer", jac, _expanded_weights),
@@ -200,4 +359,15 @@ def peers() -> List[Method]:
         Method("BackPACK BatchGrad", "peer", grad, _backpack_batch_grad),
         Method("BackPACK SqrtGGNExact (MSE trick)", "peer", jac, _backpack_sqrt_ggn),
         Method("nngeometry Jacobian", "peer", both, _nngeometry, needs="nngeometry"),
+        Method("Opacus ghost clipping (norms, 1 backward)", "peer", norms, _opacus_ghost_norms, needs="opacus"),
+        Method(
+            "Opacus ghost clipping (norms + clipped grad, 2 backward)",
+            "peer",
+            norms,
+            _opacus_ghost_step,
+            needs="opacus",
+        ),
+        Method("BackPACK BatchL2Grad", "peer", norms, _backpack_batch_l2),
+        Method("torch.func Jacobian contraction", "peer", ntk, _torch_func_ntk, reference=True),
+        Method("nngeometry GramMatrix", "peer", ntk, _nngeometry_gram, needs="nngeometry", reference=True),
     ]

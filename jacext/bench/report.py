@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+LOOP = "naive per-sample loop"
 PACKAGES = ["jacext", "backpack-for-pytorch", "opacus", "nngeometry"]
 
 
@@ -54,7 +55,9 @@ def _diff(row: dict) -> str:
     if row["max_diff"] is None:
         return row["reason"] if row["mismatch"] else "–"
     text = f"{row['max_diff']:.1e}" + (" ✗ mismatch" if row["mismatch"] else "")
-    return text if row["family"] != "jacext" else f"{text} (vs loop)"
+    if row["family"] != "jacext":
+        return text
+    return f"{text} (vs {'loop' if row['compared_with'] == LOOP else row['compared_with']})"
 
 
 def table(workload: dict) -> str:

@@ -1,16 +1,25 @@
 """The benchmark's workloads: a model, a batch and a loss, at full or quick size.
 
-Every workload asks for one quantity of every parameter, as a list in
-``model.parameters()`` order: per-sample gradients ``(N, *p.shape)`` of a
-``CrossEntropyLoss(reduction="sum")`` ("grad"), or per-sample Jacobians
-``(N, C, *p.shape)`` of the model output ("jacobian").
+Every workload asks for one quantity, which every method returns in a common layout
+(its "standard" result, compared across methods):
+
+- ``"grad"``: per-sample gradients of a ``CrossEntropyLoss(reduction="sum")``, a list in
+  ``model.parameters()`` order of ``(N, *p.shape)`` tensors;
+- ``"jacobian"``: per-sample Jacobians of the model output, ``(N, C, *p.shape)`` per parameter;
+- ``"norms"``: per-sample total gradient norms of the summed loss (what DP-SGD clips by),
+  ``[norms]`` with ``norms[n] = sqrt(sum_p ||d loss_n / d p||^2)`` of shape ``(N,)``;
+- ``"ntk-full"``: the empirical NTK of the model output, ``[K]`` with ``K`` of shape
+  ``(N, N, C, C)``, ``K[a, b, c, d] = sum_p J(x_a)[c, p] J(x_b)[d, p]``;
+- ``"ntk-trace"``: its trace over the outputs, ``[sum_c K[:, :, c, c]]`` of shape ``(N, N)``.
 """
 
-from dataclasses import dataclass
-from typing import Callable, Dict
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import Tensor, nn
+
+QUANTITIES = ("grad", "jacobian", "norms", "ntk-full", "ntk-trace")
 
 
 @dataclass
@@ -21,7 +30,7 @@ class Case:
     x: Tensor
     y: Tensor
     loss: nn.Module
-    quantity: str  # "grad" or "jacobian"
+    quantity: str  # one of QUANTITIES
 
     def slice(self, n: int) -> "Case":
         """The same model and loss on the first ``n`` samples."""
@@ -107,18 +116,108 @@ def _mlp_jacobian(quick: bool) -> Case:
     return _classification(mlp(d, w, 10), torch.randn(b, d), 10, quantity="jacobian")
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm in place of BatchNorm, as DP training does (BatchNorm mixes the samples)."""
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def resnet18(classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with GroupNorm, random initialisation (nothing downloaded)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    return tv_resnet18(weights=None, num_classes=classes, norm_layer=group_norm)
+
+
+def tiny_resnet(classes: int, c1: int = 8, c2: int = 16) -> nn.Sequential:
+    """A stem and two of torchvision's BasicBlocks (the second downsampling), GroupNorm, avg-pool, Linear."""
+    from torchvision.models.resnet import BasicBlock
+
+    down = nn.Sequential(nn.Conv2d(c1, c2, 1, stride=2, bias=False), group_norm(c2))
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1, bias=False),
+        group_norm(c1),
+        nn.ReLU(inplace=True),
+        BasicBlock(c1, c1, norm_layer=group_norm),
+        BasicBlock(c1, c2, stride=2, downsample=down, norm_layer=group_norm),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, classes),
+    )
+
+
+class LastStep(nn.Module):
+    """The last hidden state ``h_n[-1]`` from a recurrent layer's ``(output, (h_n, c_n))``."""
+
+    def forward(self, recurrent: Tuple[Tensor, Tuple[Tensor, Tensor]]) -> Tensor:
+        return recurrent[1][0][-1]
+
+
+def lstm(vocab: int, d: int, hidden: int, classes: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Embedding(vocab, d), nn.LSTM(d, hidden, batch_first=True), LastStep(), nn.Linear(hidden, classes)
+    )
+
+
+def _resnet18_grad(quick: bool) -> Case:
+    if quick:
+        return _classification(tiny_resnet(10), torch.randn(3, 3, 8, 8), 10)
+    return _classification(resnet18(10), torch.randn(16, 3, 32, 32), 10)
+
+
+def _lstm_grad(quick: bool) -> Case:
+    vocab, d, h, b, t = (50, 8, 8, 4, 5) if quick else (1000, 64, 128, 32, 32)
+    return _classification(lstm(vocab, d, h, 10), torch.randint(0, vocab, (b, t)), 10)
+
+
+def _ntk(n: int, quantity: str) -> Callable[[bool], Case]:
+    """The MLP 784-512-512-10 on ``n`` samples (quick: 20-16-16-10 on 6 or 16)."""
+
+    def make(quick: bool) -> Case:
+        d, w, b = (20, 16, max(6, n // 64)) if quick else (784, 512, n)
+        return _classification(mlp(d, w, 10), torch.randn(b, d), 10, quantity=quantity)
+
+    return make
+
+
+def _as(quantity: str, make: Callable[[bool], Case]) -> Callable[[bool], Case]:
+    """Another quantity of the same model and batch."""
+    return lambda quick: replace(make(quick), quantity=quantity)
+
+
+MLP = "MLP 784-512-512-10"
+CNN = "CNN (2 conv, max-pool, 2 linear) on 28x28"
+TRANSFORMER = "tiny transformer block (Embedding 1000x128, LayerNorm, MLP 128-512-128, mean, Linear 128-10)"
+
 WORKLOADS: Dict[str, Workload] = {
     w.name: w
     for w in [
-        Workload("mlp", "Per-sample gradients, MLP 784-512-512-10, B=256", "grad", _mlp_grad),
-        Workload("cnn", "Per-sample gradients, CNN (2 conv, max-pool, 2 linear) on 28x28, B=128", "grad", _cnn_grad),
+        Workload("mlp", f"Per-sample gradients, {MLP}, B=256", "grad", _mlp_grad),
+        Workload("cnn", f"Per-sample gradients, {CNN}, B=128", "grad", _cnn_grad),
+        Workload("transformer", f"Per-sample gradients, {TRANSFORMER}, B=64, T=64", "grad", _transformer_grad),
+        Workload("mlp-jacobian", f"Per-sample Jacobians (C=10), {MLP}, B=32", "jacobian", _mlp_jacobian),
+        Workload("mlp-norms", f"Per-sample gradient norms, {MLP}, B=256", "norms", _as("norms", _mlp_grad)),
+        Workload("cnn-norms", f"Per-sample gradient norms, {CNN}, B=128", "norms", _as("norms", _cnn_grad)),
         Workload(
-            "transformer",
-            "Per-sample gradients, tiny transformer block (Embedding 1000x128, LayerNorm, MLP 128-512-128, mean, "
-            "Linear 128-10), B=64, T=64",
-            "grad",
-            _transformer_grad,
+            "transformer-norms",
+            f"Per-sample gradient norms, {TRANSFORMER}, B=64, T=64",
+            "norms",
+            _as("norms", _transformer_grad),
         ),
-        Workload("mlp-jacobian", "Per-sample Jacobians (C=10), MLP 784-512-512-10, B=32", "jacobian", _mlp_jacobian),
+        Workload(
+            "resnet18",
+            "Per-sample gradients, ResNet-18 with GroupNorm (11.2 M parameters) on 32x32, B=16",
+            "grad",
+            _resnet18_grad,
+        ),
+        Workload(
+            "lstm",
+            "Per-sample gradients, Embedding 1000x64, LSTM 64-128, last hidden state, Linear 128-10, B=32, T=32",
+            "grad",
+            _lstm_grad,
+        ),
+        Workload("ntk-trace", f"NTK trace (N x N), {MLP}, N=128", "ntk-trace", _ntk(128, "ntk-trace")),
+        Workload("ntk-full", f"Full NTK (N x N x C x C, C=10), {MLP}, N=128", "ntk-full", _ntk(128, "ntk-full")),
+        Workload("ntk-trace-1024", f"NTK trace (N x N), {MLP}, N=1024", "ntk-trace", _ntk(1024, "ntk-trace")),
+        Workload("ntk-full-1024", f"Full NTK (N x N x C x C, C=10), {MLP}, N=1024", "ntk-full", _ntk(1024, "ntk-full")),
     ]
 }
