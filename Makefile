@@ -31,5 +31,10 @@ bench: $(PY)
 	$(PIP) install --quiet -e ".[bench]"
 	$(PY) -m jacext.bench
 
+.PHONY: bench-scaling
+bench-scaling: $(PY)
+	$(PIP) install --quiet -e ".[bench]"
+	$(PY) -m jacext.bench.scaling --threads 1
+
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -110,3 +110,16 @@ def test_missing_peer_is_reported_not_fatal(monkeypatch):
     norms = {r["method"]: r for r in report["workloads"][1]["rows"]}
     assert "opacus not importable" in norms["Opacus ghost clipping (norms, 1 backward)"]["reason"]
 
+
+def test_scaling_quick_writes_json_and_plot(tmp_path):
+    from jacext.bench import scaling
+
+    report = scaling.main(["--quick", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(report))
+    assert [s["name"] for s in report["sweeps"]] == ["batch", "outputs", "width"]
+    for sweep in report["sweeps"]:
+        assert [p["value"] for p in sweep["points"]] == sweep["values"]
+        for point in sweep["points"]:
+            assert set(point["median_s"]) == set(sweep["methods"]) and min(point["median_s"].values()) > 0
+            assert point["max_diff_jacext_vs_peer"] <= 1e-4 * max(1.0, point["max_abs_peer"])
