@@ -6,9 +6,10 @@ keep working. ``backpack=True`` additionally applies ``backpack.extend`` for
 BackPACK's own extensions, with BackPACK's restrictions.
 """
 
+import weakref
 from contextlib import contextmanager
 from functools import partial
-from typing import Optional
+from typing import Dict, Optional
 
 import backpack as bp
 import torch
@@ -19,11 +20,11 @@ from torch.autograd.graph import GradientEdge
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
 from jacext.rules import covers_subtree
-from jacext.rules.batchnorm import BATCHNORMS, CHOICES
+from jacext.rules.batchnorm import BATCHNORMS, CHOICES, couples_samples, require_choice
 from jacext.tape import Tape
 
 _current: Optional[Tape] = None  # the tape of the forward pass in progress
-_last: Optional[Tape] = None  # the tape of the last finished forward pass
+_last: Optional["weakref.ref[Tape]"] = None  # the last finished forward's tape, alive while its output is
 
 
 def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error") -> nn.Module:
@@ -48,6 +49,8 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         vars(m)["_jacext_path"] = name or "<root>"
         if isinstance(m, BATCHNORMS):
             vars(m)["_jacext_batchnorm"] = batchnorm
+            if not hasattr(m, "_jacext_check_handles"):  # also without parameters (affine=False)
+                vars(m)["_jacext_check_handles"] = (m.register_forward_pre_hook(_check_batchnorm),)
             if batchnorm == "eval" and not hasattr(m, "_jacext_eval_handles"):
                 vars(m)["_jacext_eval_handles"] = (
                     m.register_forward_pre_hook(_to_eval),
@@ -103,7 +106,7 @@ def is_extended(module: nn.Module) -> bool:
 def take_last_tape() -> Optional[Tape]:
     """The tape of the last forward pass of an extended root (handed over once)."""
     global _last
-    tape, _last = _last, None
+    tape, _last = (_last() if _last is not None else None), None
     return tape
 
 
@@ -145,6 +148,14 @@ def _guard(module: nn.Module, args) -> None:
             f"jacext extensions, but neither it nor a module inside it was extended: call "
             "model = jacext.extend(model) once before the forward pass."
         )
+
+
+def _check_batchnorm(module: nn.Module, args) -> None:
+    """While a tape records: refuse batch statistics without a choice (before anything is computed),
+    and mark the tape coupled for batchnorm="exact", whether or not the module has parameters."""
+    if _current is not None:
+        require_choice(module)
+        _current.coupled = _current.coupled or couples_samples(module)
 
 
 def _to_eval(module: nn.Module, args) -> None:
@@ -193,7 +204,11 @@ def _record(module: nn.Module, args, kwargs, output):
 def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     global _current, _last
     tape = _current
-    if tape is None or tape.root is not root:
+    if tape is None:
+        if isinstance(output, Tensor) and output.requires_grad and _current is None:
+            output.register_hook(_refuse_without_tape)
+        return None
+    if tape.root is not root:
         return None
     _current = None
     tape.uses.__exit__(None, None, None)
@@ -205,7 +220,13 @@ def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
             f"returned {type(output).__name__}, not a tensor. Extend a wrapper module that returns "
             "the tensor of shape (N, ...) to differentiate."
         )
-    _last = tape
+    if output.dim() == 0:
+        raise JacextError(
+            f"the extended module ({type(root).__name__}) returned an output of shape () without a batch "
+            "dimension; jacext needs its output per sample, of shape (N, ...). Extend the model, not "
+            "the model and its loss."
+        )
+    _last = weakref.ref(tape)
     if not output.requires_grad:
         return None
     # The hook (which holds the tape, which holds the records' autograd edges) lives on the
@@ -217,6 +238,17 @@ def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     return output
 
 
+def _refuse_without_tape(grad: Tensor) -> None:
+    """On the output of a forward pass that no jacext extension recorded: its backward must not
+    run inside a context with one (it would compute nothing, and leave the last batch's results)."""
+    if any(isinstance(e, JacextExtension) for e in CTX.get_active_exts()):
+        raise JacextError(
+            "the backward pass runs inside a backpack context with jacext extensions, but the forward "
+            "pass of the extended model ran outside it, so nothing was recorded. Run the forward pass "
+            "inside the same `with backpack(...)` block."
+        )
+
+
 @torch.compiler.disable
 def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> Optional[Tensor]:
     """Runs when the backward pass reaches the root output, before the model's own backward.
@@ -225,31 +257,64 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
     per sample by an extension that asks for it (``jacext.dp.ClipGrad``)."""
     if tape.busy:  # the tape's own batched backward passes through here too
         return None
+    _one_tape_per_backward(tape)
+    rescaling = [(i, e) for i, e in enumerate(tape.extensions) if hasattr(e, "rescale")]
+    if len(rescaling) > 1 or (rescaling and tape.coupled):
+        raise JacextError(
+            "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
+            "independent samples (not batchnorm='exact')"
+        )
     if tape.arm_inline():  # G is caught as this backward goes on; results at its end
         engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
         engine.queue_callback(partial(_assign_inline, tape, shape, grad))
         return None
     # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
     out_edge = GradientEdge(torch._C._current_autograd_node(), output_nr)
-    results = tape.compute(out_edge, shape, grad)
+    results = tape.compute(out_edge, shape, grad)  # raising here, it leaves p.grad and attributes as they were
     _assign(tape, results)
-    rescaling = [(i, e) for i, e in enumerate(tape.extensions) if hasattr(e, "rescale")]
     if not rescaling:
         return None
-    if len(rescaling) > 1 or tape.coupled:
-        raise JacextError(
-            "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
-            "independent samples (not batchnorm='exact')"
-        )
     i, ext = rescaling[0]
     return ext.rescale(grad, [values[i] for values in results.values()])
 
 
 def _assign_inline(tape: Tape, shape: torch.Size, grad: Tensor) -> None:
-    _assign(tape, tape.compute_inline(shape, grad))
+    _assign(tape, _cleared_on_error(tape, tape.compute_inline, shape, grad))
+
+
+def _cleared_on_error(tape: Tape, compute, *args):
+    """``compute(*args)``; if it raises (after the model's backward has filled p.grad), no
+    parameter keeps a result of an earlier batch for these extensions."""
+    try:
+        return compute(*args)
+    except BaseException:
+        for p in tape.root.parameters():
+            for ext in tape.extensions:
+                vars(p).pop(ext.savefield, None)
+        raise
 
 
 def _assign(tape: Tape, results) -> None:
-    for p, values in results.items():
-        for ext, value in zip(tape.extensions, values):
+    """Every parameter's results; a frozen parameter keeps none of an earlier batch."""
+    for p in tape.root.parameters():
+        for ext, value in zip(tape.extensions, results.get(p, ())):
             setattr(p, ext.savefield, value)
+        if p not in results:
+            for ext in tape.extensions:
+                vars(p).pop(ext.savefield, None)
+
+
+_computed: Dict[int, int] = {}  # id(root) -> the autograd graph task that last computed its results
+
+
+def _one_tape_per_backward(tape: Tape) -> None:
+    """Refuse a second forward pass of the same model reaching the same backward: each would
+    store its own batch's results on the same parameters."""
+    task = torch._C._current_graph_task_id()
+    if _computed.get(id(tape.root)) == task:
+        raise JacextError(
+            f"two forward passes of the extended model ({type(tape.root).__name__}) reach one backward "
+            "pass; jacext stores one batch's per-sample results on the parameters. Run one forward "
+            "pass on the concatenated batch (torch.cat) instead."
+        )
+    _computed[id(tape.root)] = task

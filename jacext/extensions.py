@@ -44,6 +44,10 @@ class JacextExtension(BackpropExtension):
         """Turn ``(N, V, *p.shape)`` (or ``(N, V)`` norms) into the stored attribute."""
         raise NotImplementedError
 
+    def result_shape(self, p_shape: torch.Size, out_shape: torch.Size, v: int) -> torch.Size:
+        """The stored attribute's shape, for a materialised result (``needs_block``) of ``v`` seeds."""
+        return self.finish(torch.empty(out_shape[0], v, *p_shape, device="meta"), out_shape).shape
+
     def __repr__(self) -> str:
         return f"jacext.{type(self).__name__}()"
 

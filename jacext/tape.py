@@ -33,9 +33,11 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
-from jacext.rules import covers_subtree, norm_rule_for, rule_for
+from jacext.memory import ResultSlot, require_fits, reusable
+from jacext.rules import MIN_DIMS, covers_subtree, norm_rule_for, rule_for
 from jacext.rules.batchnorm import couples_samples
 from jacext.rules.generic import generic
+from jacext.rules.util import require_batch_dim, writing_into
 from jacext.uses import ParameterUses
 
 
@@ -52,6 +54,7 @@ class Record:
     """One call of a parameterised module."""
 
     def __init__(self, module: nn.Module, args, kwargs, output):
+        _require_batch_dim(module, args, kwargs)
         self.module = module
         self.training = module.training  # rules run with the module in its forward-time mode
         self.coupled = couples_samples(module)
@@ -104,6 +107,14 @@ class Record:
             )
 
 
+def _require_batch_dim(module: nn.Module, args, kwargs) -> None:
+    """The rule's ``min_dim`` check on the first input, at forward time."""
+    min_dim = MIN_DIMS.get(type(module))
+    first = next((a for a in tree_leaves((tuple(args), kwargs)) if isinstance(a, Tensor)), None)
+    if min_dim is not None and first is not None:
+        require_batch_dim(module, first, min_dim(module))
+
+
 def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
     rec = record()
     if rec is not None and rec.caught is not None:
@@ -137,10 +148,14 @@ class Tape:
     def arm_inline(self) -> bool:
         """Called as the backward reaches the root output: whether G can be caught at every
         record as the backward goes on (then arm the hooks) instead of a separate pull-back.
-        Not where samples are coupled, nor where the engine will skip a record's node
-        (``backward(inputs=...)`` pruning it, or an output that does not reach the loss)."""
+        Not where samples are coupled, where the engine will skip a record's node
+        (``backward(inputs=...)`` pruning it, or an output that does not reach the loss), nor
+        where a module has no hand-written rule (the generic rule's errors must come before the
+        model's own backward)."""
         will_run = torch._C._will_engine_execute_node
         if not self.inline or self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
+            return False
+        if any(rule_for(r.module) is None for r in self.records):  # a generic rule may fail: fail first
             return False
         for rec in self.records:
             rec.check_unmodified()
@@ -200,38 +215,90 @@ class Tape:
 
     def _contract(self, spans, per_record, out_shape) -> Dict[nn.Parameter, list]:
         """Every record's rule on its cotangents, gathered per parameter and extension."""
-        kinds = list(spans)
-        n = out_shape[0]
-        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
-            e.kind for e in self.extensions if e.needs_block
-        }
-        shared = self.shared_parameters()
+        slots = self._result_slots(spans, out_shape)
+        self._require_result_memory(spans, out_shape, slots)
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
-        for rec, leaf_grads in per_record:
-            by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
-            for kind in by_norms:
-                for name, sq in apply_rule(
-                    rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)
-                ).items():
-                    _accumulate(norms, rec.module.get_parameter(name), kind, sq)
-            materialised = [k for k in kinds if k not in by_norms]
-            if not materialised:
-                continue
-            ranges = [spans[k] for k in materialised]
-            selected = leaf_grads if len(materialised) == len(kinds) else _seed_slice(leaf_grads, ranges)
-            for name, block in apply_rule(rec, selected).items():
-                if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
-                    block = block.sum(0).unflatten(0, (n, -1))
-                parts = block.split([b - a for a, b in ranges], dim=1)
-                for kind, part in zip(materialised, parts):
-                    _accumulate(blocks, rec.module.get_parameter(name), kind, part)
-
+        shared = self.shared_parameters()
+        try:
+            for rec, leaf_grads in per_record:
+                self._apply_rules(rec, leaf_grads, spans, slots, shared, blocks, norms, out_shape[0])
+        except BaseException:  # no reused result is left half overwritten
+            for (p, ext), slot in slots.items():
+                if slot.taken and vars(p).get(ext.savefield) is slot.tensor:
+                    del vars(p)[ext.savefield]
+            raise
         results = {}
         for p in self.root.parameters():
             if p.requires_grad:
-                results[p] = [self._finish(ext, p, blocks, norms, spans, out_shape) for ext in self.extensions]
+                finish = partial(self._finish, p=p, blocks=blocks, norms=norms, spans=spans, out_shape=out_shape)
+                results[p] = [finish(ext, slot=slots.get((p, ext))) for ext in self.extensions]
         return results
+
+    def _apply_rules(self, rec: Record, leaf_grads, spans, slots, shared, blocks, norms, n: int) -> None:
+        """One record: its norm rule for the kinds only norms are asked of (where it has one and
+        the norms add up: independent samples, parameters no other record reaches), its rule for
+        the rest; results accumulated into ``norms`` and ``blocks``."""
+        kinds = list(spans)
+        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
+            e.kind for e in self.extensions if e.needs_block
+        }
+        by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
+        for kind in by_norms:
+            for name, sq in apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
+                _accumulate(norms, rec.module.get_parameter(name), kind, sq)
+        materialised = [k for k in kinds if k not in by_norms]
+        if not materialised:
+            return
+        ranges = [spans[k] for k in materialised]
+        selected = leaf_grads if len(materialised) == len(kinds) else _seed_slice(leaf_grads, ranges)
+        into = self._destinations(rec, materialised, slots, shared)
+        for name, block in apply_rule(rec, selected, into=into).items():
+            if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
+                block = block.sum(0).unflatten(0, (n, -1))
+            parts = block.split([b - a for a, b in ranges], dim=1)
+            for kind, part in zip(materialised, parts):
+                _accumulate(blocks, rec.module.get_parameter(name), kind, part)
+
+    def _result_slots(self, spans, out_shape) -> Dict[tuple, ResultSlot]:
+        """Where each materialised result goes, by (parameter, extension); see jacext.memory."""
+        if self.coupled:
+            return {}
+        slots = {}
+        for p in self.root.parameters():
+            for ext in self.extensions:
+                if p.requires_grad and ext.needs_block:
+                    a, b = spans[ext.kind]
+                    shape = ext.result_shape(p.shape, out_shape, b - a)
+                    slots[(p, ext)] = ResultSlot(shape, p, reusable(p, ext.savefield, shape, p.dtype))
+        return slots
+
+    def _require_result_memory(self, spans, out_shape, slots) -> None:
+        """Refuse, before allocating, results that cannot fit in the memory left."""
+        nbytes = sum(
+            out_shape[0] * (spans[e.kind][1] - spans[e.kind][0]) * p.numel() * p.element_size()
+            for p in self.root.parameters()
+            for e in self.extensions
+            if p.requires_grad and e.needs_block and (slots.get((p, e)) is None or slots[(p, e)].tensor is None)
+        )
+        if nbytes:
+            names = ", ".join(sorted({type(e).__name__ for e in self.extensions if e.needs_block}))
+            require_fits(
+                nbytes,
+                next(self.root.parameters()).device,
+                f"the per-sample results of {names}",
+                "Use a smaller batch, fewer outputs (a slice of the model's output), or per-sample "
+                "norms only (BatchL2Grad, jacext.dp.ClipGrad), which are not materialised.",
+            )
+
+    def _destinations(self, rec: Record, materialised, kept, shared) -> Dict[str, Tensor]:
+        """Previous results the record's rule may overwrite: where it materialises one kind,
+        kept whole by one extension, for parameters no other record contributes to."""
+        owners = [e for e in self.extensions if e.needs_block and e.kind in materialised]
+        if not kept or len(materialised) != 1 or len(owners) != 1:
+            return {}
+        covered = rec.module.named_parameters(recurse=covers_subtree(rec.module))
+        return {name: kept[(p, owners[0])] for name, p in covered if (p, owners[0]) in kept and id(p) not in shared}
 
     def factors(self, out_edge: GradientEdge, out_shape, grad_out: Tensor):
         """:meth:`cotangents` with BackPACK's hooks paused, for callers outside a backward pass."""
@@ -248,9 +315,11 @@ class Tape:
         return shared
 
     @staticmethod
-    def _finish(ext, p, blocks, norms, spans, out_shape) -> Tensor:
+    def _finish(ext, p, blocks, norms, spans, out_shape, slot: Optional[ResultSlot]) -> Tensor:
         n = out_shape[0]
         block = blocks.get(p, {}).get(ext.kind)
+        if slot is not None and block is not None and slot.holds(block):
+            return slot.tensor  # the rule wrote the whole result into the slot (see _destinations)
         if ext.needs_block:
             if block is None:  # not used in this forward pass: its derivative is zero
                 a, b = spans[ext.kind]
@@ -302,13 +371,15 @@ def _accumulate(store: Dict[nn.Parameter, Dict[str, Tensor]], p: nn.Parameter, k
     per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
 
 
-def apply_rule(rec: Record, grads, rule=None) -> Dict[str, Tensor]:
+def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlot]] = None) -> Dict[str, Tensor]:
     """``rule`` (default: the module's hand-written rule, or the generic one), run in the
-    module's forward-time mode; a failing generic rule raises an error that names the module."""
+    module's forward-time mode, with ``into`` the memory it may write its results into; a
+    failing generic rule raises an error that names the module."""
     rule = rule or rule_for(rec.module) or generic
     training, rec.module.training = rec.module.training, rec.training
     try:
-        return rule(rec.module, rec.args, rec.kwargs, grads)
+        with writing_into(into or {}):
+            return rule(rec.module, rec.args, rec.kwargs, grads)
     except JacextError:
         raise
     except Exception as error:

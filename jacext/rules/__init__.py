@@ -30,13 +30,18 @@ Rule = Callable[..., Dict[str, Tensor]]
 
 RULES: Dict[Type[nn.Module], Rule] = {}
 SUBTREE: Set[Type[nn.Module]] = set()  # classes whose rule also covers their submodules' parameters
+MIN_DIMS: Dict[Type[nn.Module], Callable[[nn.Module], int]] = {}
 
 
-def register(*classes: Type[nn.Module], subtree: bool = False) -> Callable[[Rule], Rule]:
+def register(
+    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[nn.Module], int]] = None
+) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
     ``subtree=True``: the rule also returns the parameters of submodules that the module
     uses in its own forward without calling them (MultiheadAttention's out_proj).
+    ``min_dim(module)``: the fewest dimensions of the first input with a leading batch
+    dimension; a call with fewer is refused as the forward records it, before any backward.
     """
 
     def decorator(rule: Rule) -> Rule:
@@ -46,6 +51,8 @@ def register(*classes: Type[nn.Module], subtree: bool = False) -> Callable[[Rule
             RULES[cls] = rule
             if subtree:
                 SUBTREE.add(cls)
+            if min_dim is not None:
+                MIN_DIMS[cls] = min_dim
         return rule
 
     return decorator

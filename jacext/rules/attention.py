@@ -17,10 +17,9 @@ from torch.func import functional_call
 from jacext.errors import JacextError
 from jacext.rules import register
 from jacext.rules.generic import per_sample_vjp
-from jacext.rules.util import require_batch_dim
 
 
-@register(nn.MultiheadAttention, subtree=True)
+@register(nn.MultiheadAttention, subtree=True, min_dim=lambda m: 3)
 def multihead_attention(module, args, kwargs, grads):
     if module.training and module.dropout > 0:
         raise JacextError(
@@ -28,8 +27,6 @@ def multihead_attention(module, args, kwargs, grads):
             "observe; use dropout=0 or eval mode for per-sample quantities."
         )
     call = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    query = call["query"]
-    require_batch_dim(module, query, min_dim=3)
     batch = 0 if module.batch_first else 1
     dims = {id(call[name]): batch for name in ("query", "key", "value")}
     if call.get("key_padding_mask") is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from jacext.errors import JacextError
 from jacext.rules import register
-from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
+from jacext.rules.util import affine_jacobians, running_stats_xhat
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CHOICES = ("error", "eval", "exact")
@@ -44,15 +44,14 @@ def couples_samples(module: nn.Module) -> bool:
     )
 
 
-@register(*BATCHNORMS)
-def batchnorm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=2)
-    if not uses_batch_statistics(module):
-        xhat = running_stats_xhat(module, x)
-    elif getattr(module, "_jacext_batchnorm", "error") == "exact" and not _synchronised(module):
-        xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)
-    else:
+def require_choice(module: nn.Module) -> None:
+    """Raise (as the forward records it, before any backward) if this call of a BatchNorm uses
+    batch statistics and no usable choice was made ("eval" switches it to running statistics
+    for the call)."""
+    if type(module) not in BATCHNORMS or not uses_batch_statistics(module):
+        return
+    choice = getattr(module, "_jacext_batchnorm", "error")
+    if choice == "error" or (choice == "exact" and _synchronised(module)):
         raise JacextError(
             f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' normalises with batch "
             "statistics (train mode or track_running_stats=False), so each sample's output depends on "
@@ -61,4 +60,14 @@ def batchnorm(module, args, kwargs, grads):
             "sample's output through the batch statistics (N times the cost; not for a SyncBatchNorm "
             "synchronised across processes), or module.eval()."
         )
+
+
+@register(*BATCHNORMS, min_dim=lambda m: 2)
+def batchnorm(module, args, kwargs, grads):
+    x, (g,) = args[0], grads
+    require_choice(module)
+    if uses_batch_statistics(module):  # batchnorm="exact"
+        xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)
+    else:
+        xhat = running_stats_xhat(module, x)
     return affine_jacobians(module, g, xhat, channel_dim=True)

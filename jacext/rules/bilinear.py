@@ -7,14 +7,12 @@ import torch
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import require_batch_dim
 
 
-@register(nn.Bilinear)
+@register(nn.Bilinear, min_dim=lambda m: 2)
 def bilinear(module, args, kwargs, grads):
     x1, x2 = args[:2]
     (g,) = grads
-    require_batch_dim(module, x1, min_dim=2)
     n, v = x1.shape[0], g.shape[0]
     x1, x2 = x1.reshape(n, -1, module.in1_features), x2.reshape(n, -1, module.in2_features)
     g = g.reshape(v, n, -1, module.out_features)

@@ -22,17 +22,13 @@ from jacext.rules import register, register_norms, trainable
 from jacext.rules.util import (
     channel_sums,
     patches,
-    require_batch_dim,
     sq_norms_of_products,
 )
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2)
 def conv(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    d = len(module.kernel_size)
-    require_batch_dim(module, x, min_dim=d + 2)
-    v, n = g.shape[:2]
     out = {}
     if trainable(module, "weight"):
         out["weight"] = _weight_jacobian(module, x, g)

@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import channel_sums, kernel_letters, patches, require_batch_dim, spatial_letters
+from jacext.rules.util import channel_sums, kernel_letters, patches, spatial_letters
 
 
-@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, min_dim=lambda m: len(m.kernel_size) + 2)
 def conv_transpose(module, args, kwargs, grads):
     x, (g,) = args[0], grads
     d = len(module.kernel_size)
-    require_batch_dim(module, x, min_dim=d + 2)
     v, n = g.shape[:2]
     out = {}
     if trainable(module, "weight"):

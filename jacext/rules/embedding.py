@@ -41,10 +41,9 @@ import torch
 from torch import nn
 
 from jacext.rules import register, register_norms, trainable
-from jacext.rules.util import require_batch_dim
 
 
-@register(nn.Embedding, nn.EmbeddingBag)
+@register(nn.Embedding, nn.EmbeddingBag, min_dim=lambda m: 1)
 def embedding(module, args, kwargs, grads):
     (g,) = grads
     if not trainable(module, "weight"):
@@ -52,7 +51,6 @@ def embedding(module, args, kwargs, grads):
     if isinstance(module, nn.EmbeddingBag):
         return {"weight": _embedding_bag(module, args, kwargs, g)}
     x = args[0]
-    require_batch_dim(module, x, min_dim=1)
     v, n = g.shape[:2]
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
@@ -74,7 +72,6 @@ def embedding_norms(module, args, kwargs, grads):
     if not trainable(module, "weight"):
         return {}
     x = args[0]
-    require_batch_dim(module, x, min_dim=1)
     v, n = g.shape[:2]
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())

@@ -2,25 +2,33 @@
 
 dy[n, t, o] / dW[o, i] = x[n, t, i]  =>  J_W[n, v] = sum_t G[v, n, t]^T x[n, t]
 dy[n, t, o] / db[o]    = 1           =>  J_b[n, v] = sum_t G[v, n, t]
+
+J_W is written straight into its result buffer: an outer product for one position,
+one batched matrix product otherwise.
 """
 
 import torch
 from torch import nn
 
 from jacext.rules import register, register_norms, trainable
-from jacext.rules.util import require_batch_dim, sq_norms_of_products
+from jacext.rules.util import result_buffer, sq_norms_of_products
 
 
-@register(nn.Linear)
+@register(nn.Linear, min_dim=lambda m: 2)
 def linear(module: nn.Linear, args, kwargs, grads):
     x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=2)
     n = x.shape[0]
     x = x.reshape(n, -1, module.in_features)  # (N, T, in)
     g = g.reshape(g.shape[0], n, -1, module.out_features)  # (V, N, T, out)
     out = {}
     if trainable(module, "weight"):
-        out["weight"] = torch.einsum("vnto,nti->nvoi", g, x)
+        v, t, o, i = g.shape[0], x.shape[1], module.out_features, module.in_features
+        jw = result_buffer("weight", (n, v, o, i), x)
+        if t == 1:
+            torch.mul(g[:, :, 0].transpose(0, 1).unsqueeze(-1), x.reshape(n, 1, 1, i), out=jw)
+        else:
+            torch.bmm(g.permute(1, 0, 3, 2).reshape(n, v * o, t), x, out=jw.view(n, v * o, i))
+        out["weight"] = jw
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
     return out

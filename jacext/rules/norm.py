@@ -14,30 +14,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register
-from jacext.rules.util import affine_jacobians, require_batch_dim, running_stats_xhat
+from jacext.rules.util import affine_jacobians, running_stats_xhat
 
 
-@register(nn.LayerNorm, nn.RMSNorm)
+@register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1)
 def trailing_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=len(module.normalized_shape) + 1)
     normalise = F.layer_norm if type(module) is nn.LayerNorm else F.rms_norm
     xhat = normalise(x, module.normalized_shape, eps=module.eps)
     return affine_jacobians(module, g, xhat, channel_dim=False)
 
 
-@register(nn.GroupNorm)
+@register(nn.GroupNorm, min_dim=lambda m: 2)
 def group_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=2)
     xhat = F.group_norm(x, module.num_groups, eps=module.eps)
     return affine_jacobians(module, g, xhat, channel_dim=True)
 
 
-@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, min_dim=lambda m: m._get_no_batch_dim() + 1)
 def instance_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    require_batch_dim(module, x, min_dim=module._get_no_batch_dim() + 1)
     use_input_stats = module.training or not module.track_running_stats
     if use_input_stats:
         xhat = F.instance_norm(x, eps=module.eps)

@@ -6,10 +6,9 @@ J_a[n, v, c] = sum_s G[v, n, c, s] min(0, x[n, c, s])   (summed over all entries
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import require_batch_dim
 
 
-@register(nn.PReLU)
+@register(nn.PReLU, min_dim=lambda m: 2 if m.num_parameters > 1 else 0)
 def prelu(module, args, kwargs, grads):
     x, (g,) = args[0], grads
     if not trainable(module, "weight"):
@@ -19,6 +18,5 @@ def prelu(module, args, kwargs, grads):
     if module.num_parameters == 1:
         ja = negative.reshape(v, n, -1).sum(-1, keepdim=True)
     else:
-        require_batch_dim(module, x, min_dim=2)
         ja = negative.reshape(v, n, module.num_parameters, -1).sum(-1)
     return {"weight": ja.transpose(0, 1)}

@@ -33,7 +33,6 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from jacext.errors import JacextError
 from jacext.rules import register, trainable
-from jacext.rules.util import require_batch_dim
 
 
 class _Affine(NamedTuple):
@@ -209,11 +208,10 @@ def recurrent(module: nn.RNNBase, args, kwargs, grads):
 _CELL_MODES = {nn.LSTMCell: "LSTM", nn.GRUCell: "GRU"}
 
 
-@register(nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+@register(nn.RNNCell, nn.LSTMCell, nn.GRUCell, min_dim=lambda m: 2)
 def recurrent_cell(module: Any, args, kwargs, grads):
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
-    require_batch_dim(module, x, min_dim=2)
     mode = _CELL_MODES.get(type(module)) or f"RNN_{module.nonlinearity.upper()}"
     lstm = mode == "LSTM"
     if hx is None:

@@ -1,12 +1,38 @@
 """Small helpers shared by the rules."""
 
-from typing import Any
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
 from jacext.errors import JacextError
+from jacext.memory import ResultSlot
 from jacext.rules import trainable
+
+_DESTINATIONS: ContextVar[Optional[Dict[str, ResultSlot]]] = ContextVar("jacext_destinations", default=None)
+
+
+@contextmanager
+def writing_into(destinations: Dict[str, ResultSlot]):
+    """While a rule runs: where the tape wants its results, by parameter name."""
+    token = _DESTINATIONS.set(destinations)
+    try:
+        yield
+    finally:
+        _DESTINATIONS.reset(token)
+
+
+def result_buffer(name: str, shape, like: Tensor) -> Tensor:
+    """Where a rule may write its whole ``(N, V, *p.shape)`` result for parameter ``name``: the
+    tape's slot for it (a previous result nobody else holds, reused), else a fresh tensor.
+    Optional: a rule that returns a fresh tensor instead is just as correct, only slower for
+    large results, whose memory is then allocated anew at every backward."""
+    slot = (_DESTINATIONS.get() or {}).get(name)
+    if slot is not None and slot.shape.numel() == torch.Size(shape).numel() and slot.like.dtype == like.dtype:
+        return slot.take(shape)
+    return like.new_empty(shape)
 
 
 def require_batch_dim(module: nn.Module, x: Tensor, min_dim: int) -> None:

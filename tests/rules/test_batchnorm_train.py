@@ -58,9 +58,27 @@ def test_default_is_a_clear_error_naming_the_choices():
     model(x)
     jacext.extend(model)
     with backpack(jacext.BatchGrad()):
-        out = model(x)
         with pytest.raises(jacext.JacextError, match="'1'.*batchnorm='eval'.*batchnorm='exact'"):
-            out.sum().backward()
+            model(x)  # refused as the forward records it, before anything is computed
+
+
+@pytest.mark.parametrize("choice", ["error", "exact"])
+def test_batchnorm_without_parameters_is_seen(choice, dtype):
+    """An affine=False BatchNorm in train mode couples the samples of the layers before it; it
+    has no parameters (so no record of its own) and is still refused, or made exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    x = torch.randn(5, 3, dtype=dtype)
+    jacext.extend(model, batchnorm=choice)
+    if choice == "error":
+        with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="batchnorm='eval'"):
+            model(x)
+        return
+    expected = loop_jacobian(model, x)  # each output through the whole batch's statistics
+    with backpack(jacext.BatchJacobian()):
+        model(x).sum().backward()
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected[name], dtype, name, overall_scale(expected))
 
 
 def test_unknown_choice():

@@ -1,0 +1,89 @@
+"""Result memory: reusing a previous result that nobody holds, and refusing one that cannot fit.
+
+Writing N x P per-sample numbers into freshly allocated memory costs several times writing
+them into memory that is already mapped (page faults, zeroing by the kernel). A result that
+the previous backward stored on a parameter, and that no other tensor, view or array still
+references, is overwritten in place instead; anything the user kept is never touched.
+"""
+
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from jacext.errors import JacextError
+
+GiB = 2**30
+
+
+def reusable(p: Tensor, field: str, shape, dtype: torch.dtype) -> Optional[Tensor]:
+    """``p.<field>`` if it is a contiguous tensor of ``shape`` and ``dtype`` on p's device,
+    referenced only by that attribute (no other name, view, or numpy array shares its memory)."""
+    old = vars(p).get(field)
+    if (
+        type(old) is not Tensor
+        or old.shape != shape
+        or old.dtype != dtype
+        or old.device != p.device
+        or old.requires_grad
+        or old._is_view()
+        or not old.is_contiguous()
+    ):
+        return None
+    # references: the attribute, ``old`` here and getrefcount's argument; storage: ``old`` and
+    # the storage object made to ask
+    if sys.getrefcount(old) != 3 or torch._C._storage_Use_Count(old.untyped_storage()._cdata) != 2:
+        return None
+    return old
+
+
+class ResultSlot:
+    """Where one parameter's result for one extension goes: its previous result where that is
+    :func:`reusable`, else memory of the attribute's own shape, allocated when a rule asks for
+    it. A result written here is stored as it is, not as a view of a larger block, so that the
+    next backward can reuse it."""
+
+    def __init__(self, shape: torch.Size, like: Tensor, previous: Optional[Tensor]):
+        self.shape, self.like, self.tensor = shape, like, previous
+        self.taken = False
+
+    def take(self, shape) -> Tensor:
+        """The slot's memory, viewed as ``shape`` (same number of elements)."""
+        self.taken = True
+        if self.tensor is None:
+            self.tensor = self.like.new_empty(self.shape)
+        return self.tensor.view(shape)
+
+    def holds(self, block: Tensor) -> bool:
+        """Whether ``block`` is the slot's memory, written whole."""
+        t = self.tensor
+        if t is None or not block.is_contiguous():
+            return False
+        return block.data_ptr() == t.data_ptr() and block.numel() == t.numel()
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory that can still be allocated on ``device`` (None where unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def require_fits(nbytes: int, device: torch.device, what: str, advice: str) -> None:
+    """Raise before allocating ``nbytes`` on ``device`` if they cannot be had."""
+    free = available_bytes(device)
+    if free is not None and nbytes > free:
+        raise JacextError(
+            f"{what} would need {nbytes / GiB:.2f} GiB on {device}, but only {free / GiB:.2f} GiB "
+            f"are available. {advice}"
+        )

@@ -1,0 +1,101 @@
+"""The two ways the tape gets its cotangents, and where results are written.
+
+BatchGrad/BatchL2Grad alone catch G in the ordinary backward (``Tape.arm_inline``); where that
+cannot see every record (an output that does not reach the loss, ``backward(inputs=...)``,
+coupled samples, a module on the generic rule) the tape pulls back separately. Both must give
+the loop's numbers. Results are written into the previous result where nobody else holds it
+(``jacext.memory``), and refused before allocating when they cannot fit.
+"""
+
+import pytest
+import torch
+from backpack import backpack
+from torch import nn
+
+import jacext
+import jacext.memory
+from jacext.tape import Tape
+from reference import assert_close, loop_grad_batch, overall_scale
+
+
+class Branchy(nn.Module):
+    """``unused`` runs but does not reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.unused(x)
+        return self.b(self.a(x).tanh())
+
+
+def sq_loss(out, y):
+    return (out - y).square().sum()
+
+
+@pytest.fixture
+def inline_calls(monkeypatch):
+    calls = []
+    original = Tape.compute_inline
+
+    def spy(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(Tape, "compute_inline", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["inline", "unused_module", "inputs", "retain_graph"])
+def test_both_paths_give_the_loops_numbers(case, dtype, inline_calls):
+    torch.manual_seed(0)
+    model = Branchy() if case == "unused_module" else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model = model.to(dtype)
+    x, y = torch.randn(5, 3, dtype=dtype), torch.randn(5, 2, dtype=dtype)
+    expected = loop_grad_batch(model, sq_loss, y, x)
+    jacext.extend(model)
+    with backpack(jacext.BatchGrad(), jacext.BatchL2Grad()):
+        loss = sq_loss(model(x), y)
+        if case == "inputs":  # prunes the first layer's node from this backward
+            loss.backward(inputs=[model[2].weight])
+        elif case == "retain_graph":
+            loss.backward(retain_graph=True)
+            loss.backward()
+        else:
+            loss.backward()
+    assert len(inline_calls) == {"inline": 1, "unused_module": 0, "inputs": 0, "retain_graph": 2}[case]
+    scale = overall_scale(expected)
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, expected[name], dtype, name, scale)
+        assert_close(p.batch_l2, expected[name].flatten(1).square().sum(1), dtype, name, scale**2)
+
+
+def test_results_are_written_into_the_previous_ones_nobody_holds():
+    torch.manual_seed(0)
+    model = jacext.extend(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)))
+    weight = model[0].weight
+    for ext, field in [(jacext.BatchGrad, "grad_batch"), (jacext.BatchJacobian, "jacobian")]:
+        with backpack(ext()):
+            model(torch.randn(5, 3)).sum().backward()
+        address = getattr(weight, field).data_ptr()
+        x = torch.randn(5, 3)
+        with backpack(ext()):
+            model(x).sum().backward()
+        assert getattr(weight, field).data_ptr() == address
+        expected = getattr(weight, field).clone()
+        kept = getattr(weight, field)  # held by the user: the next backward must not touch it
+        with backpack(ext()):
+            model(2 * x).sum().backward()
+        assert torch.equal(kept, expected) and getattr(weight, field).data_ptr() != address
+
+
+def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
+    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device: 1000)
+    model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
+    with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match=r"GiB.*fewer outputs"):
+        model(torch.randn(8, 30)).sum().backward()
+    assert all(not hasattr(p, "jacobian") and p.grad is None for p in model.parameters())
+    with backpack(jacext.BatchL2Grad()):  # norms are not materialised: nothing to refuse
+        model(torch.randn(8, 30)).sum().backward()
+    assert model[0].weight.batch_l2.shape == (8,)
