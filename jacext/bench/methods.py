@@ -89,8 +89,10 @@ def _plain(case: Case) -> Prepared:
     return Prepared(run, standard=lambda _: None)
 
 
-def _jacext_extension(extension: type, attr: str) -> Callable[[Case], Prepared]:
-    """jacext's ``extension`` in a ``backpack`` context around the summed loss's backward."""
+def _jacext_extension(extension: type, attr: str, reuse: bool = False) -> Callable[[Case], Prepared]:
+    """jacext's ``extension`` in a ``backpack`` context around the summed loss's backward.
+    ``reuse``: the previous results are not cleared first, so jacext writes into them (as in a
+    training loop that does not keep them)."""
 
     def setup(case: Case) -> Prepared:
         model = jacext.extend(copy.deepcopy(case.model))
@@ -98,7 +100,8 @@ def _jacext_extension(extension: type, attr: str) -> Callable[[Case], Prepared]:
 
         def run() -> List[Tensor]:
             model.zero_grad(set_to_none=True)
-            clear(params, attr)
+            if not reuse:
+                clear(params, attr)
             with backpack(extension()):
                 case.loss(model(case.x), case.y).backward()
             return collect(params, attr, "jacext")
@@ -154,7 +157,19 @@ def plain() -> Method:
 def jacext_methods() -> List[Method]:
     return [
         Method("jacext BatchGrad", "jacext", ("grad",), _jacext_extension(jacext.BatchGrad, "grad_batch")),
+        Method(
+            "jacext BatchGrad, memory reused",
+            "jacext",
+            ("grad",),
+            _jacext_extension(jacext.BatchGrad, "grad_batch", reuse=True),
+        ),
         Method("jacext BatchJacobian", "jacext", ("jacobian",), _jacext_extension(jacext.BatchJacobian, "jacobian")),
+        Method(
+            "jacext BatchJacobian, memory reused",
+            "jacext",
+            ("jacobian",),
+            _jacext_extension(jacext.BatchJacobian, "jacobian", reuse=True),
+        ),
         Method("jacext.jacobian", "jacext", ("jacobian",), _jacext_jacobian),
         Method("jacext BatchL2Grad", "jacext", ("norms",), _jacext_norms(jacext.BatchL2Grad, "batch_l2")),
         Method(

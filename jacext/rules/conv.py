@@ -77,17 +77,22 @@ def _grouped_patches(module, x, g):
 
 @register_norms(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_norms(module, args, kwargs, grads):
-    """||J_W[n, v]||^2 per group via Gram matrices over positions s (or materialised where cheaper)."""
+    """||J_W[n, v]||^2 per group via Gram matrices over positions s where that is cheaper
+    (S (Cout/g + Cin/g K) < Cout/g Cin/g K), else from J_W itself (one layer at a time)."""
     x, (g,) = args[0], grads
     d = len(module.kernel_size)
     v, n = g.shape[:2]
     out = {}
     if trainable(module, "weight"):
-        p, gg = _grouped_patches(module, x, g)
-        groups = module.groups
-        p = p.flatten(3, 2 + d).transpose(2, 3).flatten(3).flatten(0, 1)  # (N g, S, Cin/g K)
-        gg = gg.flatten(4).transpose(3, 4).flatten(1, 2)  # (V, N g, S, Cout/g)
-        out["weight"] = sq_norms_of_products(gg, p).view(v, n, groups).sum(-1).T
+        groups, (c_out, c_in_k) = module.groups, (module.weight.shape[0], module.weight[0].numel())
+        positions = g[0, 0, 0].numel()
+        if positions * (c_out // groups + c_in_k) < c_out // groups * c_in_k:
+            p, gg = _grouped_patches(module, x, g)
+            p = p.flatten(3, 2 + d).transpose(2, 3).flatten(3).flatten(0, 1)  # (N g, S, Cin/g K)
+            gg = gg.flatten(4).transpose(3, 4).flatten(1, 2)  # (V, N g, S, Cout/g)
+            out["weight"] = sq_norms_of_products(gg, p).view(v, n, groups).sum(-1).T
+        else:
+            out["weight"] = _weight_jacobian(module, x, g).flatten(2).square().sum(-1)
     if trainable(module, "bias"):
         out["bias"] = channel_sums(g).square().sum(-1)
     return out

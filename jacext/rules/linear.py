@@ -27,7 +27,8 @@ def linear(module: nn.Linear, args, kwargs, grads):
         if t == 1:
             torch.mul(g[:, :, 0].transpose(0, 1).unsqueeze(-1), x.reshape(n, 1, 1, i), out=jw)
         else:
-            torch.bmm(g.permute(1, 0, 3, 2).reshape(n, v * o, t), x, out=jw.view(n, v * o, i))
+            gt = g[0].transpose(1, 2) if v == 1 else g.permute(1, 0, 3, 2).reshape(n, v * o, t)  # (N, V O, T)
+            torch.bmm(gt, x, out=jw.view(n, v * o, i))
         out["weight"] = jw
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
