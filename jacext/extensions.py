@@ -8,6 +8,8 @@ The work itself happens in :mod:`jacext.tape`, once for all active extensions.
 BackPACK's own module hooks, where installed, find nothing to do for them.
 """
 
+from typing import Optional
+
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
@@ -63,6 +65,15 @@ class BatchJacobian(JacextExtension):
 
     savefield = "jacobian"
     kind = "outputs"
+
+    def __init__(self, chunk_size: Optional[int] = None):
+        """``chunk_size``: pull the outputs back this many at a time (default: all C at once).
+        Bounds the cotangents held during the backward (C x the model's activations without it);
+        the result itself is as large either way."""
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        super().__init__()
 
     def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
         return block.reshape(*out_shape, *block.shape[2:])

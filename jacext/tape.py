@@ -185,6 +185,11 @@ class Tape:
         Returns the seed ranges per kind and, per record, its output leaves' cotangents
         ``(V, *leaf)`` (zeros where a leaf did not reach the output; ``None`` where it does not
         require a gradient). With coupled samples, V is N times the seeds (one per sample)."""
+        spans, seeds = self._seeds(out_shape, grad_out)
+        return spans, self._pulled_back(out_edge, seeds, grad_out)
+
+    def _seeds(self, out_shape, grad_out: Tensor):
+        """The seed ranges per kind, and the seeds ``(V, *out_shape)`` of all kinds stacked."""
         kinds: Dict[str, Tensor] = {}  # seed kind -> seeds (V_k, *out_shape); extensions share them
         for ext in self.extensions:
             if ext.kind not in kinds:
@@ -198,7 +203,18 @@ class Tape:
         if self.coupled:  # seed (n, v) is seed v restricted to sample n: (N * V, N, ...)
             only = torch.eye(n, dtype=seeds.dtype, device=seeds.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
             seeds = (seeds.unsqueeze(0) * only).flatten(0, 1)
-        records = self.records if n > 0 else []  # an empty batch: every result is empty
+        return spans, seeds
+
+    def _pulled_back(self, out_edge: GradientEdge, seeds: Tensor, grad_out: Tensor):
+        """Per record, its leaves' cotangents for ``seeds``, after refusing G that cannot fit."""
+        records = self.records if seeds.shape[1] > 0 else []  # an empty batch: every result is empty
+        per_seed = sum(shape.numel() for rec in records for shape in rec.out_shapes) * grad_out.element_size()
+        require_fits(
+            seeds.shape[0] * per_seed,
+            grad_out.device,
+            f"the cotangents of {seeds.shape[0]} seeds at every layer",
+            "Pass chunk_size to BatchJacobian to pull the outputs back a few at a time, or use fewer outputs.",
+        )
         grads = self._pull_back(out_edge, [e for rec in records for e in rec.edges], seeds)
         per_record, i = [], 0
         for rec in records:
@@ -208,10 +224,60 @@ class Tape:
                 leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
             i += len(rec.edges)
             per_record.append((rec, leaf_grads))
-        return spans, per_record
+        return per_record
 
     def _compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
-        return self._contract(*self.cotangents(out_edge, out_shape, grad_out), out_shape)
+        chunk = min((e.chunk_size for e in self.extensions if getattr(e, "chunk_size", None)), default=None)
+        spans, seeds = self._seeds(out_shape, grad_out)
+        if chunk is None or chunk >= seeds.shape[0] or self.coupled:
+            return self._contract(spans, self._pulled_back(out_edge, seeds, grad_out), out_shape)
+        return self._contract_in_chunks(out_edge, spans, seeds, grad_out, out_shape, chunk)
+
+    def _contract_in_chunks(self, out_edge, spans, seeds, grad_out, out_shape, chunk: int):
+        """:meth:`_contract`, pulling back ``chunk`` seeds at a time: the cotangents held at once
+        are those of ``chunk`` seeds; the results are written into place chunk by chunk."""
+        n = out_shape[0]
+        slots = self._result_slots(spans, out_shape)
+        self._require_result_memory(spans, out_shape, slots)
+        shared = self.shared_parameters()
+        whole: Dict[tuple, Tensor] = {}  # (parameter, kind) -> (N, V_k, *p) or norms (N, V_k)
+        for a in range(0, seeds.shape[0], chunk):
+            b = min(a + chunk, seeds.shape[0])
+            part = {k: (max(s, a) - a, min(e, b) - a) for k, (s, e) in spans.items() if max(s, a) < min(e, b)}
+            blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}
+            norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}
+            for rec, leaf_grads in self._pulled_back(out_edge, seeds[a:b], grad_out):
+                self._apply_rules(rec, leaf_grads, part, {}, shared, blocks, norms, n)
+            for store, is_block in ((blocks, True), (norms, False)):
+                for p, per_kind in store.items():
+                    for kind, value in per_kind.items():
+                        if (p, kind, is_block) not in whole:
+                            owner = self._owner(kind) if is_block else None
+                            width = spans[kind][1] - spans[kind][0]
+                            shape = (n, width, *value.shape[2:])
+                            slot = slots.get((p, owner)) if owner is not None else None
+                            whole[(p, kind, is_block)] = slot.take(shape) if slot else value.new_empty(shape)
+                        start = max(spans[kind][0], a) - spans[kind][0]
+                        whole[(p, kind, is_block)][:, start : start + value.shape[1]] = value
+        blocks = {}
+        norms = {}
+        for (p, kind, is_block), value in whole.items():
+            (blocks if is_block else norms).setdefault(p, {})[kind] = value
+        return self._results(blocks, norms, spans, out_shape, slots)
+
+    def _results(self, blocks, norms, spans, out_shape, slots) -> Dict[nn.Parameter, list]:
+        """Per trainable parameter, every extension's finished result."""
+        results = {}
+        for p in self.root.parameters():
+            if p.requires_grad:
+                finish = partial(self._finish, p=p, blocks=blocks, norms=norms, spans=spans, out_shape=out_shape)
+                results[p] = [finish(ext, slot=slots.get((p, ext))) for ext in self.extensions]
+        return results
+
+    def _owner(self, kind: str):
+        """The one extension that keeps the materialised result of ``kind``, or None."""
+        owners = [e for e in self.extensions if e.needs_block and e.kind == kind]
+        return owners[0] if len(owners) == 1 else None
 
     def _contract(self, spans, per_record, out_shape) -> Dict[nn.Parameter, list]:
         """Every record's rule on its cotangents, gathered per parameter and extension."""
@@ -228,12 +294,7 @@ class Tape:
                 if slot.taken and vars(p).get(ext.savefield) is slot.tensor:
                     del vars(p)[ext.savefield]
             raise
-        results = {}
-        for p in self.root.parameters():
-            if p.requires_grad:
-                finish = partial(self._finish, p=p, blocks=blocks, norms=norms, spans=spans, out_shape=out_shape)
-                results[p] = [finish(ext, slot=slots.get((p, ext))) for ext in self.extensions]
-        return results
+        return self._results(blocks, norms, spans, out_shape, slots)
 
     def _apply_rules(self, rec: Record, leaf_grads, spans, slots, shared, blocks, norms, n: int) -> None:
         """One record: its norm rule for the kinds only norms are asked of (where it has one and
@@ -291,14 +352,14 @@ class Tape:
                 "norms only (BatchL2Grad, jacext.dp.ClipGrad), which are not materialised.",
             )
 
-    def _destinations(self, rec: Record, materialised, kept, shared) -> Dict[str, Tensor]:
-        """Previous results the record's rule may overwrite: where it materialises one kind,
+    def _destinations(self, rec: Record, materialised, slots, shared) -> Dict[str, ResultSlot]:
+        """The result slots the record's rule may write into: where it materialises one kind,
         kept whole by one extension, for parameters no other record contributes to."""
-        owners = [e for e in self.extensions if e.needs_block and e.kind in materialised]
-        if not kept or len(materialised) != 1 or len(owners) != 1:
+        owner = self._owner(materialised[0]) if len(materialised) == 1 else None
+        if not slots or owner is None:
             return {}
         covered = rec.module.named_parameters(recurse=covers_subtree(rec.module))
-        return {name: kept[(p, owners[0])] for name, p in covered if (p, owners[0]) in kept and id(p) not in shared}
+        return {name: slots[(p, owner)] for name, p in covered if (p, owner) in slots and id(p) not in shared}
 
     def factors(self, out_edge: GradientEdge, out_shape, grad_out: Tensor):
         """:meth:`cotangents` with BackPACK's hooks paused, for callers outside a backward pass."""

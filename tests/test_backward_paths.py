@@ -10,12 +10,12 @@ the loop's numbers. Results are written into the previous result where nobody el
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale
 from torch import nn
 
 import jacext
 import jacext.memory
 from jacext.tape import Tape
-from reference import assert_close, loop_grad_batch, overall_scale
 
 
 class Branchy(nn.Module):
@@ -99,3 +99,41 @@ def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     with backpack(jacext.BatchL2Grad()):  # norms are not materialised: nothing to refuse
         model(torch.randn(8, 30)).sum().backward()
     assert model[0].weight.batch_l2.shape == (8,)
+
+
+class Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 20])
+def test_jacobian_in_chunks_gives_the_loops_numbers(chunk, dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), Scale(5)).to(dtype)
+    x, y = torch.randn(3, 4, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+
+    expected_j, expected_g = loop_jacobian(model, x), loop_grad_batch(model, sq_loss, y, x)
+    jacext.extend(model)
+    with backpack(jacext.BatchJacobian(chunk_size=chunk), jacext.BatchGrad(), jacext.BatchL2Grad()):
+        sq_loss(model(x), y).backward()
+    sj, sg = overall_scale(expected_j), overall_scale(expected_g)
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected_j[name], dtype, name, sj)
+        assert_close(p.grad_batch, expected_g[name], dtype, name, sg)
+        assert_close(p.batch_l2, expected_g[name].flatten(1).square().sum(1), dtype, name, sg**2)
+
+
+def test_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match="chunk_size"):
+        jacext.BatchJacobian(chunk_size=0)
+
+
+def test_cotangents_that_cannot_fit_point_to_chunk_size(monkeypatch):
+    model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
+    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device: 8 * 40 * 4 * 5)
+    with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="chunk_size"):
+        model(torch.randn(8, 30)).sum().backward()
