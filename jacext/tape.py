@@ -379,7 +379,7 @@ class Tape:
     def _finish(ext, p, blocks, norms, spans, out_shape, slot: Optional[ResultSlot]) -> Tensor:
         n = out_shape[0]
         block = blocks.get(p, {}).get(ext.kind)
-        if slot is not None and block is not None and slot.holds(block):
+        if slot is not None and slot.tensor is not None and block is not None and slot.holds(block):
             return slot.tensor  # the rule wrote the whole result into the slot (see _destinations)
         if ext.needs_block:
             if block is None:  # not used in this forward pass: its derivative is zero

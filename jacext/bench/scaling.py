@@ -26,7 +26,7 @@ import torch
 
 from jacext.bench.registry import method_named
 from jacext.bench.report import header
-from jacext.bench.timing import interleaved
+from jacext.bench.timing import add_timing_arguments, interleaved, torch_threads
 from jacext.bench.workloads import Case, mlp
 
 PLAIN = "plain forward+backward"
@@ -171,21 +171,16 @@ def plot(report: dict, path: str) -> None:
 
 def parse(argv: List[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jacext.bench.scaling", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
-    parser.add_argument("--repeats", type=int, help="interleaved rounds per point (default 5, quick 1)")
-    parser.add_argument("--min-run-time", type=float, help="seconds per blocked_autorange (default 0.2, quick 0.01)")
-    parser.add_argument("--threads", type=int, help="torch threads (default torch's, quick 1)")
     parser.add_argument("--json", default="docs/img/scaling.json", metavar="PATH", help="%(default)s")
     parser.add_argument("--plot", default="docs/img/scaling.png", metavar="PATH", help="%(default)s")
+    add_timing_arguments(parser, min_run_time=0.2)
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or (1 if args.quick else threads))
-    try:
+    with torch_threads(args.threads or (1 if args.quick else None)):
         repeats = args.repeats or (1 if args.quick else 5)
         min_run_time = args.min_run_time or (0.01 if args.quick else 0.2)
         report: dict = {
@@ -199,8 +194,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         }
         report["sweeps"] = run(args.quick, repeats, min_run_time)
         report["header"]["loadavg_after"] = list(os.getloadavg())
-    finally:
-        torch.set_num_threads(threads)
     for path in (args.json, args.plot):
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -22,7 +22,7 @@ may change ``forward`` and needs its own registration.
 
 import importlib
 import pkgutil
-from typing import Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, Optional, Set, Type
 
 from torch import Tensor, nn
 
@@ -30,11 +30,11 @@ Rule = Callable[..., Dict[str, Tensor]]
 
 RULES: Dict[Type[nn.Module], Rule] = {}
 SUBTREE: Set[Type[nn.Module]] = set()  # classes whose rule also covers their submodules' parameters
-MIN_DIMS: Dict[Type[nn.Module], Callable[[nn.Module], int]] = {}
+MIN_DIMS: Dict[Type[nn.Module], Callable[[Any], int]] = {}
 
 
 def register(
-    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[nn.Module], int]] = None
+    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[Any], int]] = None
 ) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
