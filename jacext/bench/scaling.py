@@ -46,8 +46,8 @@ class Sweep:
 
 
 def sweeps(quick: bool) -> List[Sweep]:
-    grad = [PLAIN, "torch.func vmap(grad)", "jacext BatchGrad"]
-    jac = [PLAIN, "torch.func vmap(jacrev)", "jacext BatchJacobian"]
+    grad = [PLAIN, "torch.func vmap(grad)", "jacext BatchGrad", "jacext BatchGrad, memory reused"]
+    jac = [PLAIN, "torch.func vmap(jacrev)", "jacext BatchJacobian", "jacext BatchJacobian, memory reused"]
     if quick:
         return [
             Sweep("batch", "batch size N", "grad", [2, 4], {"outputs": 3, "width": 8}, grad),
@@ -132,7 +132,12 @@ def plot(report: dict, path: str) -> None:
 
     results = report["sweeps"]
     fig, axes = plt.subplots(2, len(results), figsize=(4.2 * len(results), 7), squeeze=False)
-    styles = {0: ("tab:gray", "s", ":"), 1: ("tab:blue", "o", "--"), 2: ("tab:red", "^", "-")}
+    styles = {
+        0: ("tab:gray", "s", ":"),
+        1: ("tab:blue", "o", "--"),
+        2: ("tab:red", "^", "-"),
+        3: ("tab:orange", "v", "-"),
+    }
     for col, sweep in enumerate(results):
         x = [p["value"] for p in sweep["points"]]
         top, bottom = axes[0][col], axes[1][col]
