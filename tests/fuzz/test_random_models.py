@@ -1,853 +1,113 @@
 """Property-based tests: random architectures from every supported layer against the autograd loops.
 
-Hypothesis assembles small models from Linear, Conv, ConvTranspose, BatchNorm (eval), LayerNorm,
-RMSNorm, GroupNorm, InstanceNorm, PReLU, Bilinear, Embedding, EmbeddingBag, MultiheadAttention,
-RNN/LSTM/GRU and their cells, custom modules served by the generic rule, parameter-free code,
-residual additions, modules called twice, tied weights, unused and frozen parameters, with random
-shapes, options and batch sizes (N = 0 included). One backward pass with BatchJacobian, BatchGrad
-and BatchL2Grad, one with a random subset of them in random order (BatchL2Grad without BatchGrad:
-the norm rules), and ``jacext.jacobian`` (also ``flat=True``) are compared with the loops of
-``tests/reference.py``; ``p.grad`` with a backward pass without jacext. Sizes stay tiny: the
-oracle runs N * C backward passes. Profiles (number of examples): ``conftest.py``. At the end:
-regression tests for the jacext bugs the fuzzer found, and a reproducer (xfail) of one still open,
-which the strategies avoid.
+Hypothesis assembles small models (``models.py``) from Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+BatchNorm1d/2d/3d (eval), LayerNorm and RMSNorm (over up to three trailing dims), GroupNorm,
+InstanceNorm1d/2d/3d, PReLU, Bilinear, Embedding, EmbeddingBag, MultiheadAttention, RNN/LSTM/GRU
+(batch_first both ways, bidirectional, packed) and their cells, custom modules served by the
+generic rule, parameter-free code, residual additions, modules called twice, tied weights, unused
+and frozen parameters, with random shapes, options, batch sizes (N = 0 and 1 included), float32
+and float64, on the CPU and on CUDA where available. One backward pass with BatchJacobian,
+BatchGrad and BatchL2Grad, one with a random subset of them in random order (BatchL2Grad without
+BatchGrad: the norm rules), and ``jacext.jacobian`` (also ``flat=True``) are compared with the
+loops of ``tests/reference.py``; ``p.grad`` with a backward pass without jacext. Sizes stay tiny:
+the oracle runs N * C backward passes. Profiles (number of examples): ``conftest.py`` and
+``models.examples``. Other properties: ``test_batchnorm_train.py`` (BatchNorm with batch
+statistics), ``test_clip.py`` (``jacext.dp.ClipGrad``), ``test_with_backpack.py`` (BackPACK's own
+extensions in the same pass). At the end: regression tests for the jacext bugs the fuzzer found,
+and a reproducer (xfail) of one still open, which the strategies avoid.
 """
-
-import math
-from dataclasses import dataclass
-from typing import Tuple
 
 import pytest
 import torch
-import torch.nn.functional as F
 from backpack import backpack
 from hypothesis import given
 from hypothesis import strategies as st
+from reference import assert_close, loop_jacobian
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import jacext
-from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, trainable
 
-pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
-
-MAX_N = 3  # largest batch size
-MAX_SIDE = 5  # largest length of a spatial or sequence dimension a block produces
-MAX_WIDTH = 4  # largest number of channels or features a block produces
-MAX_OUTPUTS = 8  # largest number of output coordinates per sample (the oracle's cost)
-DTYPES = st.sampled_from([torch.float64, torch.float32])
-SEEDS = st.integers(0, 2**16)
-# eps of the normalisations: with torch's 1e-5, float32 rounding in groups of (nearly) equal values
-# (repeated tokens) is amplified by 1 / sqrt(eps) beyond the oracle's float32 tolerance
-EPS = st.sampled_from([1e-3, 0.1])
-
-
-# ---------------------------------------------------------------- modules the strategies assemble
-
-
-class Swap(nn.Module):
-    """x.transpose(1, 2): channels <-> positions."""
-
-    def forward(self, x):
-        return x.transpose(1, 2)
-
-
-class Mean(nn.Module):
-    """The average over dimension 1."""
-
-    def forward(self, x):
-        return x.mean(1)
-
-
-class Squeeze(nn.Module):
-    """(N, 1) -> (N,): a scalar output per sample."""
-
-    def forward(self, x):
-        return x.squeeze(-1)
-
-
-class Residual(nn.Module):
-    """x + inner(x)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return x + self.inner(x)
-
-
-class Spare(nn.Module):
-    """Owns a Linear that its forward never calls: its parameters get zeros."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.unused = nn.Linear(width, width)
-
-    def forward(self, x):
-        return x
-
-
-class Twice(nn.Module):
-    """One module called twice: inner(tanh(inner(x)))."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(torch.tanh(self.inner(x)))
-
-
-class Tied(nn.Module):
-    """Two Linear layers sharing one weight, each with its own bias: second(tanh(first(x)))."""
-
-    def __init__(self, width, bias):
-        super().__init__()
-        self.first, self.second = nn.Linear(width, width, bias=bias), nn.Linear(width, width, bias=bias)
-        self.second.weight = self.first.weight
-
-    def forward(self, x):
-        return self.second(torch.tanh(self.first(x)))
-
-
-class Pair(nn.Module):
-    """Bilinear of x and tanh of its first in2_features features."""
-
-    def __init__(self, bilinear):
-        super().__init__()
-        self.bilinear = bilinear
-
-    def forward(self, x):
-        return self.bilinear(x, torch.tanh(x[..., : self.bilinear.in2_features]))
-
-
-class Squared(nn.Module):
-    """Not quasi-linear (the generic rule serves it): y = x (W * W)^T + sin(b) over the last dim."""
-
-    def __init__(self, inp, out):
-        super().__init__()
-        self.W = nn.Parameter(torch.randn(out, inp))
-        self.b = nn.Parameter(torch.randn(out))
-
-    def forward(self, x):
-        return x @ (self.W * self.W).T + torch.sin(self.b)
-
-
-class Gate(nn.Module):
-    """Elementwise over the last dim, with a buffer (generic rule): y = x sigmoid(a) + c (x - shift)^2."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.a, self.c = nn.Parameter(torch.randn(width)), nn.Parameter(torch.randn(width))
-        self.register_buffer("shift", torch.randn(width))
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.a) + self.c * (x - self.shift) ** 2
-
-
-class Lookup(nn.Module):
-    """Generic rule, called with a tensor shared by all samples: y = x * w + tanh(x table^T) table."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(width))
-
-    def forward(self, x, table):
-        return x * self.w + torch.tanh(x @ table.T) @ table
-
-
-class WithTable(nn.Module):
-    """Holds the table (a buffer of MAX_N + 1 rows, so that its first dim is never the batch
-    size: test_generic_rule_with_a_shared_argument_whose_first_dim_is_n) and calls a Lookup."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.lookup = Lookup(width)
-        self.register_buffer("table", torch.randn(MAX_N + 1, width))
-
-    def forward(self, x):
-        return self.lookup(x, self.table)
-
-
-class Scaled(nn.Module):
-    """A 0-dim parameter of its own (generic rule) around a child with a rule: alpha * tanh(child(x))."""
-
-    def __init__(self, child):
-        super().__init__()
-        self.child = child
-        self.alpha = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, x):
-        return self.alpha * torch.tanh(self.child(x))
-
-
-class Attend(nn.Module):
-    """MultiheadAttention on (N, L, E), returning (N, L, E) or, with need_weights, the attention
-    weights appended along the last dim.
-
-    cross: key and value are the reversed sequence cut to kdim and vdim features. mask: None,
-    "causal" (bool (L, S)), "padding" (a key_padding_mask from the data, the first key never
-    masked) or "per_sample" (a differentiable float attn_mask (N * heads, L, S) from the data).
-    """
-
-    def __init__(self, mha, cross, mask, need_weights, average):
-        super().__init__()
-        self.mha, self.cross, self.mask, self.need_weights, self.average = mha, cross, mask, need_weights, average
-
-    def extra_repr(self):
-        return f"cross={self.cross}, mask={self.mask!r}, need_weights={self.need_weights}, average={self.average}"
-
-    def forward(self, x):
-        key, value = (x.flip(1)[..., : self.mha.kdim], x.flip(1)[..., : self.mha.vdim]) if self.cross else (x, x)
-        call = dict(need_weights=self.need_weights, average_attn_weights=self.average)
-        if self.mask == "causal":
-            call["attn_mask"] = torch.ones(x.shape[1], key.shape[1], dtype=torch.bool, device=x.device).triu(1)
-        elif self.mask == "padding":
-            call["key_padding_mask"] = torch.cat([torch.zeros_like(key[:, :1, 0], dtype=torch.bool), key[:, 1:, 0] > 0.5], 1)
-        elif self.mask == "per_sample":
-            call["attn_mask"] = (-F.softplus(x[..., :1] - key[..., :1].transpose(1, 2))).repeat_interleave(self.mha.num_heads, 0)
-        if not self.mha.batch_first:
-            x, key, value = x.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        out, weights = self.mha(x, key, value, **call)
-        out = out if self.mha.batch_first else out.transpose(0, 1)
-        if weights is None:
-            return out
-        if weights.dim() == 4:  # per head: (N, H, L, S) -> (N, L, H * S)
-            weights = weights.transpose(1, 2).flatten(2)
-        return torch.cat([out, weights], -1)
-
-
-class Recurrent(nn.Module):
-    """RNN, LSTM or GRU on (N, T, F), returning the output sequence (N, T, directions * H).
-
-    packed: sample n's length is its number of steps with x[n, t, 0] > -0.5 (at least 1); the
-    sequence is packed (unsorted) and padded back to T. state: initial states from the data,
-    h0 = tanh(x[:, 0, 0]) and c0 = tanh(x[:, -1, 0]) broadcast (expanded, not contiguous).
-    """
-
-    def __init__(self, rnn, packed, state):
-        super().__init__()
-        self.rnn, self.packed, self.state = rnn, packed, state
-
-    def extra_repr(self):
-        return f"packed={self.packed}, state={self.state}"
-
-    def initial_state(self, x):
-        rnn = self.rnn
-        layers = rnn.num_layers * (2 if rnn.bidirectional else 1)
-        h0 = torch.tanh(x[:, 0, 0])[None, :, None].expand(layers, -1, rnn.proj_size or rnn.hidden_size)
-        if isinstance(rnn, nn.LSTM):
-            return h0, torch.tanh(x[:, -1, 0])[None, :, None].expand(layers, -1, rnn.hidden_size)
-        return h0
-
-    def forward(self, x):
-        hx = self.initial_state(x) if self.state else None
-        if self.packed:
-            lengths = (x[..., 0] > -0.5).sum(1).clamp(min=1).cpu()
-            out, _ = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), hx)
-            return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-        out, _ = self.rnn(x if self.rnn.batch_first else x.transpose(0, 1), hx)
-        return out if self.rnn.batch_first else out.transpose(0, 1)
-
-
-class Unrolled(nn.Module):
-    """A cell applied ``steps`` times to the same input, the hidden states concatenated."""
-
-    def __init__(self, cell, steps):
-        super().__init__()
-        self.cell, self.steps = cell, steps
-
-    def extra_repr(self):
-        return f"steps={self.steps}"
-
-    def forward(self, x):
-        state, outs = None, []
-        for _ in range(self.steps):
-            state = self.cell(x, state)
-            outs.append(state[0] if isinstance(state, tuple) else state)
-        return torch.cat(outs, -1)
-
-
-class Bag(nn.Module):
-    """EmbeddingBag on tokens (N, B). form "2d": row n is bag n; "offsets" and "last_offset": the
-    1-D input of every sample's tokens >= 0 with offsets (token -1 is absent, so bags may be empty).
-    weighted: per_sample_weights cos(token) (mode "sum")."""
-
-    def __init__(self, bag, form, weighted):
-        super().__init__()
-        self.bag, self.form, self.weighted = bag, form, weighted
-
-    def extra_repr(self):
-        return f"form={self.form!r}, weighted={self.weighted}"
-
-    def forward(self, x):
-        offsets = None
-        if self.form != "2d":
-            keep = x >= 0
-            counts = keep.sum(1)
-            x, offsets = x[keep], torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-            offsets = offsets if self.bag.include_last_offset else offsets[:-1]
-        weights = torch.cos(x.to(self.bag.weight.dtype)) if self.weighted else None
-        return self.bag(x, offsets, weights)
-
-
-# ---------------------------------------------------------------- strategies: one block at a time
-
-
-def out_shape(module, shape, tokens=False):
-    """The per-sample output shape of ``module`` for per-sample input shape ``shape``."""
-    x = torch.zeros(1, *shape, dtype=torch.long) if tokens else torch.zeros(1, *shape)
-    with torch.no_grad():
-        return tuple(module(x).shape[1:])
-
-
-def divisors(c):
-    return [g for g in range(1, c + 1) if c % g == 0]
-
-
-def pad_ok(mode, pad, size):
-    """Whether torch pads a dim of length ``size`` by ``pad`` on a side in padding ``mode``."""
-    return {"reflect": pad < size, "circular": pad <= size}.get(mode, True)
-
-
-def conv_options(size, mode):
-    """(kernel, stride, dilation, padding) along one dim of length ``size``, padded in ``mode``,
-    with an output of length at least 1 and at most MAX_SIDE or ``size``."""
-    return [
-        (k, s, d, p)
-        for p in range(3) for k in (1, 2, 3) for s in (1, 2) for d in (1, 2)
-        if pad_ok(mode, p, size) and d * (k - 1) < size + 2 * p
-        and (size + 2 * p - d * (k - 1) - 1) // s < max(MAX_SIDE, size)
-    ]
-
-
-def same_options(size, mode):
-    """(kernel, dilation) for padding="same" along one dim of length ``size``, padded in ``mode``
-    (the right side gets the larger half)."""
-    return [(k, d) for k in (1, 2, 3) for d in (1, 2) if pad_ok(mode, d * (k - 1) - d * (k - 1) // 2, size)]
-
-
-def conv_transpose_options(size):
-    """(kernel, stride, dilation, padding, output_padding) along one dim of length ``size`` with
-    an output of length at least 1 and at most MAX_SIDE or ``size``."""
-    return [
-        (k, s, d, p, o)
-        for p in range(3) for k in (1, 2, 3) for s in (1, 2) for d in (1, 2) for o in range(max(s, d))
-        if 1 <= (size - 1) * s - 2 * p + d * (k - 1) + o + 1 <= max(MAX_SIDE, size)
-    ]
-
-
-def channels(draw, cin, same):
-    """Output channels and groups of a convolution: groups divide both."""
-    groups = draw(st.sampled_from(divisors(cin)))
-    cout = cin if same else groups * draw(st.integers(1, max(1, MAX_WIDTH // groups)))
-    return cout, groups
-
-
-@st.composite
-def conv(draw, shape, same):
-    """Conv1d/2d with per-dim kernel, stride, dilation and padding (int, "same", "valid"), any padding_mode."""
-    d = len(shape) - 1
-    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    padding = "same" if same else draw(st.sampled_from(["int", "int", "same", "valid"]))
-    if padding == "same":
-        picks = [draw(st.sampled_from(same_options(size, mode))) for size in shape[1:]]
-        kernel, dilation = zip(*picks)
-        stride = (1,) * d
-    elif padding == "valid":
-        picks = [draw(st.sampled_from([o for o in conv_options(size, "zeros") if o[3] == 0])) for size in shape[1:]]
-        kernel, stride, dilation, _ = zip(*picks)
-    else:
-        picks = [draw(st.sampled_from(conv_options(size, mode))) for size in shape[1:]]
-        kernel, stride, dilation, padding = zip(*picks)
-    cout, groups = channels(draw, shape[0], same)
-    layer = (nn.Conv1d, nn.Conv2d)[d - 1](
-        shape[0], cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-        bias=draw(st.booleans()), padding_mode=mode,
-    )
-    return nn.Sequential(layer, nn.ReLU(inplace=True)) if draw(st.booleans()) else layer
-
-
-@st.composite
-def conv_transpose(draw, shape, same):
-    """ConvTranspose1d/2d with per-dim kernel, stride, dilation, padding and output_padding."""
-    picks = [draw(st.sampled_from(conv_transpose_options(size))) for size in shape[1:]]
-    kernel, stride, dilation, padding, output_padding = zip(*picks)
-    cout, groups = channels(draw, shape[0], same=False)
-    return (nn.ConvTranspose1d, nn.ConvTranspose2d)[len(shape) - 2](
-        shape[0], cout, kernel, stride=stride, padding=padding, output_padding=output_padding,
-        dilation=dilation, groups=groups, bias=draw(st.booleans()),
-    )
-
-
-@st.composite
-def linear(draw, shape, same):
-    """Linear over the last dim (any leading dims), on inputs (N, F) optionally followed by an
-    in-place ReLU (on more dims its output is a view, which jacext refuses to see changed in place:
-    test_in_place_op_on_an_output_that_is_a_view)."""
-    layer = nn.Linear(shape[-1], shape[-1] if same else draw(st.integers(1, MAX_WIDTH)), bias=draw(st.booleans()))
-    return nn.Sequential(layer, nn.ReLU(inplace=True)) if len(shape) == 1 and draw(st.booleans()) else layer
-
-
-@st.composite
-def batchnorm(draw, shape, same):
-    """BatchNorm1d/2d in eval mode (random running statistics are set by ``randomize``)."""
-    return (nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm2d)[len(shape) - 1](
-        shape[0], eps=draw(EPS), affine=draw(st.booleans())
-    ).eval()
-
-
-@st.composite
-def groupnorm(draw, shape, same):
-    """GroupNorm with groups of at least two values (torch refuses one for a single sample)."""
-    groups = [g for g in divisors(shape[0]) if math.prod(shape) // g >= 2]
-    return nn.GroupNorm(draw(st.sampled_from(groups)), shape[0], eps=draw(EPS), affine=draw(st.booleans()))
-
-
-@st.composite
-def instancenorm(draw, shape, same):
-    """InstanceNorm1d/2d with affine parameters; with running statistics, in train or eval mode."""
-    norm = (nn.InstanceNorm1d, nn.InstanceNorm2d)[len(shape) - 2](
-        shape[0], eps=draw(EPS), affine=True, track_running_stats=draw(st.booleans())
-    )
-    return norm.train(draw(st.booleans()))
-
-
-@st.composite
-def trailing_norm(draw, shape, same):
-    """LayerNorm or RMSNorm over the last one or two dims (LayerNorm over at least two values:
-    over one it outputs its bias, and in float32 rounding noise)."""
-    normalized = shape[-draw(st.integers(1, min(2, len(shape)))) :]
-    if math.prod(normalized) >= 2 and draw(st.booleans()):
-        return nn.LayerNorm(normalized, eps=draw(EPS), elementwise_affine=draw(st.booleans()), bias=draw(st.booleans()))
-    return nn.RMSNorm(normalized, eps=draw(EPS))
-
-
-@st.composite
-def prelu(draw, shape, same):
-    """PReLU with one slope or one per channel (dim 1 of the input)."""
-    return nn.PReLU(draw(st.sampled_from([1, shape[0]])))
-
-
-@st.composite
-def bilinear(draw, shape, same):
-    """Bilinear (of x and tanh of some of its features) over the last dim."""
-    out = shape[-1] if same else draw(st.integers(1, MAX_WIDTH))
-    return Pair(nn.Bilinear(shape[-1], draw(st.integers(1, shape[-1])), out, bias=draw(st.booleans())))
-
-
-@st.composite
-def custom(draw, shape, same):
-    """Modules without a hand-written rule: the generic rule serves them."""
-    kind = draw(st.sampled_from(["squared", "gate", "lookup", "scaled"]))
-    out = shape[-1] if same else draw(st.integers(1, MAX_WIDTH))
-    if kind == "squared":
-        return Squared(shape[-1], out)
-    if kind == "gate":
-        return Gate(shape[-1])
-    if kind == "lookup":
-        return WithTable(shape[-1])
-    return Scaled(nn.Linear(shape[-1], out))
-
-
-ACTIVATIONS = [
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity,
-    lambda: nn.Softmax(dim=-1), lambda: nn.LogSoftmax(dim=-1), lambda: nn.Dropout(0.5).eval(),
-]
-
-
-@st.composite
-def activation(draw, shape, same):
-    """A parameter-free module acting elementwise or on the last dim."""
-    return draw(st.sampled_from(ACTIVATIONS))()
-
-
-@st.composite
-def pool(draw, shape, same):
-    """Pooling or padding over the spatial dims."""
-    d = len(shape) - 1
-    options = [lambda: (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d)[d - 1](1)]
-    if min(shape[1:]) >= 2:
-        options += [lambda: (nn.MaxPool1d, nn.MaxPool2d)[d - 1](2), lambda: (nn.AvgPool1d, nn.AvgPool2d)[d - 1](2)]
-        options += [lambda: (nn.ReflectionPad1d, nn.ReflectionPad2d)[d - 1](1)] * (max(shape[1:]) < MAX_SIDE - 1)
-    return draw(st.sampled_from(options))()
-
-
-@st.composite
-def attention(draw, shape, same, empty):
-    """MultiheadAttention with random heads, kdim/vdim, bias_k/v, zero attention, masks and weights
-    (torch cannot reshape the masks of an empty batch)."""
-    width = shape[1]
-    cross = draw(st.booleans())
-    need_weights = not same and draw(st.booleans())
-    mha = nn.MultiheadAttention(
-        width, draw(st.sampled_from(divisors(width))), batch_first=draw(st.booleans()),
-        kdim=draw(st.integers(1, width)) if cross else None, vdim=draw(st.integers(1, width)) if cross else None,
-        add_bias_kv=draw(st.booleans()), add_zero_attn=draw(st.booleans()), bias=draw(st.booleans()),
-    )
-    mask = None if empty else draw(st.sampled_from([None, "causal", "padding", "per_sample"]))
-    return Attend(mha, cross, mask, need_weights, draw(st.booleans()))
-
-
-@st.composite
-def recurrent(draw, shape, same, empty):
-    """RNN (tanh or relu), LSTM (with projections) or GRU, deep, bidirectional, packed or not,
-    with initial states or not."""
-    kind = draw(st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]))
-    options = dict(
-        hidden_size=draw(st.integers(1, 2)) if kind != "lstm" else draw(st.integers(2, 3)), num_layers=draw(st.integers(1, 2)),
-        bidirectional=draw(st.booleans()), batch_first=draw(st.booleans()), bias=draw(st.booleans()),
-    )
-    if kind == "lstm":
-        rnn = nn.LSTM(shape[-1], proj_size=draw(st.integers(0, options["hidden_size"] - 1)), **options)
-    elif kind == "gru":
-        rnn = nn.GRU(shape[-1], **options)
-    else:
-        rnn = nn.RNN(shape[-1], nonlinearity=kind[4:], **options)
-    return Recurrent(rnn, packed=not empty and draw(st.booleans()), state=draw(st.booleans()))
-
-
-@st.composite
-def cell(draw, shape, same):
-    """RNNCell, LSTMCell or GRUCell unrolled for one or two steps."""
-    make = draw(st.sampled_from([nn.RNNCell, nn.LSTMCell, nn.GRUCell]))
-    return Unrolled(make(shape[0], draw(st.integers(1, 2)), bias=draw(st.booleans())), draw(st.integers(1, 2)))
-
-
-@st.composite
-def reshape(draw, shape, same):
-    """Flatten, a transpose or a mean over dim 1."""
-    return draw(st.sampled_from([nn.Flatten, Swap, Mean]))()
-
-
-@st.composite
-def residual(draw, shape, same, empty, nesting):
-    """x + block(x), the block keeping the shape."""
-    return Residual(draw(block(shape, True, empty, nesting - 1)))
-
-
-@st.composite
-def twice(draw, shape, same, empty, nesting):
-    """A block that keeps the shape, called twice."""
-    return Twice(draw(block(shape, True, empty, nesting - 1)))
-
-
-def spare(shape, same):
-    """Parameters the forward pass does not use."""
-    return st.builds(Spare, st.just(shape[-1]))
-
-
-@st.composite
-def tied(draw, shape, same):
-    """Two Linear layers with one weight."""
-    return Tied(shape[-1], draw(st.booleans()))
-
-
-# name -> (strategy, applies to the per-sample shape, keeps the shape possible, works for N = 0)
-BLOCKS = {
-    "linear": (linear, lambda s: True, True, True),
-    "conv": (conv, lambda s: len(s) in (2, 3), True, True),
-    "conv_transpose": (conv_transpose, lambda s: len(s) in (2, 3), False, True),
-    "batchnorm": (batchnorm, lambda s: len(s) <= 3, True, True),
-    "groupnorm": (groupnorm, lambda s: math.prod(s) >= 2, True, True),
-    "instancenorm": (instancenorm, lambda s: len(s) in (2, 3) and math.prod(s[1:]) >= 2, True, False),
-    "trailing_norm": (trailing_norm, lambda s: True, True, True),
-    "prelu": (prelu, lambda s: True, True, True),
-    "bilinear": (bilinear, lambda s: True, True, True),
-    "custom": (custom, lambda s: True, True, True),
-    "activation": (activation, lambda s: True, True, True),
-    "pool": (pool, lambda s: len(s) in (2, 3), False, True),
-    "attention": (attention, lambda s: len(s) == 2, True, True),
-    "recurrent": (recurrent, lambda s: len(s) == 2, False, True),
-    "cell": (cell, lambda s: len(s) == 1, False, True),
-    "reshape": (reshape, lambda s: len(s) >= 2, False, True),
-    "residual": (residual, lambda s: True, True, True),
-    "twice": (twice, lambda s: True, True, True),
-    "tied": (tied, lambda s: True, True, True),
-    "spare": (spare, lambda s: True, True, True),
-}
-NESTING = {"residual", "twice"}
-
-
-@st.composite
-def block(draw, shape, same=False, empty=False, nesting=2, names=tuple(BLOCKS)):
-    """One block for the per-sample input ``shape``, of one of the kinds ``names``; ``same``: one
-    that keeps the shape; ``empty``: one that accepts an empty batch; ``nesting``: how deep
-    residual and twice may nest."""
-    names = [
-        name for name in names
-        if BLOCKS[name][1](shape) and (BLOCKS[name][2] or not same) and (BLOCKS[name][3] or not empty)
-        and (nesting > 0 or name not in NESTING)
-    ]
-    name = draw(st.sampled_from(names))
-    strategy = BLOCKS[name][0]
-    if name in NESTING:
-        return draw(strategy(shape, same, empty, nesting))
-    if name in ("attention", "recurrent"):
-        return draw(strategy(shape, same, empty))
-    return draw(strategy(shape, same))
-
-
-# ---------------------------------------------------------------- strategies: whole models
-
-
-@dataclass
-class Case:
-    """A model and how to feed it: float inputs of per-sample shape ``shape``, or tokens in
-    [low, vocab) (low = -1 marks absent tokens of a bag); ``frozen``: the positions in
-    ``model.parameters()`` of the parameters to freeze; ``tied``: the last Linear's weight is
-    the embedding matrix."""
-
-    model: nn.Module
-    shape: Tuple[int, ...]
-    frozen: Tuple[int, ...]
-    vocab: int = 0
-    low: int = 0
-    tied: bool = False
-
-    def inputs(self, n, dtype):
-        if self.vocab:
-            return torch.randint(self.low, self.vocab, (n, *self.shape))
-        return torch.randn(n, *self.shape, dtype=dtype)
-
-
-@st.composite
-def body(draw, shape, empty, layers):
-    """Up to ``layers`` random blocks after one another."""
-    modules = []
-    for _ in range(draw(st.integers(0, layers))):
-        module = draw(block(shape, empty=empty))
-        shape = out_shape(module, shape)
-        modules.append(module)
-    return modules, shape
-
-
-@st.composite
-def head(draw, shape):
-    """The output layer: Linear to C outputs, over the last dim or the flattened sample;
-    with C = 1 possibly squeezed to an output of shape (N,)."""
-    c = draw(st.integers(1, 3))
-    if len(shape) >= 2 and math.prod(shape[:-1]) * c <= MAX_OUTPUTS and draw(st.booleans()):
-        return [nn.Linear(shape[-1], c)]
-    flat = [nn.Flatten()] if len(shape) >= 2 else []
-    squeeze = [Squeeze()] if c == 1 and draw(st.booleans()) else []
-    return flat + [nn.Linear(math.prod(shape), c)] + squeeze
-
-
-# per-sample input shapes: the range of each dim (positions >= 2, as InstanceNorm needs)
-SHAPES = {
-    "vector": [(1, 4)],
-    "sequence": [(1, 4), (1, 4)],
-    "image1d": [(1, 3), (2, 5)],
-    "image2d": [(1, 3), (1, 4), (2, 4)],
-}
-# the kinds of the first block, with the input shapes they come on
-STEMS = {
-    "linear": ["vector", "sequence"],
-    "bilinear": ["vector", "sequence"],
-    "custom": ["vector", "sequence"],
-    "tied": ["vector", "sequence"],
-    "cell": ["vector"],
-    "prelu": ["vector", "image1d", "image2d"],
-    "batchnorm": ["vector", "image1d", "image2d"],
-    "groupnorm": ["image1d", "image2d"],
-    "instancenorm": ["image1d", "image2d"],
-    "trailing_norm": ["sequence", "image2d"],
-    "attention": ["sequence"],
-    "recurrent": ["sequence"],
-    "conv": ["image1d", "image2d"],
-    "conv_transpose": ["image1d", "image2d"],
-    "residual": list(SHAPES),
-    "twice": list(SHAPES),
-}
-
-
-def frozen(model):
-    """Up to two parameters to freeze, none of the last layer (so that the output depends on a
-    trainable parameter)."""
-    last = [m for m in model if any(True for _ in m.parameters())][-1]
-    keep = {id(p) for p in last.parameters()}
-    candidates = [i for i, p in enumerate(model.parameters()) if id(p) not in keep]
-    return st.lists(st.sampled_from(candidates), max_size=2, unique=True).map(tuple) if candidates else st.just(())
-
-
-@st.composite
-def float_models(draw, stem=None, empty=False):
-    """Float inputs, a first block of kind ``stem`` (default: any), more random blocks, a head."""
-    kind = stem or draw(st.sampled_from([name for name in STEMS if BLOCKS[name][3] or not empty]))
-    shape = tuple(draw(st.integers(*r)) for r in SHAPES[draw(st.sampled_from(STEMS[kind]))])
-    first = draw(block(shape, empty=empty, names=(kind,)))
-    modules, end = draw(body(out_shape(first, shape), empty, layers=3))
-    model = nn.Sequential(first, *modules, *draw(head(end)))
-    return Case(model, shape, draw(frozen(model)))
-
-
-def sparse_or_freq(draw, bag_max=False):
-    """sparse gradients, scale_grad_by_freq or neither (torch combines neither with the other
-    nor with EmbeddingBag's max mode)."""
-    option = None if bag_max else draw(st.sampled_from(["sparse", "scale_grad_by_freq", None]))
-    return {option: True} if option else {}
-
-
-@st.composite
-def embedding(draw, vocab):
-    """Embedding with random padding_idx, max_norm, scale_grad_by_freq and sparse gradients."""
-    return nn.Embedding(
-        vocab, draw(st.integers(1, 3)), padding_idx=draw(st.none() | st.integers(0, vocab - 1)),
-        max_norm=draw(st.sampled_from([None, 0.8])), **sparse_or_freq(draw),
-    )
-
-
-@st.composite
-def embedding_bag(draw, vocab):
-    """EmbeddingBag (sum, mean, max) on a 2-D input or with offsets, random options."""
-    mode = draw(st.sampled_from(["sum", "mean", "max"]))
-    form = draw(st.sampled_from(["2d", "offsets", "last_offset"]))
-    bag = nn.EmbeddingBag(
-        vocab, draw(st.integers(1, 3)), mode=mode, padding_idx=draw(st.none() | st.integers(0, vocab - 1)),
-        max_norm=draw(st.sampled_from([None, 0.8])), include_last_offset=form == "last_offset",
-        **sparse_or_freq(draw, bag_max=mode == "max"),
-    )
-    return Bag(bag, form, weighted=mode == "sum" and draw(st.booleans()))
-
-
-@st.composite
-def token_models(draw, stem, tied, empty=False):
-    """Tokens through an Embedding (N, T) or (N, A, B) or an EmbeddingBag (N, B) (``stem``),
-    random blocks and a head: a Linear, or with ``tied`` a Linear whose weight is the embedding
-    matrix (logits over the vocabulary)."""
-    vocab = draw(st.integers(2, 5))
-    lookup = draw({"embedding": embedding, "bag": embedding_bag}[stem](vocab))
-    low = -1 if isinstance(lookup, Bag) and lookup.form != "2d" else 0
-    ranks = [1] if isinstance(lookup, Bag) else [1, 2]  # tokens (N, T) or (N, A, B)
-    tokens = tuple(draw(st.integers(1, 3)) for _ in range(draw(st.sampled_from(ranks))))
-    shape = out_shape(lookup, tokens, tokens=True)
-    modules, end = draw(body(shape, empty, layers=2))
-    if not tied:
-        model = nn.Sequential(lookup, *modules, *draw(head(end)))
-        return Case(model, tokens, draw(frozen(model)), vocab, low)
-    width = shape[-1]
-    if math.prod(end[:-1]) * vocab > MAX_OUTPUTS:
-        modules.append(nn.Flatten())
-        end = (math.prod(end),)
-    if end[-1] != width:
-        modules.append(nn.Linear(end[-1], width))
-    logits = nn.Linear(width, vocab, bias=draw(st.booleans()))
-    logits.weight = (lookup.bag if isinstance(lookup, Bag) else lookup).weight
-    model = nn.Sequential(lookup, *modules, logits)
-    return Case(model, tokens, draw(frozen(model)), vocab, low, tied=True)
+from .models import (
+    DEVICES,
+    DTYPES,
+    MAX_N,
+    REDUCTIONS,
+    SECOND,
+    SEEDS,
+    STEMS,
+    WARNINGS,
+    Oracle,
+    examples,
+    float_models,
+    loss_for,
+    randomize,
+    token_models,
+)
+
+pytestmark = WARNINGS
 
 
 # ---------------------------------------------------------------- the check
 
 
-def randomize(model):
-    """Parameters away from their constant initialisations (norm weights, PReLU slopes), random
-    running statistics; from torch's current seed."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_().div_(math.sqrt(p[0].numel()) if p.dim() > 1 else 1.0)
-        for m in model.modules():
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-
-
-def plain_grads(model, loss):
-    gs = torch.autograd.grad(loss, [p for _, p in trainable(model)], allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.to_dense() for g, (_, p) in zip(gs, trainable(model))]
-
-
-def loss_for(out, reduction):
-    """Cross-entropy for outputs (N, C >= 2), else MSE; the target and the loss function."""
-    if out.dim() == 2 and out.shape[1] >= 2:
-        return torch.randint(0, out.shape[1], (out.shape[0],)), nn.CrossEntropyLoss(reduction=reduction)
-    return torch.randn_like(out), nn.MSELoss(reduction=reduction)
-
-
-def expected_results(model, lossfunc, y, x, out_shape):
-    """The oracle's per-sample Jacobians and gradients (empty for an empty batch)."""
-    if x.shape[0]:
-        return loop_jacobian(model, x), loop_grad_batch(model, lossfunc, y, x)
-    params = trainable(model)
-    return (
-        {name: p.new_zeros(*out_shape, *p.shape) for name, p in params},
-        {name: p.new_zeros(0, *p.shape) for name, p in params},
-    )
-
-
-def check(case, n, dtype, reduction, second):
+def check(case, n, dtype, reduction, second, device="cpu"):
     """All three extensions in one backward pass, the extensions ``second`` in another, and
     jacext.jacobian against the oracle; p.grad as without jacext; nothing for frozen parameters."""
-    model = case.model.to(dtype)
+    model = case.model.to(device, dtype)
     randomize(model)
     frozen = [p for i, p in enumerate(model.parameters()) if i in case.frozen]
     for p in frozen:
         p.requires_grad_(False)
-    x = case.inputs(n, dtype)
+    x = case.inputs(n, dtype, device)
     with torch.no_grad():  # max_norm renormalises the rows looked up in place: in float32, twice
         model(x)
-    out = model(x)
-    y, lossfunc = loss_for(out.detach(), reduction)
-    plain = plain_grads(model, lossfunc(out, y))
-    jac, grad = expected_results(model, lossfunc, y, x, out.shape)
-    l2 = {name: g.square().flatten(1).sum(1) if g.dim() > 1 else g.square() for name, g in grad.items()}
-    scales = {"jacobian": overall_scale(jac), "grad_batch": overall_scale(grad), "batch_l2": overall_scale(l2)}
+    y, lossfunc = loss_for(model(x).detach(), reduction)
+    oracle = Oracle.of(model, lossfunc, y, x)
     jacext.extend(model)
     for extensions in [(jacext.BatchJacobian(), jacext.BatchGrad(), jacext.BatchL2Grad()), tuple(e() for e in second)]:
         model.zero_grad()
         with backpack(*extensions):
             lossfunc(model(x), y).backward()
-        for (name, p), g in zip(trainable(model), plain):
-            for field, expected in (("jacobian", jac), ("grad_batch", grad), ("batch_l2", l2)):
-                if any(e.savefield == field for e in extensions):
-                    assert_close(getattr(p, field), expected[name], dtype, f"{extensions}: p.{field} of {name}", scales[field])
-            got = torch.zeros_like(p) if p.grad is None else p.grad.to_dense()
-            assert_close(got, g, dtype, f"{extensions}: p.grad of {name}", scales["grad_batch"])
-    assert not any(hasattr(p, field) for p in frozen for field in ("jacobian", "grad_batch", "batch_l2"))
-    got = jacext.jacobian(model, x)
-    for name, value in got.items():
-        assert_close(value, jac[name], dtype, f"jacext.jacobian of {name}", scales["jacobian"])
-    flat = torch.cat([got[name].reshape(n, out.shape[1:].numel(), p.numel()) for name, p in trainable(model)], 2)
-    assert torch.equal(jacext.jacobian(model, x, flat=True), flat)
+        oracle.check(model, extensions, dtype)
+    assert not any(hasattr(p, field) for p in frozen for field in oracle.fields)
+    oracle.check_jacobian_function(model, x, dtype)
 
 
 # ---------------------------------------------------------------- the properties
 
 
-REDUCTIONS = st.sampled_from(["mean", "sum"])
-# the extensions of the second backward pass, in any order (BatchL2Grad without BatchGrad: norm rules)
-SECOND = st.permutations([jacext.BatchJacobian, jacext.BatchGrad, jacext.BatchL2Grad]).flatmap(
-    lambda order: st.integers(1, 3).map(lambda k: tuple(order[:k]))
-)
-
-
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stem", STEMS)
+@examples(30)
 @given(data=st.data(), n=st.integers(1, MAX_N), dtype=DTYPES, reduction=REDUCTIONS, second=SECOND, seed=SEEDS)
-def test_float_input_models(stem, data, n, dtype, reduction, second, seed):
+def test_float_input_models(device, stem, data, n, dtype, reduction, second, seed):
     case = data.draw(float_models(stem), label="case")
     torch.manual_seed(seed)
-    check(case, n, dtype, reduction, second)
+    check(case, n, dtype, reduction, second, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tied", [False, True], ids=["head", "tied"])
 @pytest.mark.parametrize("stem", ["embedding", "bag"])
+@examples(30)
 @given(data=st.data(), n=st.integers(1, MAX_N), dtype=DTYPES, reduction=REDUCTIONS, second=SECOND, seed=SEEDS)
-def test_token_input_models(stem, tied, data, n, dtype, reduction, second, seed):
+def test_token_input_models(device, stem, tied, data, n, dtype, reduction, second, seed):
     case = data.draw(token_models(stem, tied), label="case")
     torch.manual_seed(seed)
-    check(case, n, dtype, reduction, second)
+    check(case, n, dtype, reduction, second, device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inputs", ["float", "embedding", "bag"])
+@examples(20)
 @given(data=st.data(), dtype=DTYPES, second=SECOND, seed=SEEDS)
-def test_empty_batch(inputs, data, dtype, second, seed):
+def test_empty_batch(device, inputs, data, dtype, second, seed):
     """N = 0: empty results of the right shapes, p.grad as without jacext."""
-    models = float_models(empty=True) if inputs == "float" else token_models(inputs, tied=data.draw(st.booleans()), empty=True)
+    tied = data.draw(st.booleans())
+    models = float_models(empty=True) if inputs == "float" else token_models(inputs, tied=tied, empty=True)
     case = data.draw(models, label="case")
     torch.manual_seed(seed)
-    check(case, 0, dtype, "sum", second)
+    check(case, 0, dtype, "sum", second, device)
 
 
 # ---------------------------------------------------------------- bugs the fuzzer found
@@ -861,7 +121,9 @@ class Double(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "layer,shape", [(nn.Linear(2, 3), (2, 4, 2)), (nn.InstanceNorm1d(2, affine=True), (2, 2, 3))], ids=["linear_3d", "instancenorm"]
+    "layer,shape",
+    [(nn.Linear(2, 3), (2, 4, 2)), (nn.InstanceNorm1d(2, affine=True), (2, 2, 3))],
+    ids=["linear_3d", "instancenorm"],
 )
 def test_in_place_op_on_an_output_that_is_a_view(layer, shape):
     """A module's single output that is a view (Linear with a bias on an input of 3 or more dims,
