@@ -161,12 +161,14 @@ def _check_batchnorm(module: nn.Module, args) -> None:
 def _to_eval(module: nn.Module, args) -> None:
     """batchnorm="eval": normalise with the running statistics while a tape records."""
     vars(module)["_jacext_mode"] = module.training
-    if _current is not None:
+    if _current is not None and vars(module).get("_jacext_batchnorm") == "eval":  # not if re-extended since
         module.training = False
 
 
 def _back_to_mode(module: nn.Module, args, output) -> None:
-    module.training = vars(module)["_jacext_mode"]
+    mode = vars(module).pop("_jacext_mode", None)  # None: a pre-hook before _to_eval raised
+    if mode is not None:
+        module.training = mode
 
 
 def _open_tape(root: nn.Module, args) -> None:

@@ -51,6 +51,13 @@ def require_choice(module: nn.Module) -> None:
     if type(module) not in BATCHNORMS or not uses_batch_statistics(module):
         return
     choice = getattr(module, "_jacext_batchnorm", "error")
+    if choice == "eval" and module.running_mean is None:
+        raise JacextError(
+            f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' has no running statistics "
+            "(track_running_stats=False), so batchnorm='eval' cannot apply to it: it always normalises "
+            "with the batch's statistics. Use jacext.extend(model, batchnorm='exact') for the Jacobian "
+            "through them, or build the layer with track_running_stats=True."
+        )
     if choice == "error" or (choice == "exact" and _synchronised(module)):
         raise JacextError(
             f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' normalises with batch "

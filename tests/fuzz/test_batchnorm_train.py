@@ -146,15 +146,12 @@ def test_train_mode_batchnorm(device, choice, data, n, dtype, reduction, second,
             lossfunc(model(x), y).backward()
 
 
-@pytest.mark.xfail(strict=True, reason="jacext bug: batchnorm='eval' without running statistics uses batch "
-                   "statistics with the samples taken as independent")
 @pytest.mark.parametrize("affine", [True, False])
 def test_eval_choice_without_running_statistics(affine):
     """A BatchNorm without running statistics (track_running_stats=False) has none to evaluate
     with. Under batchnorm="eval" jacext should refuse it (or differentiate exactly); it normalises
-    with the batch statistics but seeds the samples as independent: the Jacobians of the
-    parameters before it are silently wrong (before bdc551a it was refused, with a message that
-    asked for batchnorm='eval')."""
+    with the batch statistics but seeded the samples as independent (found by the fuzzer, after
+    bdc551a): the Jacobians of the parameters before it were silently wrong. It is refused."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2, affine=affine, track_running_stats=False), nn.Linear(2, 1))
     model = model.double()
