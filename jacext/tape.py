@@ -247,7 +247,7 @@ class Tape:
             blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}
             norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}
             for rec, leaf_grads in self._pulled_back(out_edge, seeds[a:b], grad_out):
-                self._apply_rules(rec, leaf_grads, part, {}, shared, blocks, norms, n)
+                self._apply_rules(rec, leaf_grads, part, {}, shared, blocks, norms, out_shape)
             for store, is_block in ((blocks, True), (norms, False)):
                 for p, per_kind in store.items():
                     for kind, value in per_kind.items():
@@ -274,6 +274,19 @@ class Tape:
                 results[p] = [finish(ext, slot=slots.get((p, ext))) for ext in self.extensions]
         return results
 
+    def _require_batch_first(self, rec: Record, value: Tensor, out_shape) -> None:
+        """The output's first dimension must be the batch the layers saw, where the extensions
+        index the output by sample (BatchJacobian's seeds, ClipGrad's rescaling)."""
+        if value.shape[0] == out_shape[0]:
+            return
+        if any(e.kind == "outputs" or hasattr(e, "rescale") for e in self.extensions):
+            raise JacextError(
+                f"the extended module's output has shape {tuple(out_shape)}, whose first dimension is not "
+                f"the batch: module {module_label(rec.module)} saw {value.shape[0]} samples. Return the "
+                "output per sample, as (N, ...) (no mean over, transposition or flattening of the batch "
+                "dimension), and reduce it in the loss."
+            )
+
     def _owner(self, kind: str):
         """The one extension that keeps the materialised result of ``kind``, or None."""
         owners = [e for e in self.extensions if e.needs_block and e.kind == kind]
@@ -288,7 +301,7 @@ class Tape:
         shared = self.shared_parameters()
         try:
             for rec, leaf_grads in per_record:
-                self._apply_rules(rec, leaf_grads, spans, slots, shared, blocks, norms, out_shape[0])
+                self._apply_rules(rec, leaf_grads, spans, slots, shared, blocks, norms, out_shape)
         except BaseException:  # no reused result is left half overwritten
             for (p, ext), slot in slots.items():
                 if slot.taken and vars(p).get(ext.savefield) is slot.tensor:
@@ -296,7 +309,7 @@ class Tape:
             raise
         return self._results(blocks, norms, spans, out_shape, slots)
 
-    def _apply_rules(self, rec: Record, leaf_grads, spans, slots, shared, blocks, norms, n: int) -> None:
+    def _apply_rules(self, rec: Record, leaf_grads, spans, slots, shared, blocks, norms, out_shape) -> None:
         """One record: its norm rule for the kinds only norms are asked of (where it has one and
         the norms add up: independent samples, parameters no other record reaches), its rule for
         the rest; results accumulated into ``norms`` and ``blocks``."""
@@ -307,6 +320,7 @@ class Tape:
         by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
         for kind in by_norms:
             for name, sq in apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
+                self._require_batch_first(rec, sq, out_shape)
                 _accumulate(norms, rec.module.get_parameter(name), kind, sq)
         materialised = [k for k in kinds if k not in by_norms]
         if not materialised:
@@ -316,7 +330,8 @@ class Tape:
         into = self._destinations(rec, materialised, slots, shared)
         for name, block in apply_rule(rec, selected, into=into).items():
             if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
-                block = block.sum(0).unflatten(0, (n, -1))
+                block = block.sum(0).unflatten(0, (out_shape[0], -1))
+            self._require_batch_first(rec, block, out_shape)
             parts = block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(materialised, parts):
                 _accumulate(blocks, rec.module.get_parameter(name), kind, part)
