@@ -73,7 +73,8 @@ def test_quick_ntk(capsys):
     tables = check_report(report, capsys.readouterr().out, names, memory=False)
     for rows in tables.values():
         assert rows["jacext.ntk"]["compared_with"] == "torch.func Jacobian contraction"
-        assert rows["nngeometry GramMatrix"]["compared_with"] == "jacext.ntk"
+        nngeometry = rows["nngeometry GramMatrix"]  # n/a where nngeometry (the bench extra) is missing
+        assert nngeometry["compared_with"] == ("jacext.ntk" if nngeometry["available"] else "")
 
 
 @pytest.mark.parametrize("name", ["ntk-full-1024", "ntk-trace-1024"])

@@ -776,6 +776,16 @@ def token_models(draw, stem, tied, empty=False):
 # ---------------------------------------------------------------- the check
 
 
+def prepare(model, frozen, device, dtype):
+    """``model`` on ``device`` in ``dtype``, :func:`randomize`d, the parameters at the indices
+    ``frozen`` frozen."""
+    model = model.to(device, dtype)
+    randomize(model)
+    for i, p in enumerate(model.parameters()):
+        p.requires_grad_(i not in frozen)
+    return model
+
+
 def randomize(model):
     """Parameters away from their constant initialisations (norm weights, PReLU slopes), random
     running statistics; from torch's current seed."""

@@ -46,7 +46,7 @@ from .models import (
     head,
     loss_for,
     out_shape,
-    randomize,
+    prepare,
 )
 
 pytestmark = WARNINGS
@@ -113,10 +113,7 @@ def assert_same_statistics(got, expected, dtype):
 def test_train_mode_batchnorm(device, choice, data, n, dtype, reduction, second, seed):
     case = data.draw(batchnorm_models(choice, n), label="case")
     torch.manual_seed(seed)
-    model = case.model.to(device, dtype)
-    randomize(model)
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i not in case.frozen)
+    model = prepare(case.model, case.frozen, device, dtype)
     x = case.inputs(n, dtype, device)
     reference = copy.deepcopy(model)
     if choice == "eval":

@@ -32,7 +32,7 @@ from .models import (
     examples,
     float_models,
     loss_for,
-    randomize,
+    prepare,
     scale_of,
     squared_norms,
     token_models,
@@ -64,10 +64,7 @@ def test_clip_grad(device, inputs, data, n, dtype, reduction, bound, others, tra
         models = token_models(inputs, tied=data.draw(st.booleans()), empty=n == 0)
     case = data.draw(models, label="case")
     torch.manual_seed(seed)
-    model = case.model.to(device, dtype)
-    randomize(model)
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i not in case.frozen)
+    model = prepare(case.model, case.frozen, device, dtype)
     x = case.inputs(n, dtype, device)
     with torch.no_grad():  # max_norm renormalises the rows looked up in place
         model(x)

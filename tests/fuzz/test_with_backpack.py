@@ -46,7 +46,7 @@ from .models import (
     frozen,
     loss_for,
     out_shape,
-    randomize,
+    prepare,
     scale_of,
     side_cap,
 )
@@ -162,10 +162,7 @@ def test_with_backpack_extensions(device, extension, data, n, dtype, reduction, 
     )
     position = data.draw(st.integers(0, len(ours)), label="position of BackPACK's extension")
     torch.manual_seed(seed)
-    model = model.to(device, dtype)
-    randomize(model)
-    for i, p in enumerate(model.parameters()):
-        p.requires_grad_(i not in frozen_params)
+    model = prepare(model, frozen_params, device, dtype)
     x = (torch.randint(0, vocab, (n, *inputs)) if vocab else torch.randn(n, *inputs, dtype=dtype)).to(device)
     y, lossfunc = loss_for(model(x).detach(), reduction)
     oracle = Oracle.of(model, lossfunc, y, x)
