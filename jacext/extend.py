@@ -9,7 +9,7 @@ BackPACK's own extensions, with BackPACK's restrictions.
 import weakref
 from contextlib import contextmanager
 from functools import partial
-from typing import Dict, Optional
+from typing import Optional
 
 import backpack as bp
 import torch
@@ -207,7 +207,7 @@ def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     global _current, _last
     tape = _current
     if tape is None:
-        if isinstance(output, Tensor) and output.requires_grad and _current is None:
+        if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(_refuse_without_tape)
         return None
     if tape.root is not root:
@@ -306,17 +306,17 @@ def _assign(tape: Tape, results) -> None:
                 vars(p).pop(ext.savefield, None)
 
 
-_computed: Dict[int, int] = {}  # id(root) -> the autograd graph task that last computed its results
+_computed: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()  # root -> last graph task
 
 
 def _one_tape_per_backward(tape: Tape) -> None:
     """Refuse a second forward pass of the same model reaching the same backward: each would
     store its own batch's results on the same parameters."""
     task = torch._C._current_graph_task_id()
-    if _computed.get(id(tape.root)) == task:
+    if _computed.get(tape.root) == task:
         raise JacextError(
             f"two forward passes of the extended model ({type(tape.root).__name__}) reach one backward "
             "pass; jacext stores one batch's per-sample results on the parameters. Run one forward "
             "pass on the concatenated batch (torch.cat) instead."
         )
-    _computed[id(tape.root)] = task
+    _computed[tape.root] = task
