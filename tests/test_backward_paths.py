@@ -137,3 +137,28 @@ def test_cotangents_that_cannot_fit_point_to_chunk_size(monkeypatch):
     monkeypatch.setattr(jacext.memory, "available_bytes", lambda device: 8 * 40 * 4 * 5)
     with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="chunk_size"):
         model(torch.randn(8, 30)).sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_inline_path_next_to_backpacks_own_extensions(inline_calls):
+    """BackPACK's module hooks run in the same ordinary backward that jacext catches G in."""
+    import copy
+
+    import backpack.extensions as bpext
+    from backpack import extend as backpack_extend
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    twin, lossfunc = backpack_extend(copy.deepcopy(model)), backpack_extend(nn.CrossEntropyLoss())
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    expected = loop_grad_batch(model, lossfunc, y, x)
+    jacext.extend(model, backpack=True)
+    with backpack(jacext.BatchGrad(), bpext.DiagGGNExact(), bpext.BatchL2Grad()):
+        lossfunc(model(x), y).backward()
+    with backpack(bpext.DiagGGNExact(), bpext.BatchL2Grad()):
+        lossfunc(twin(x), y).backward()
+    assert len(inline_calls) == 1
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.grad_batch, expected[name], torch.float64, name)
+        for field in ("diag_ggn_exact", "batch_l2", "grad"):
+            assert_close(getattr(p, field), getattr(q, field), torch.float64, f"{name}.{field}")
