@@ -133,6 +133,10 @@ class Tape:
         self.busy = False
         # one seed, the backward's own cotangent, left unchanged: catch G in the ordinary backward
         self.inline = all(e.kind == "loss" and not hasattr(e, "rescale") for e in self.extensions)
+        # kinds whose extensions all want norms only: layers with a norm rule never materialise them
+        self.only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
+            e.kind for e in self.extensions if e.needs_block
+        }
 
     def record(self, module: nn.Module, args, kwargs, output):
         """Record a call; returns the output to hand on (aliased where the record needs it)."""
@@ -236,11 +240,21 @@ class Tape:
     def _contract_in_chunks(self, out_edge, spans, seeds, grad_out, out_shape, chunk: int):
         """:meth:`_contract`, pulling back ``chunk`` seeds at a time: the cotangents held at once
         are those of ``chunk`` seeds; the results are written into place chunk by chunk."""
-        n = out_shape[0]
         slots = self._result_slots(spans, out_shape)
         self._require_result_memory(spans, out_shape, slots)
         shared = self.shared_parameters()
         whole: Dict[tuple, Tensor] = {}  # (parameter, kind) -> (N, V_k, *p) or norms (N, V_k)
+        with _dropped_if_half_written(slots):
+            self._contract_chunks(out_edge, spans, seeds, grad_out, out_shape, chunk, slots, shared, whole)
+        blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}
+        norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}
+        for (p, kind, is_block), value in whole.items():
+            (blocks if is_block else norms).setdefault(p, {})[kind] = value
+        return self._results(blocks, norms, spans, out_shape, slots)
+
+    def _contract_chunks(self, out_edge, spans, seeds, grad_out, out_shape, chunk, slots, shared, whole) -> None:
+        """The chunks' results, written into ``whole`` (allocated in the slots where there is one)."""
+        n = out_shape[0]
         for a in range(0, seeds.shape[0], chunk):
             b = min(a + chunk, seeds.shape[0])
             part = {k: (max(s, a) - a, min(e, b) - a) for k, (s, e) in spans.items() if max(s, a) < min(e, b)}
@@ -259,11 +273,6 @@ class Tape:
                             whole[(p, kind, is_block)] = slot.take(shape) if slot else value.new_empty(shape)
                         start = max(spans[kind][0], a) - spans[kind][0]
                         whole[(p, kind, is_block)][:, start : start + value.shape[1]] = value
-        blocks = {}
-        norms = {}
-        for (p, kind, is_block), value in whole.items():
-            (blocks if is_block else norms).setdefault(p, {})[kind] = value
-        return self._results(blocks, norms, spans, out_shape, slots)
 
     def _results(self, blocks, norms, spans, out_shape, slots) -> Dict[nn.Parameter, list]:
         """Per trainable parameter, every extension's finished result."""
@@ -299,14 +308,9 @@ class Tape:
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
         shared = self.shared_parameters()
-        try:
+        with _dropped_if_half_written(slots):
             for rec, leaf_grads in per_record:
                 self._apply_rules(rec, leaf_grads, spans, slots, shared, blocks, norms, out_shape)
-        except BaseException:  # no reused result is left half overwritten
-            for (p, ext), slot in slots.items():
-                if slot.taken and vars(p).get(ext.savefield) is slot.tensor:
-                    del vars(p)[ext.savefield]
-            raise
         return self._results(blocks, norms, spans, out_shape, slots)
 
     def _apply_rules(self, rec: Record, leaf_grads, spans, slots, shared, blocks, norms, out_shape) -> None:
@@ -314,9 +318,7 @@ class Tape:
         the norms add up: independent samples, parameters no other record reaches), its rule for
         the rest; results accumulated into ``norms`` and ``blocks``."""
         kinds = list(spans)
-        only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
-            e.kind for e in self.extensions if e.needs_block
-        }
+        only_norms = [k for k in self.only_norms if k in spans]
         by_norms = [] if self.coupled or not norm_rule_for(rec.module) or shared & rec.parameters else only_norms
         for kind in by_norms:
             for name, sq in apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
@@ -433,6 +435,18 @@ class Tape:
                 ) from error
         finally:
             self.busy = False
+
+
+@contextmanager
+def _dropped_if_half_written(slots: Dict[tuple, ResultSlot]):
+    """If the block raises, no reused result a rule already wrote into stays as an attribute."""
+    try:
+        yield
+    except BaseException:
+        for (p, ext), slot in slots.items():
+            if slot.taken and vars(p).get(ext.savefield) is slot.tensor:
+                del vars(p)[ext.savefield]
+        raise
 
 
 def _seed_slice(grads, ranges) -> List[Optional[Tensor]]:

@@ -127,6 +127,22 @@ def test_jacobian_in_chunks_gives_the_loops_numbers(chunk, dtype):
         assert_close(p.batch_l2, expected_g[name].flatten(1).square().sum(1), dtype, name, sg**2)
 
 
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_jacobian_in_chunks_next_to_norms_only(chunk, dtype):
+    """Chunks without the loss's seed have no norms to compute (BatchL2Grad alone on that kind)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).to(dtype)
+    x, y = torch.randn(3, 4, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+    expected_j, expected_g = loop_jacobian(model, x), loop_grad_batch(model, sq_loss, y, x)
+    jacext.extend(model)
+    with backpack(jacext.BatchJacobian(chunk_size=chunk), jacext.BatchL2Grad()):
+        sq_loss(model(x), y).backward()
+    sj, sg = overall_scale(expected_j), overall_scale(expected_g)
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected_j[name], dtype, name, sj)
+        assert_close(p.batch_l2, expected_g[name].flatten(1).square().sum(1), dtype, name, sg**2)
+
+
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="chunk_size"):
         jacext.BatchJacobian(chunk_size=0)
