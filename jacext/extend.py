@@ -198,9 +198,10 @@ def _record(module: nn.Module, args, kwargs, output):
     if _current is None:
         return None
     _current.uses.leave(module)
-    if output is None or not _owns_trainable(module):  # the forward raised, or all frozen
-        return None
-    return _current.record(module, args, kwargs, output)
+    with _current.uses.pausing():
+        if output is None or not _owns_trainable(module):  # the forward raised, or all frozen
+            return None
+        return _current.record(module, args, kwargs, output)
 
 
 def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
@@ -266,7 +267,7 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
             "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
             "independent samples (not batchnorm='exact')"
         )
-    if tape.arm_inline():  # G is caught as this backward goes on; results at its end
+    if tape.arm_inline(shape):  # G is caught as this backward goes on; results at its end
         engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
         engine.queue_callback(partial(_assign_inline, tape, shape, grad))
         return None
@@ -290,7 +291,7 @@ def _cleared_on_error(tape: Tape, compute, *args):
     try:
         return compute(*args)
     except BaseException:
-        for p in tape.root.parameters():
+        for p in tape.parameters:
             for ext in tape.extensions:
                 vars(p).pop(ext.savefield, None)
         raise
@@ -298,7 +299,7 @@ def _cleared_on_error(tape: Tape, compute, *args):
 
 def _assign(tape: Tape, results) -> None:
     """Every parameter's results; a frozen parameter keeps none of an earlier batch."""
-    for p in tape.root.parameters():
+    for p in tape.parameters:
         for ext, value in zip(tape.extensions, results.get(p, ())):
             setattr(p, ext.savefield, value)
         if p not in results:

@@ -55,6 +55,23 @@ class ResultSlot:
             self.tensor = self.like.new_empty(self.shape)
         return self.tensor.view(shape)
 
+    def index_add(self, shape, index: Tensor, src: Tensor) -> Tensor:
+        """The slot's memory viewed as ``shape`` (R, D), zero but for ``out[index[i]] += src[i]``.
+
+        Sparse results (Embedding: a few of the R rows per sample) need not clear all R rows:
+        where the slot holds the previous result written here, and torch's version counter
+        shows no in-place change to it since, only the rows written then are cleared."""
+        out = self.take(shape)
+        base = self.tensor
+        written = getattr(base, "_jacext_rows", None)
+        if written is not None and written[0] == base._version and written[1] == out.shape:
+            out.index_fill_(0, written[2], 0)
+        else:
+            out.zero_()
+        out.index_add_(0, index, src)
+        base._jacext_rows = (base._version, out.shape, index)
+        return out
+
     def holds(self, block: Tensor) -> bool:
         """Whether ``block`` is the slot's memory, written whole."""
         t = self.tensor

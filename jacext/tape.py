@@ -33,6 +33,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
+from jacext.fused import bind, fusable, fused_output
 from jacext.memory import ResultSlot, require_fits, reusable
 from jacext.rules import MIN_DIMS, covers_subtree, norm_rule_for, rule_for
 from jacext.rules.batchnorm import couples_samples
@@ -78,6 +79,7 @@ class Record:
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
+        self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node (jacext.fused)
 
     def catch_inline(self) -> None:
         """Hook the edges' nodes to catch their cotangents during the ordinary backward. The
@@ -126,6 +128,7 @@ class Tape:
 
     def __init__(self, root: nn.Module, extensions):
         self.root = root
+        self.parameters = list(root.parameters())  # looked up once: every result is per parameter
         self.extensions = list(extensions)
         self.records: List[Record] = []
         self.coupled = False  # samples depend on each other: seed each one separately
@@ -137,11 +140,23 @@ class Tape:
         self.only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
             e.kind for e in self.extensions if e.needs_block
         }
+        # per-sample gradients materialised in the ordinary backward: p.grad from them (jacext.fused)
+        self.fuses = self.inline and "loss" not in self.only_norms and not getattr(root, "_jacext_backpack", False)
+        self.fused = False  # a record's output goes through FusedGrads
+        self.armed = False  # this backward catches G inline (arm_inline)
+        self.slots: Optional[Dict[tuple, ResultSlot]] = None  # made when armed, for fused records
+        self.shared: Set[int] = set()
 
     def record(self, module: nn.Module, args, kwargs, output):
         """Record a call; returns the output to hand on (aliased where the record needs it)."""
+        fuse = self.fuses and fusable(module, args, output)
+        if fuse:
+            output = fused_output(module, args[0], output)
         rec = Record(module, args, kwargs, output)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
+        if fuse:
+            bind(output, rec, self)
+            self.fused = True
         if rec.edges:
             self.records.append(rec)
             self.coupled = self.coupled or rec.coupled
@@ -149,25 +164,50 @@ class Tape:
                 rec.catch_inline()
         return output
 
-    def arm_inline(self) -> bool:
+    def arm_inline(self, out_shape) -> bool:
         """Called as the backward reaches the root output: whether G can be caught at every
         record as the backward goes on (then arm the hooks) instead of a separate pull-back.
         Not where samples are coupled, where the engine will skip a record's node
         (``backward(inputs=...)`` pruning it, or an output that does not reach the loss), nor
         where a module has no hand-written rule (the generic rule's errors must come before the
-        model's own backward)."""
-        will_run = torch._C._will_engine_execute_node
-        if not self.inline or self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
-            return False
-        if any(rule_for(r.module) is None for r in self.records):  # a generic rule may fail: fail first
+        model's own backward). With fused records, whose rules run during the backward, their
+        result slots are made (and refused if they cannot fit) now, and the previous results
+        leave the parameters until the backward has ended: a backward that fails half-way
+        leaves no half-overwritten result."""
+        self.armed = self._can_arm()
+        if not self.armed:
             return False
         for rec in self.records:
             rec.check_unmodified()
             rec.caught = [None] * len(rec.edges)
+        if self.fused and out_shape[0] > 0:
+            spans = {"loss": (0, 1)}
+            self.slots = self._result_slots(spans, out_shape)
+            self._require_result_memory(spans, out_shape, self.slots)
+            self.shared = self.shared_parameters()
+            for p in self.parameters:
+                for ext in self.extensions:
+                    vars(p).pop(ext.savefield, None)
         return True
+
+    def _can_arm(self) -> bool:
+        will_run = torch._C._will_engine_execute_node
+        if not self.inline or self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
+            return False
+        return all(rule_for(r.module) is not None for r in self.records)  # a generic rule may fail: fail first
+
+    def contract_now(self, rec: Record, g: Tensor) -> Dict[str, Tensor]:
+        """In an armed backward, a fused record's rule on the cotangent ``g`` its node received,
+        written into the result slots; kept on the record for :meth:`compute_inline`."""
+        with _dropped_if_half_written(self.slots or {}):
+            into = self._destinations(rec, ["loss"], self.slots or {}, self.shared)
+            rec.contracted = apply_rule(rec, [g.unsqueeze(0)], into=into)
+        return rec.contracted
 
     def compute_inline(self, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """After a backward armed by :meth:`arm_inline`: the results from the caught G."""
+        self.armed = False
+        slots, self.slots = self.slots, None
         per_record = []
         for rec in self.records if out_shape[0] > 0 else []:
             caught, rec.caught = rec.caught or [], None
@@ -176,7 +216,7 @@ class Tape:
                 leaf_grads[leaf] = g.unsqueeze(0) if g is not None else grad_out.new_zeros(1, *shape)
             per_record.append((rec, leaf_grads))
         with _backpack_paused():
-            return self._contract({"loss": (0, 1)}, per_record, out_shape)
+            return self._contract({"loss": (0, 1)}, per_record, out_shape, slots)
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""
@@ -277,7 +317,7 @@ class Tape:
     def _results(self, blocks, norms, spans, out_shape, slots) -> Dict[nn.Parameter, list]:
         """Per trainable parameter, every extension's finished result."""
         results = {}
-        for p in self.root.parameters():
+        for p in self.parameters:
             if p.requires_grad:
                 finish = partial(self._finish, p=p, blocks=blocks, norms=norms, spans=spans, out_shape=out_shape)
                 results[p] = [finish(ext, slot=slots.get((p, ext))) for ext in self.extensions]
@@ -301,10 +341,12 @@ class Tape:
         owners = [e for e in self.extensions if e.needs_block and e.kind == kind]
         return owners[0] if len(owners) == 1 else None
 
-    def _contract(self, spans, per_record, out_shape) -> Dict[nn.Parameter, list]:
-        """Every record's rule on its cotangents, gathered per parameter and extension."""
-        slots = self._result_slots(spans, out_shape)
-        self._require_result_memory(spans, out_shape, slots)
+    def _contract(self, spans, per_record, out_shape, slots=None) -> Dict[nn.Parameter, list]:
+        """Every record's rule on its cotangents (or what a fused record contracted already),
+        gathered per parameter and extension; ``slots``: those made when the backward was armed."""
+        if slots is None:
+            slots = self._result_slots(spans, out_shape)
+            self._require_result_memory(spans, out_shape, slots)
         blocks: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k, *p) per kind
         norms: Dict[nn.Parameter, Dict[str, Tensor]] = {}  # (N, V_k) per kind, where not materialised
         shared = self.shared_parameters()
@@ -329,8 +371,10 @@ class Tape:
             return
         ranges = [spans[k] for k in materialised]
         selected = leaf_grads if len(materialised) == len(kinds) else _seed_slice(leaf_grads, ranges)
-        into = self._destinations(rec, materialised, slots, shared)
-        for name, block in apply_rule(rec, selected, into=into).items():
+        contracted, rec.contracted = rec.contracted, None
+        if contracted is None:
+            contracted = apply_rule(rec, selected, into=self._destinations(rec, materialised, slots, shared))
+        for name, block in contracted.items():
             if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
                 block = block.sum(0).unflatten(0, (out_shape[0], -1))
             self._require_batch_first(rec, block, out_shape)
@@ -343,7 +387,7 @@ class Tape:
         if self.coupled:
             return {}
         slots = {}
-        for p in self.root.parameters():
+        for p in self.parameters:
             for ext in self.extensions:
                 if p.requires_grad and ext.needs_block:
                     a, b = spans[ext.kind]
@@ -355,7 +399,7 @@ class Tape:
         """Refuse, before allocating, results that cannot fit in the memory left."""
         nbytes = sum(
             out_shape[0] * (spans[e.kind][1] - spans[e.kind][0]) * p.numel() * p.element_size()
-            for p in self.root.parameters()
+            for p in self.parameters
             for e in self.extensions
             if p.requires_grad and e.needs_block and (slots.get((p, e)) is None or slots[(p, e)].tensor is None)
         )
@@ -363,7 +407,7 @@ class Tape:
             names = ", ".join(sorted({type(e).__name__ for e in self.extensions if e.needs_block}))
             require_fits(
                 nbytes,
-                next(self.root.parameters()).device,
+                self.parameters[0].device,
                 f"the per-sample results of {names}",
                 "Use a smaller batch, fewer outputs (a slice of the model's output), or per-sample "
                 "norms only (BatchL2Grad, jacext.dp.ClipGrad), which are not materialised.",

@@ -7,6 +7,7 @@ parent's forward, would contribute to ``p.grad`` but not to the per-sample resul
 tape records, this torch-function mode checks every differentiable use and raises instead.
 """
 
+from contextlib import contextmanager
 from typing import Dict, List, Set
 
 import torch
@@ -26,6 +27,15 @@ class ParameterUses(TorchFunctionMode):
         self.root = root
         self.stack: List[nn.Module] = []
         self._covered: Dict[int, Set[int]] = {}
+        self.paused = False  # while jacext's own hooks run: their tensor calls are not the model's
+
+    @contextmanager
+    def pausing(self):
+        paused, self.paused = self.paused, True
+        try:
+            yield
+        finally:
+            self.paused = paused
 
     def enter(self, module: nn.Module) -> None:
         self.stack.append(module)
@@ -42,7 +52,7 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if torch.is_grad_enabled():
+        if not self.paused and torch.is_grad_enabled():
             used = [a for a in _shallow(args, kwargs) if isinstance(a, nn.Parameter) and a.requires_grad]
             if used and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
                 inside = self.stack[-1] if self.stack else None

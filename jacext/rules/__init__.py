@@ -22,7 +22,7 @@ may change ``forward`` and needs its own registration.
 
 import importlib
 import pkgutil
-from typing import Any, Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Type
 
 from torch import Tensor, nn
 
@@ -81,6 +81,26 @@ def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
 
 def norm_rule_for(module: nn.Module) -> Optional[Rule]:
     return NORM_RULES.get(type(module))
+
+
+BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Callable[..., bool]]] = {}
+
+
+def register_backward(*classes: Type[nn.Module], when: Callable[..., bool]) -> Callable:
+    """Register a layer's own backward (decorator), ``backward(module, x, g, params, per_sample=None)
+    -> (dx, {param_name: dp})`` for its input ``x`` and output cotangent ``g`` (N, *out): dx None
+    where ``x`` needs none, the parameter gradients only where ``params`` is true, from
+    ``per_sample`` (the rule's results for this call, where the tape has them) where summing them
+    is cheaper; with differentiable operations (``create_graph=True`` runs it). Where
+    ``when(module, x)`` (many positions per sample), the tape then lets BatchGrad fill p.grad
+    in the layer's backward from the per-sample gradients it materialises anyway (jacext.fused)."""
+
+    def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
+        for cls in classes:
+            BACKWARDS[cls] = (backward, when)
+        return backward
+
+    return decorator
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from jacext.rules import register, register_norms, trainable
-from jacext.rules.util import result_buffer
+from jacext.rules.util import index_add_result
 
 
 @register(nn.Embedding, nn.EmbeddingBag, min_dim=lambda m: 1)
@@ -140,8 +140,7 @@ def _scatter_rows(module, n, sample, idx, src):
     _, v, d = src.shape
     e = module.num_embeddings
     slot = (sample[:, None] * v + torch.arange(v, device=idx.device)) * e + idx[:, None]  # (L, V)
-    jw = result_buffer("weight", (n * v * e, d), src).zero_()
-    return jw.index_add_(0, slot.reshape(-1), src.reshape(-1, d)).view(n, v, e, d)
+    return index_add_result("weight", (n * v * e, d), slot.reshape(-1), src.reshape(-1, d)).view(n, v, e, d)
 
 
 def _max_rows(module, n, sample, idx, keep, g):

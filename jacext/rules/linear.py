@@ -4,31 +4,57 @@ dy[n, t, o] / dW[o, i] = x[n, t, i]  =>  J_W[n, v] = sum_t G[v, n, t]^T x[n, t]
 dy[n, t, o] / db[o]    = 1           =>  J_b[n, v] = sum_t G[v, n, t]
 
 J_W is written straight into its result buffer: an outer product for one position,
-one batched matrix product otherwise.
+one batched matrix product otherwise. Where G is the same at every position (the backward of
+a mean or sum over the positions: an expanded tensor, or on the CPU equal values, checked
+exactly), sum_t G[t]^T x[t] = G[0]^T sum_t x[t], one position.
+
+Its own backward (dx = G W, dW = sum_{n, t} G^T x, db = sum_{n, t} G) is registered too: from
+16 positions per sample on, summing J_W over the samples (N O I additions) is cheaper than
+autograd's G^T X (N T O I multiply-adds); it uses the same shortcut for a G constant over the
+positions.
 """
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from jacext.rules import register, register_norms, trainable
+from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import result_buffer, sq_norms_of_products
+
+
+def _positions(module: nn.Linear, x: Tensor, g: Tensor):
+    """x as (N, T, in) and G as (V, N, T, out); and the pair for J_W, with T = 1 where G is
+    constant over the positions."""
+    n = x.shape[0]
+    x = x.reshape(n, -1, module.in_features)
+    g = g.reshape(g.shape[0], n, -1, module.out_features)
+    if _constant_over_positions(g):
+        return x, g, x.sum(1, keepdim=True), g[:, :, :1]
+    return x, g, x, g
+
+
+def _constant_over_positions(g: Tensor) -> bool:
+    """G (V, N, T, out) equal at every t. Compared by value on the CPU only (first two
+    positions, then all): elsewhere the comparison would wait for the device."""
+    if g.shape[2] < 2:
+        return False
+    if g.stride(2) == 0:
+        return True
+    first = g[:, :, :1]
+    return g.device.type == "cpu" and torch.equal(first, g[:, :, 1:2]) and torch.equal(g, first.expand_as(g))
 
 
 @register(nn.Linear, min_dim=lambda m: 2)
 def linear(module: nn.Linear, args, kwargs, grads):
-    x, (g,) = args[0], grads
-    n = x.shape[0]
-    x = x.reshape(n, -1, module.in_features)  # (N, T, in)
-    g = g.reshape(g.shape[0], n, -1, module.out_features)  # (V, N, T, out)
+    x, g, xw, gw = _positions(module, args[0], grads[0])
     out = {}
     if trainable(module, "weight"):
-        v, t, o, i = g.shape[0], x.shape[1], module.out_features, module.in_features
+        (v, n, t, o), i = gw.shape, module.in_features
         jw = result_buffer("weight", (n, v, o, i), x)
         if t == 1:
-            torch.mul(g[:, :, 0].transpose(0, 1).unsqueeze(-1), x.reshape(n, 1, 1, i), out=jw)
+            torch.mul(gw[:, :, 0].transpose(0, 1).unsqueeze(-1), xw.reshape(n, 1, 1, i), out=jw)
         else:
-            gt = g[0].transpose(1, 2) if v == 1 else g.permute(1, 0, 3, 2).reshape(n, v * o, t)  # (N, V O, T)
-            torch.bmm(gt, x, out=jw.view(n, v * o, i))
+            gt = gw[0].transpose(1, 2) if v == 1 else gw.permute(1, 0, 3, 2).reshape(n, v * o, t)  # (N, V O, T)
+            torch.bmm(gt, xw, out=jw.view(n, v * o, i))
         out["weight"] = jw
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
@@ -38,12 +64,30 @@ def linear(module: nn.Linear, args, kwargs, grads):
 @register_norms(nn.Linear)
 def linear_norms(module: nn.Linear, args, kwargs, grads):
     """||J_W[n, v]||^2 via Gram matrices over the positions t, ||J_b[n, v]||^2 = ||sum_t G[v, n, t]||^2."""
-    x, (g,) = args[0], grads
-    n = x.shape[0]
-    g = g.reshape(g.shape[0], n, -1, module.out_features)
+    _, g, xw, gw = _positions(module, args[0], grads[0])
     out = {}
     if trainable(module, "weight"):
-        out["weight"] = sq_norms_of_products(g, x.reshape(n, -1, module.in_features)).T
+        out["weight"] = sq_norms_of_products(gw, xw).T
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).square().sum(-1).T
     return out
+
+
+def _many_positions(module: nn.Linear, x: Tensor) -> bool:
+    return x.dim() > 2 and x.shape[1:].numel() >= 16 * module.in_features
+
+
+@register_backward(nn.Linear, when=_many_positions)
+def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, params: bool, per_sample=None):
+    x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
+    dx = None
+    if x.requires_grad:  # written out whole: an expanded dx slows the elementwise backward before it
+        dx = (gw[0] @ module.weight).expand(x3.shape).contiguous().view(x.shape)
+    grads = {}
+    if params:
+        if trainable(module, "weight"):
+            many = gw.shape[2] > 1  # else the product is cheaper than the sum
+            grads["weight"] = per_sample["weight"].sum(0)[0] if many and per_sample else gw[0].flatten(0, 1).T @ xw.flatten(0, 1)
+        if trainable(module, "bias"):
+            grads["bias"] = g4[0].sum((0, 1))
+    return dx, grads

@@ -29,10 +29,23 @@ def result_buffer(name: str, shape, like: Tensor) -> Tensor:
     tape's slot for it (a previous result nobody else holds, reused), else a fresh tensor.
     Optional: a rule that returns a fresh tensor instead is just as correct, only slower for
     large results, whose memory is then allocated anew at every backward."""
+    slot = _slot(name, shape, like)
+    return slot.take(shape) if slot is not None else like.new_empty(shape)
+
+
+def index_add_result(name: str, shape, index: Tensor, src: Tensor) -> Tensor:
+    """Parameter ``name``'s whole result, of ``shape`` (R, D): zero but for rows
+    ``out[index[i]] += src[i]``. Written into the tape's slot where there is one, which then
+    clears only the rows its previous result wrote (:meth:`ResultSlot.index_add`)."""
+    slot = _slot(name, shape, src)
+    return slot.index_add(shape, index, src) if slot is not None else src.new_zeros(shape).index_add_(0, index, src)
+
+
+def _slot(name: str, shape, like: Tensor) -> Optional[ResultSlot]:
     slot = (_DESTINATIONS.get() or {}).get(name)
     if slot is not None and slot.shape.numel() == torch.Size(shape).numel() and slot.like.dtype == like.dtype:
-        return slot.take(shape)
-    return like.new_empty(shape)
+        return slot
+    return None
 
 
 def require_batch_dim(module: nn.Module, x: Tensor, min_dim: int) -> None:
