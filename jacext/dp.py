@@ -53,12 +53,15 @@ class ClipGrad(JacextExtension):
     def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
         return value.squeeze(1) * self._per_loss(out_shape[0]) ** 2
 
-    def rescale(self, grad_out: Tensor, stored) -> Tensor:
-        """The cotangent with sample n scaled by w_n times the 'mean' factor N."""
-        n = grad_out.shape[0]
-        norms = torch.stack(list(stored)).sum(0).sqrt() if stored else grad_out.new_zeros(n)
-        weights = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * self._per_loss(n)
-        return grad_out * weights.view(n, *[1] * (grad_out.dim() - 1)).to(grad_out.dtype)
+    def weights(self, n: int, stored, like: Tensor) -> Tensor:
+        """Per sample, w_n times the 'mean' factor N, from the parameters' squared norms ``stored``."""
+        norms = torch.stack(list(stored)).sum(0).sqrt() if stored else like.new_zeros(n)
+        return (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * self._per_loss(n)
+
+    def rescale(self, grad: Tensor, stored) -> Tensor:
+        """A cotangent (N, ...) with sample n scaled by its weight."""
+        n = grad.shape[0]
+        return grad * self.weights(n, stored, grad).view(n, *[1] * (grad.dim() - 1)).to(grad.dtype)
 
     def __repr__(self) -> str:
         return f"jacext.ClipGrad(max_grad_norm={self.max_grad_norm}, loss_reduction={self.loss_reduction!r})"

@@ -267,7 +267,7 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
             "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
             "independent samples (not batchnorm='exact')"
         )
-    if tape.arm_inline(shape):  # G is caught as this backward goes on; results at its end
+    if tape.arm_inline(shape, grad):  # G is caught as this backward goes on; results at its end
         engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
         engine.queue_callback(partial(_assign_inline, tape, shape, grad))
         return None
@@ -282,19 +282,9 @@ def _on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -
 
 
 def _assign_inline(tape: Tape, shape: torch.Size, grad: Tensor) -> None:
-    _assign(tape, _cleared_on_error(tape, tape.compute_inline, shape, grad))
-
-
-def _cleared_on_error(tape: Tape, compute, *args):
-    """``compute(*args)``; if it raises (after the model's backward has filled p.grad), no
-    parameter keeps a result of an earlier batch for these extensions."""
-    try:
-        return compute(*args)
-    except BaseException:
-        for p in tape.parameters:
-            for ext in tape.extensions:
-                vars(p).pop(ext.savefield, None)
-        raise
+    with tape.cleared_on_error():
+        results = tape.compute_inline(shape, grad)
+    _assign(tape, results)
 
 
 def _assign(tape: Tape, results) -> None:

@@ -1,75 +1,141 @@
-"""p.grad from the per-sample gradients, for layers with many positions per sample (BatchGrad).
+"""Calls whose parameter gradients the tape takes over: per-sample results in the ordinary backward.
 
-A Linear over T positions costs N T O I multiply-adds for autograd's weight gradient G^T X,
-as many as the per-sample gradients J[n] = G[n]^T X[n] that BatchGrad materialises; the sum
-sum_n J[n] is the same weight gradient for N O I additions. Where a layer registers its own
-backward (``jacext.rules.register_backward``) and says the sum is cheaper, the tape routes
-its output through :class:`FusedGrads`, whose backward
+A fused call's output hangs from a :class:`FusedGrads` node, which in the backward gives the
+call's input gradients but decides where its parameter gradients come from:
 
-* in a backward the tape armed inline (:meth:`jacext.tape.Tape.arm_inline`): runs the
-  layer's rule on the cotangent G it receives, keeps the per-sample results on the record,
-  and returns their sum over samples as the parameters' gradients, with the input gradient
-  from the layer's backward; autograd never forms G^T X;
-* otherwise (the tape's own pull-back, which needs only input gradients; a backward that
-  pulls back separately; ``create_graph=True``): returns what the layer's own backward gives.
+* **BatchGrad** (layers that register their own backward, ``jacext.rules.register_backward``,
+  where it says so: a Linear with many positions per sample). Autograd's weight gradient G^T X
+  costs N T O I multiply-adds, as many as the per-sample gradients J[n] = G[n]^T X[n] that
+  BatchGrad materialises; their sum over n is the same gradient for N O I additions. The node
+  runs the rule on the G it receives and returns sum_n J[n].
+* **ClipGrad** (every call with a hand-written rule and one output tensor). The clipped sum
+  sum_n w_n g_n needs every sample's norm, known only once the backward has passed every
+  layer. The nodes take the parameters through one :class:`ClipGate` node, which autograd
+  therefore runs after all of them; they return no parameter gradients, and the gate computes
+  the norms and weights w_n from the G the tape caught, then each call's parameter gradients
+  for the cotangent w_n G[n] (:meth:`jacext.tape.Tape.clipped_grads`), and hands them on to
+  the parameters. One backward pass instead of a pull-back for the norms and a second,
+  rescaled backward.
 
-The gradients reach the parameters through autograd (``AccumulateGrad``), so gradient hooks,
-DDP and ``retain_graph`` behave as without jacext.
+Input gradients come from the layer's own backward where it gives them (Linear), else from
+autograd on the call's own graph, which the node keeps. Where the tape did not arm the backward (its own
+pull-back, which wants input gradients only; a backward that pulls back separately;
+``create_graph=True``), the node returns the ordinary gradients. Parameter gradients always
+reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, DDP and
+``retain_graph`` behave as without jacext.
 """
 
 import weakref
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from jacext.rules import BACKWARDS
+from jacext.rules import BACKWARDS, covers_subtree, rule_for
 
 
-def fusable(module: nn.Module, args, output) -> bool:
-    """Whether the call's output should go through :class:`FusedGrads`."""
-    entry = BACKWARDS.get(type(module))
-    x = args[0] if args else None
-    return (
-        entry is not None
-        and isinstance(x, Tensor)
-        and isinstance(output, Tensor)
-        and output.requires_grad
-        and entry[1](module, x)
-    )
+class FusedCall:
+    """One fused module call ``output = module(x)``: what its :class:`FusedGrads` node needs."""
+
+    def __init__(self, module: nn.Module, output: Tensor):
+        self.module = module
+        self.backward = BACKWARDS.get(type(module), (None,))[0]
+        self.output = output  # its graph: autograd's gradients where the layer has none of its own
+        covered = module.named_parameters(recurse=covers_subtree(module))
+        self.names = [name for name, p in covered if p.requires_grad]
+        self.params = [module.get_parameter(name) for name in self.names]
+        self.record: Optional[weakref.ref] = None
+        self.tape: Optional[weakref.ref] = None
+
+    def grads(self, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
+        """The input's gradient where wanted and the parameters' where ``params``, for cotangent
+        ``g``: the layer's own where it has them (not with ``create_graph=True``), else
+        autograd's on the call's own graph."""
+        dx, dps = None, [None] * len(self.names)
+        own = self.backward is not None and not torch.is_grad_enabled()
+        if own:
+            dx, grads = self.backward(self.module, x, g, dx_wanted, params, per_sample)
+            dps = [grads.get(name) for name in self.names]
+        wrt = ([x] if dx_wanted and dx is None else []) + (self.params if params and not own else [])
+        if wrt:
+            got = torch.autograd.grad(
+                self.output, wrt, g, retain_graph=True, create_graph=torch.is_grad_enabled(), allow_unused=True
+            )
+            if dx_wanted and dx is None:
+                dx, got = got[0], got[1:]
+            dps = list(got) if got else dps
+        return dx, dps
 
 
-def fused_output(module: nn.Module, x: Tensor, output: Tensor) -> Tensor:
-    """``output``'s values, with :class:`FusedGrads` as its autograd node (bind it with :func:`bind`)."""
-    params = [p for _, p in _trainable(module)]
-    return FusedGrads.apply(module, output.detach(), x, *params)
+def fusable(module: nn.Module, args, kwargs, output, clipping: bool) -> bool:
+    """Whether the call's output should hang from a :class:`FusedGrads` node: for ClipGrad,
+    every call with a hand-written rule, one tensor input and one output tensor; for BatchGrad,
+    calls of layers with their own backward that say it pays. One input: autograd's gradient
+    of the call's graph for one of two inputs would also count the paths through the other
+    where that one was computed from it."""
+    if not (isinstance(output, Tensor) and output.requires_grad):
+        return False
+    if len(args) != 1 or not isinstance(args[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
+        return False
+    if clipping:
+        return rule_for(module) is not None
+    backward, when = BACKWARDS.get(type(module), (None, None))
+    return when is not None and when(module, args[0], output)
+
+
+def fused_output(module: nn.Module, x: Tensor, output: Tensor, gated=None) -> Tensor:
+    """``output``'s values, hanging from a :class:`FusedGrads` node (tell it its record with
+    :func:`bind`); ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
+    call = FusedCall(module, output)
+    params = [gated[id(p)] for p in call.params] if gated is not None else call.params
+    return FusedGrads.apply(call, output.detach(), x, *params)
 
 
 def bind(output: Tensor, record, tape) -> None:
     """Tell the node of a :func:`fused_output` which record and tape it serves (held weakly)."""
-    node = output.grad_fn
-    node.record, node.tape = weakref.ref(record), weakref.ref(tape)
+    call = output.grad_fn.call
+    call.record, call.tape = weakref.ref(record), weakref.ref(tape)
 
 
-def _trainable(module: nn.Module):
-    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+def call_of(output_node) -> Optional[FusedCall]:
+    return getattr(output_node, "call", None)
 
 
 class FusedGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, values, x, *params):
-        ctx.module = module
+    def forward(ctx, call, values, x, *params):
+        ctx.call = call
         ctx.save_for_backward(x)
         return values.detach()
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors  # first: a second backward without retain_graph fails before any work
-        module = ctx.module
-        backward, _ = BACKWARDS[type(module)]
-        tape, record = ctx.tape(), ctx.record()
-        names = [name for name, _ in _trainable(module)]
-        if torch.is_grad_enabled() or not tape.armed or tape.busy:  # busy: only dx is wanted
-            dx, grads = backward(module, x, g, params=not tape.busy)
+        call = ctx.call
+        tape, dx_wanted = call.tape(), ctx.needs_input_grad[2]
+        if torch.is_grad_enabled() or not tape.armed or tape.busy:  # busy: the tape's pull-back
+            dx, dps = call.grads(x, g, dx_wanted, not tape.busy)
+        elif tape.clipping:  # the parameter gradients come from the ClipGate
+            dx, dps = call.grads(x, g, dx_wanted, False)
         else:
-            dx, grads = backward(module, x, g, params=True, per_sample=tape.contract_now(record, g))
-        return (None, None, dx, *(grads.get(name) for name in names))
+            dx, dps = call.grads(x, g, dx_wanted, True, per_sample=tape.contract_now(call.record(), g))
+        return (None, None, dx, *dps)
+
+
+class ClipGate(torch.autograd.Function):
+    """Aliases of the parameters for the fused calls of a ClipGrad tape: autograd runs this node
+    after every node that uses them, so that in an armed backward its backward can clip
+    (:meth:`jacext.tape.Tape.clipped_grads`); otherwise it passes the gradients on."""
+
+    @staticmethod
+    def forward(ctx, tape, *params):
+        ctx.tape = weakref.ref(tape)
+        ctx.set_materialize_grads(False)
+        return tuple(p.detach() for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tape = ctx.tape()
+        if tape is not None and tape.armed and not torch.is_grad_enabled():
+            grads = tape.clipped_grads()
+        return (None, *grads)

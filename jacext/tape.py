@@ -33,7 +33,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.errors import JacextError
-from jacext.fused import bind, fusable, fused_output
+from jacext.fused import ClipGate, bind, call_of, fusable, fused_output
 from jacext.memory import ResultSlot, require_fits, reusable
 from jacext.rules import MIN_DIMS, covers_subtree, norm_rule_for, rule_for
 from jacext.rules.batchnorm import couples_samples
@@ -80,6 +80,7 @@ class Record:
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
         self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node (jacext.fused)
+        self.fused = False  # its output hangs from a FusedGrads node
 
     def catch_inline(self) -> None:
         """Hook the edges' nodes to catch their cotangents during the ordinary backward. The
@@ -140,31 +141,42 @@ class Tape:
         self.only_norms = {e.kind for e in self.extensions if not e.needs_block} - {
             e.kind for e in self.extensions if e.needs_block
         }
-        # per-sample gradients materialised in the ordinary backward: p.grad from them (jacext.fused)
-        self.fuses = self.inline and "loss" not in self.only_norms and not getattr(root, "_jacext_backpack", False)
+        # calls whose parameter gradients the tape takes over (jacext.fused): BatchGrad's sums of
+        # the per-sample gradients it materialises, ClipGrad's clipped sums
+        hooked = getattr(root, "_jacext_backpack", False)
+        rescaling = [e for e in self.extensions if hasattr(e, "rescale")]
+        self.clipping = len(rescaling) == 1 and all(e.kind == "loss" for e in self.extensions) and not hooked
+        self.fuses = self.clipping or (self.inline and "loss" not in self.only_norms and not hooked)
         self.fused = False  # a record's output goes through FusedGrads
+        self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
+        self.finished: Optional[Dict[nn.Parameter, list]] = None  # results computed inside the backward
+        self.armed_with: tuple = ()  # the root output's shape and cotangent, while armed
         self.armed = False  # this backward catches G inline (arm_inline)
         self.slots: Optional[Dict[tuple, ResultSlot]] = None  # made when armed, for fused records
         self.shared: Set[int] = set()
 
     def record(self, module: nn.Module, args, kwargs, output):
         """Record a call; returns the output to hand on (aliased where the record needs it)."""
-        fuse = self.fuses and fusable(module, args, output)
+        fuse = self.fuses and fusable(module, args, kwargs, output, self.clipping)
         if fuse:
-            output = fused_output(module, args[0], output)
+            if self.clipping and self.gate is None:
+                params = [p for p in self.parameters if p.requires_grad]
+                self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
+            output = fused_output(module, args[0], output, self.gate)
         rec = Record(module, args, kwargs, output)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
+        rec.fused = fuse
         if fuse:
             bind(output, rec, self)
             self.fused = True
         if rec.edges:
             self.records.append(rec)
             self.coupled = self.coupled or rec.coupled
-            if self.inline:
+            if self.inline or self.clipping:
                 rec.catch_inline()
         return output
 
-    def arm_inline(self, out_shape) -> bool:
+    def arm_inline(self, out_shape, grad_out: Tensor) -> bool:
         """Called as the backward reaches the root output: whether G can be caught at every
         record as the backward goes on (then arm the hooks) instead of a separate pull-back.
         Not where samples are coupled, where the engine will skip a record's node
@@ -175,12 +187,13 @@ class Tape:
         leave the parameters until the backward has ended: a backward that fails half-way
         leaves no half-overwritten result."""
         self.armed = self._can_arm()
+        self.finished, self.armed_with = None, (out_shape, grad_out)
         if not self.armed:
             return False
         for rec in self.records:
             rec.check_unmodified()
             rec.caught = [None] * len(rec.edges)
-        if self.fused and out_shape[0] > 0:
+        if self.fused and not self.clipping and out_shape[0] > 0:
             spans = {"loss": (0, 1)}
             self.slots = self._result_slots(spans, out_shape)
             self._require_result_memory(spans, out_shape, self.slots)
@@ -191,10 +204,14 @@ class Tape:
         return True
 
     def _can_arm(self) -> bool:
+        """Also with ClipGrad, where every record is fused: their nodes hold the parameter
+        gradients back until the clipping weights are known (:meth:`_clip`)."""
         will_run = torch._C._will_engine_execute_node
-        if not self.inline or self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
+        if self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
             return False
-        return all(rule_for(r.module) is not None for r in self.records)  # a generic rule may fail: fail first
+        if any(rule_for(r.module) is None for r in self.records):  # a generic rule may fail: fail first
+            return False
+        return self.inline or (self.clipping and all(r.fused for r in self.records))
 
     def contract_now(self, rec: Record, g: Tensor) -> Dict[str, Tensor]:
         """In an armed backward, a fused record's rule on the cotangent ``g`` its node received,
@@ -205,18 +222,75 @@ class Tape:
         return rec.contracted
 
     def compute_inline(self, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
-        """After a backward armed by :meth:`arm_inline`: the results from the caught G."""
+        """After a backward armed by :meth:`arm_inline`: the results from the caught G (or
+        those :meth:`clipped_grads` computed already)."""
+        finished, self.finished = self.finished, None
+        return finished if finished is not None else self._from_caught(out_shape, grad_out)[0]
+
+    def clipped_grads(self) -> tuple:
+        """ClipGrad in an armed backward, from the :class:`ClipGate` once every fused node has
+        run: the results (kept for :meth:`compute_inline`) and, per gated parameter, the sum
+        over calls of its gradient for the cotangent with sample n scaled by w_n."""
+        with self.cleared_on_error():
+            self.finished, caught = self._from_caught(*self.armed_with)
+            grads = self._clipped(caught, self.finished, self.armed_with[1])
+        return tuple(grads.get(p) for p in self.parameters if p.requires_grad)
+
+    def _from_caught(self, out_shape, grad_out: Tensor):
+        """The results from the caught G, and the caught G per record (zeros where none came)."""
         self.armed = False
         slots, self.slots = self.slots, None
+        caught = {}
+        for rec in self.records:
+            g, rec.caught = rec.caught or [], None
+            caught[rec] = [c if c is not None else grad_out.new_zeros(s) for c, s in zip(g, rec.out_shapes)]
         per_record = []
         for rec in self.records if out_shape[0] > 0 else []:
-            caught, rec.caught = rec.caught or [], None
             leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
-            for leaf, g, shape in zip(rec.grad_leaves, caught, rec.out_shapes):
-                leaf_grads[leaf] = g.unsqueeze(0) if g is not None else grad_out.new_zeros(1, *shape)
+            for leaf, g in zip(rec.grad_leaves, caught[rec]):
+                leaf_grads[leaf] = g.unsqueeze(0)
             per_record.append((rec, leaf_grads))
         with _backpack_paused():
-            return self._contract({"loss": (0, 1)}, per_record, out_shape, slots)
+            return self._contract({"loss": (0, 1)}, per_record, out_shape, slots), caught
+
+    @contextmanager
+    def cleared_on_error(self):
+        """If the block raises (after the model's backward has filled p.grad, or in the middle of
+        it), no parameter keeps a result of an earlier batch for these extensions."""
+        try:
+            yield
+        except BaseException:
+            for p in self.parameters:
+                for ext in self.extensions:
+                    vars(p).pop(ext.savefield, None)
+            raise
+
+    def _clipped(self, caught, results, grad_out: Tensor) -> Dict[nn.Parameter, Tensor]:
+        i, ext = next((i, e) for i, e in enumerate(self.extensions) if hasattr(e, "rescale"))
+        n = grad_out.shape[0]
+        w = ext.weights(n, [values[i] for values in results.values()], grad_out).to(grad_out.dtype)
+        grads: Dict[nn.Parameter, Tensor] = {}
+        for rec in self.records:
+            call = call_of(rec.edges[0].node)
+            for p, d in zip(call.params, self._parameter_grads(rec, call, caught[rec][0], w)):
+                grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
+        return grads
+
+    @staticmethod
+    def _parameter_grads(rec: Record, call, g: Tensor, w: Tensor) -> List[Tensor]:
+        """A call's parameter gradients for its cotangent ``g`` with sample n scaled by w_n: the
+        layer's own (Linear, Conv, Embedding), else its rule's per-sample results summed (the
+        layers with small parameters); not autograd on the call's graph, which would run every
+        fused node before it again through the gate."""
+        n = g.shape[0]
+        if n == 0:
+            return [torch.zeros_like(p) for p in call.params]
+        scaled = g * w.view(n, *[1] * (g.dim() - 1))
+        if call.backward is not None:
+            grads = call.backward(rec.module, rec.args[0], scaled, False, True)[1]
+        else:
+            grads = {name: j.sum(0)[0] for name, j in apply_rule(rec, [scaled.unsqueeze(0)]).items()}
+        return [grads[name] for name in call.names]
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""

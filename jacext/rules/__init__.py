@@ -83,17 +83,18 @@ def norm_rule_for(module: nn.Module) -> Optional[Rule]:
     return NORM_RULES.get(type(module))
 
 
-BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Callable[..., bool]]] = {}
+BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Optional[Callable[..., bool]]]] = {}
 
 
-def register_backward(*classes: Type[nn.Module], when: Callable[..., bool]) -> Callable:
-    """Register a layer's own backward (decorator), ``backward(module, x, g, params, per_sample=None)
-    -> (dx, {param_name: dp})`` for its input ``x`` and output cotangent ``g`` (N, *out): dx None
-    where ``x`` needs none, the parameter gradients only where ``params`` is true, from
-    ``per_sample`` (the rule's results for this call, where the tape has them) where summing them
-    is cheaper; with differentiable operations (``create_graph=True`` runs it). Where
-    ``when(module, x)`` (many positions per sample), the tape then lets BatchGrad fill p.grad
-    in the layer's backward from the per-sample gradients it materialises anyway (jacext.fused)."""
+def register_backward(*classes: Type[nn.Module], when: Optional[Callable[..., bool]] = None) -> Callable:
+    """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
+    per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
+    ``g`` (N, *out): the parameter gradients summed over the batch where ``params`` (from
+    ``per_sample``, the rule's results for this call, where the tape has them and summing them
+    is cheaper), dx where wanted or None to leave it to autograd. Without grad mode
+    (``create_graph=True`` uses autograd). ClipGrad forms its clipped sums with it; BatchGrad,
+    where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
+    per-sample gradients it materialises anyway (jacext.fused)."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
         for cls in classes:

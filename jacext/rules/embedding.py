@@ -35,12 +35,15 @@ scale_grad_by_freq and per_sample_weights with max.
 
 ``max_norm`` renormalises W in place without gradient before the lookup, so the
 rules are unchanged (the max is taken over the renormalised W).
+
+Embedding's gradient summed over the batch is torch's own (``embedding_backward``), registered
+for jacext.fused (ClipGrad's clipped sums).
 """
 
 import torch
 from torch import nn
 
-from jacext.rules import register, register_norms, trainable
+from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import index_add_result
 
 
@@ -82,6 +85,17 @@ def embedding_norms(module, args, kwargs, grads):
     rows = torch.zeros_like(src).index_add_(0, slot, src)  # R: row slot[i] sums the entries of i's pair
     sq = rows.square().sum(-1)  # (L, V); zero in the slots no pair uses
     return {"weight": sq.new_zeros(n, v).index_add_(0, owner, sq)}
+
+
+@register_backward(nn.Embedding)
+def embedding_backward(module, x, g, dx_wanted: bool, params: bool, per_sample=None):
+    if not (params and trainable(module, "weight")):
+        return None, {}
+    padding = -1 if module.padding_idx is None else module.padding_idx
+    grad = torch.ops.aten.embedding_backward(
+        g, x, module.num_embeddings, padding, module.scale_grad_by_freq, module.sparse
+    )
+    return None, {"weight": grad}
 
 
 def _embedding_bag(module, args, kwargs, g):

@@ -24,9 +24,9 @@ from jacext.rules.util import result_buffer, sq_norms_of_products
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
     """x as (N, T, in) and G as (V, N, T, out); and the pair for J_W, with T = 1 where G is
     constant over the positions."""
-    n = x.shape[0]
-    x = x.reshape(n, -1, module.in_features)
-    g = g.reshape(g.shape[0], n, -1, module.out_features)
+    n, t = x.shape[0], x.shape[1:-1].numel()
+    x = x.reshape(n, t, module.in_features)
+    g = g.reshape(g.shape[0], n, t, module.out_features)
     if _constant_over_positions(g):
         return x, g, x.sum(1, keepdim=True), g[:, :, :1]
     return x, g, x, g
@@ -73,21 +73,23 @@ def linear_norms(module: nn.Linear, args, kwargs, grads):
     return out
 
 
-def _many_positions(module: nn.Linear, x: Tensor) -> bool:
+def _many_positions(module: nn.Linear, x: Tensor, y: Tensor) -> bool:
     return x.dim() > 2 and x.shape[1:].numel() >= 16 * module.in_features
 
 
 @register_backward(nn.Linear, when=_many_positions)
-def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, params: bool, per_sample=None):
+def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None
-    if x.requires_grad:  # written out whole: an expanded dx slows the elementwise backward before it
+    if dx_wanted:  # written out whole: an expanded dx slows the elementwise backward before it
         dx = (gw[0] @ module.weight).expand(x3.shape).contiguous().view(x.shape)
     grads = {}
     if params:
         if trainable(module, "weight"):
             many = gw.shape[2] > 1  # else the product is cheaper than the sum
-            grads["weight"] = per_sample["weight"].sum(0)[0] if many and per_sample else gw[0].flatten(0, 1).T @ xw.flatten(0, 1)
+            grads["weight"] = (
+                per_sample["weight"].sum(0)[0] if many and per_sample else gw[0].flatten(0, 1).T @ xw.flatten(0, 1)
+            )
         if trainable(module, "bias"):
             grads["bias"] = g4[0].sum((0, 1))
     return dx, grads
