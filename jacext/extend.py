@@ -16,6 +16,7 @@ import torch
 from backpack.context import CTX
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
+from torch.nn.modules.module import _global_forward_hooks
 
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
@@ -201,7 +202,13 @@ def _record(module: nn.Module, args, kwargs, output):
     with _current.uses.pausing():
         if output is None or not _owns_trainable(module):  # the forward raised, or all frozen
             return None
-        return _current.record(module, args, kwargs, output)
+        return _current.record(module, args, kwargs, output, _first_forward_hook(module))
+
+
+def _first_forward_hook(module: nn.Module) -> bool:
+    """Whether the recording hook is the first forward hook to run on ``module``'s output."""
+    first = next(iter(module._forward_hooks), None)
+    return first == vars(module)["_jacext_record_handles"][1].id and not _global_forward_hooks
 
 
 def _close_tape(root: nn.Module, args, output) -> Optional[Tensor]:

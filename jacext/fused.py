@@ -67,13 +67,14 @@ class FusedCall:
         return dx, dps
 
 
-def fusable(module: nn.Module, args, kwargs, output, clipping: bool) -> bool:
+def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output: bool) -> bool:
     """Whether the call's output should hang from a :class:`FusedGrads` node: for ClipGrad,
     every call with a hand-written rule, one tensor input and one output tensor; for BatchGrad,
     calls of layers with their own backward that say it pays. One input: autograd's gradient
     of the call's graph for one of two inputs would also count the paths through the other
-    where that one was computed from it."""
-    if not (isinstance(output, Tensor) and output.requires_grad):
+    where that one was computed from it. ``own_output``: no forward hook has replaced the
+    module's output (the layer's own gradients would not see what it did)."""
+    if not (own_output and isinstance(output, Tensor) and output.requires_grad):
         return False
     if len(args) != 1 or not isinstance(args[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
         return False
@@ -105,12 +106,12 @@ class FusedGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, values, x, *params):
         ctx.call = call
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)  # autograd's checks: freed, or changed in place since
         return values.detach()
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors  # first: a second backward without retain_graph fails before any work
+        x = ctx.saved_tensors[0]  # first: a second backward without retain_graph fails before any work
         call = ctx.call
         tape, dx_wanted = call.tape(), ctx.needs_input_grad[2]
         if torch.is_grad_enabled() or not tape.armed or tape.busy:  # busy: the tape's pull-back

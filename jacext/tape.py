@@ -155,9 +155,11 @@ class Tape:
         self.slots: Optional[Dict[tuple, ResultSlot]] = None  # made when armed, for fused records
         self.shared: Set[int] = set()
 
-    def record(self, module: nn.Module, args, kwargs, output):
-        """Record a call; returns the output to hand on (aliased where the record needs it)."""
-        fuse = self.fuses and fusable(module, args, kwargs, output, self.clipping)
+    def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
+        """Record a call; returns the output to hand on (aliased where the record needs it, or
+        hanging from a FusedGrads node). ``own_output``: the module's output as its forward
+        returned it (no forward hook ran before)."""
+        fuse = self.fuses and fusable(module, args, kwargs, output, self.clipping, own_output)
         if fuse:
             if self.clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
