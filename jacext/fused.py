@@ -26,7 +26,7 @@ reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, D
 """
 
 import weakref
-from typing import Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ class FusedCall:
 
     def __init__(self, module: nn.Module, output: Tensor):
         self.module = module
-        self.backward = BACKWARDS.get(type(module), (None,))[0]
+        self.backward: Optional[Callable[..., Any]] = BACKWARDS.get(type(module), (None, None))[0]
         self.output = output  # its graph: autograd's gradients where the layer has none of its own
         covered = module.named_parameters(recurse=covers_subtree(module))
         self.names = [name for name, p in covered if p.requires_grad]
@@ -51,9 +51,10 @@ class FusedCall:
         """The input's gradient where wanted and the parameters' where ``params``, for cotangent
         ``g``: the layer's own where it has them (not with ``create_graph=True``), else
         autograd's on the call's own graph."""
-        dx, dps = None, [None] * len(self.names)
+        dx: Optional[Tensor] = None
+        dps: List[Optional[Tensor]] = [None] * len(self.names)
         own = self.backward is not None and not torch.is_grad_enabled()
-        if own:
+        if self.backward is not None and own:
             dx, grads = self.backward(self.module, x, g, dx_wanted, params, per_sample)
             dps = [grads.get(name) for name in self.names]
         wrt = ([x] if dx_wanted and dx is None else []) + (self.params if params and not own else [])
@@ -94,12 +95,13 @@ def fused_output(module: nn.Module, x: Tensor, output: Tensor, gated=None) -> Te
 
 def bind(output: Tensor, record, tape) -> None:
     """Tell the node of a :func:`fused_output` which record and tape it serves (held weakly)."""
-    call = output.grad_fn.call
+    call = call_of(output.grad_fn)
     call.record, call.tape = weakref.ref(record), weakref.ref(tape)
 
 
-def call_of(output_node) -> Optional[FusedCall]:
-    return getattr(output_node, "call", None)
+def call_of(node) -> FusedCall:
+    """The call a :class:`FusedGrads` node serves."""
+    return node.call
 
 
 class FusedGrads(torch.autograd.Function):

@@ -7,7 +7,7 @@ references, is overwritten in place instead; anything the user kept is never tou
 """
 
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ class ResultSlot:
         where the slot holds the previous result written here, and torch's version counter
         shows no in-place change to it since, only the rows written then are cleared."""
         out = self.take(shape)
-        base = self.tensor
+        base: Any = self.tensor  # set by take; carries the rows it last wrote as an attribute
         written = getattr(base, "_jacext_rows", None)
         if written is not None and written[0] == base._version and written[1] == out.shape:
             out.index_fill_(0, written[2], 0)

@@ -242,10 +242,10 @@ class Tape:
         """The results from the caught G, and the caught G per record (zeros where none came)."""
         self.armed = False
         slots, self.slots = self.slots, None
-        caught = {}
+        caught: Dict[Record, List[Tensor]] = {}
         for rec in self.records:
-            g, rec.caught = rec.caught or [], None
-            caught[rec] = [c if c is not None else grad_out.new_zeros(s) for c, s in zip(g, rec.out_shapes)]
+            got, rec.caught = rec.caught or [], None
+            caught[rec] = [c if c is not None else grad_out.new_zeros(s) for c, s in zip(got, rec.out_shapes)]
         per_record = []
         for rec in self.records if out_shape[0] > 0 else []:
             leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
@@ -273,7 +273,7 @@ class Tape:
         w = ext.weights(n, [values[i] for values in results.values()], grad_out).to(grad_out.dtype)
         grads: Dict[nn.Parameter, Tensor] = {}
         for rec in self.records:
-            call = call_of(rec.edges[0].node)
+            call = call_of(rec.edges[0].node)  # every record is fused when the tape clips inline
             for p, d in zip(call.params, self._parameter_grads(rec, call, caught[rec][0], w)):
                 grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
         return grads
@@ -587,8 +587,8 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
     failing generic rule raises an error that names the module."""
     rule = rule or rule_for(rec.module) or generic
     training, rec.module.training = rec.module.training, rec.training
-    try:
-        with writing_into(into or {}):
+    try:  # results are not differentiable (as BackPACK's), also in a create_graph backward
+        with torch.no_grad(), writing_into(into or {}):
             return rule(rec.module, rec.args, rec.kwargs, grads)
     except JacextError:
         raise

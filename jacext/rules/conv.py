@@ -55,8 +55,17 @@ def conv_backward(module, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, p
         else:
             d = len(module.kernel_size)
             grads["weight"] = torch.ops.aten.convolution_backward(
-                g, _padded(module, x), module.weight, None, module.stride, [0] * d, module.dilation,
-                False, [0] * d, module.groups, [False, True, False],
+                g,
+                _padded(module, x),
+                module.weight,
+                None,
+                module.stride,
+                [0] * d,
+                module.dilation,
+                False,
+                [0] * d,
+                module.groups,
+                [False, True, False],
             )[1]
     if params and trainable(module, "bias"):
         grads["bias"] = g.sum([0, *range(2, g.dim())])
