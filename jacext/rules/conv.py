@@ -53,20 +53,7 @@ def conv_backward(module, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, p
         if per_sample is not None:
             grads["weight"] = per_sample["weight"].sum(0)[0]
         else:
-            d = len(module.kernel_size)
-            grads["weight"] = torch.ops.aten.convolution_backward(
-                g,
-                _padded(module, x),
-                module.weight,
-                None,
-                module.stride,
-                [0] * d,
-                module.dilation,
-                False,
-                [0] * d,
-                module.groups,
-                [False, True, False],
-            )[1]
+            grads["weight"] = _weight_grad(module, g, _padded(module, x), module.weight, module.groups)
     if params and trainable(module, "bias"):
         grads["bias"] = g.sum([0, *range(2, g.dim())])
     return None, grads
@@ -104,22 +91,21 @@ def _weight_jacobian_grouped(module, x: Tensor, g: Tensor) -> Tensor:
     gg = g.unflatten(2, (groups, -1)).permute(1, 2, 0, 3, *range(4, g.dim() + 1))  # (N, g, V, Cout/g, *S)
     folded = gg.reshape(1, n * groups * v * (c_out // groups), *g.shape[3:])
     weight = x.new_empty(n * groups * v * (c_out // groups), c_in_group, *kernel)  # only its shape is read
-    d = len(kernel)
-    _, jw, _ = torch.ops.aten.convolution_backward(
-        folded,
-        xpad.reshape(1, -1, *xpad.shape[2:]),
-        weight,
-        None,
-        module.stride,
-        [0] * d,
-        module.dilation,
-        False,
-        [0] * d,
-        n * groups,
-        [False, True, False],
-    )
+    jw = _weight_grad(module, folded, xpad.reshape(1, -1, *xpad.shape[2:]), weight, n * groups)
     jw = jw.view(n, groups, v, c_out // groups, c_in_group, *kernel)
     return jw.transpose(1, 2).reshape(n, v, c_out, c_in_group, *kernel)  # a copy only if V > 1 and groups > 1
+
+
+def _weight_grad(module, g: Tensor, xpad: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """The weight gradient of a convolution of the padded input ``xpad`` with the module's
+    stride and dilation into ``groups`` groups (torch's convolution backward); ``weight``
+    gives its shape."""
+    d = len(module.kernel_size)
+    zeros = [0] * d
+    mask = [False, True, False]
+    return torch.ops.aten.convolution_backward(
+        g, xpad, weight, None, module.stride, zeros, module.dilation, False, zeros, groups, mask
+    )[1]
 
 
 def _padded(module, x: Tensor) -> Tensor:
