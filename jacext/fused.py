@@ -26,7 +26,7 @@ reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, D
 """
 
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,9 @@ class FusedCall:
 
     def __init__(self, module: nn.Module, output: Tensor):
         self.module = module
-        self.backward: Optional[Callable[..., Any]] = BACKWARDS.get(type(module), (None, None))[0]
+        self.backward: Optional[Callable[..., Any]]
+        self.reads: Tuple[str, ...]  # the parameters its own dx reads
+        self.backward, _, self.reads = BACKWARDS.get(type(module), (None, None, ()))
         self.output = output  # its graph: autograd's gradients where the layer has none of its own
         covered = module.named_parameters(recurse=covers_subtree(module))
         self.names = [name for name, p in covered if p.requires_grad]
@@ -81,7 +83,7 @@ def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output:
         return False
     if clipping:
         return rule_for(module) is not None
-    backward, when = BACKWARDS.get(type(module), (None, None))
+    when = BACKWARDS.get(type(module), (None, None, ()))[1]
     return when is not None and when(module, args[0], output)
 
 
@@ -108,7 +110,8 @@ class FusedGrads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, values, x, *params):
         ctx.call = call
-        ctx.save_for_backward(x, *params)  # autograd's checks: freed, or changed in place since
+        read = [call.module.get_parameter(name) for name in call.reads] if x.requires_grad else []
+        ctx.save_for_backward(x, *read)  # autograd's checks: freed, or changed in place since
         return values.detach()
 
     @staticmethod
@@ -116,7 +119,7 @@ class FusedGrads(torch.autograd.Function):
         x = ctx.saved_tensors[0]  # first: a second backward without retain_graph fails before any work
         call = ctx.call
         tape, dx_wanted = call.tape(), ctx.needs_input_grad[2]
-        if torch.is_grad_enabled() or not tape.armed or tape.busy:  # busy: the tape's pull-back
+        if torch.is_grad_enabled() or not tape.armed or tape.busy or g.shape[0] == 0:  # busy: its pull-back
             dx, dps = call.grads(x, g, dx_wanted, not tape.busy)
         elif tape.clipping:  # the parameter gradients come from the ClipGate
             dx, dps = call.grads(x, g, dx_wanted, False)

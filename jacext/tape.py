@@ -207,7 +207,7 @@ class Tape:
 
     def _can_arm(self) -> bool:
         """Also with ClipGrad, where every record is fused: their nodes hold the parameter
-        gradients back until the clipping weights are known (:meth:`_clip`)."""
+        gradients back until the clipping weights are known (:meth:`clipped_grads`)."""
         will_run = torch._C._will_engine_execute_node
         if self.coupled or not all(will_run(e.node) for r in self.records for e in r.edges):
             return False
@@ -285,11 +285,11 @@ class Tape:
         layers with small parameters); not autograd on the call's graph, which would run every
         fused node before it again through the gate."""
         n = g.shape[0]
-        if n == 0:
-            return [torch.zeros_like(p) for p in call.params]
         scaled = g * w.view(n, *[1] * (g.dim() - 1))
         if call.backward is not None:
             grads = call.backward(rec.module, rec.args[0], scaled, False, True)[1]
+        elif n == 0:  # rules need a sample
+            return [torch.zeros_like(p) for p in call.params]
         else:
             grads = {name: j.sum(0)[0] for name, j in apply_rule(rec, [scaled.unsqueeze(0)]).items()}
         return [grads[name] for name in call.names]

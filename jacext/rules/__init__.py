@@ -83,10 +83,12 @@ def norm_rule_for(module: nn.Module) -> Optional[Rule]:
     return NORM_RULES.get(type(module))
 
 
-BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Optional[Callable[..., bool]]]] = {}
+BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Optional[Callable[..., bool]], Tuple[str, ...]]] = {}
 
 
-def register_backward(*classes: Type[nn.Module], when: Optional[Callable[..., bool]] = None) -> Callable:
+def register_backward(
+    *classes: Type[nn.Module], when: Optional[Callable[..., bool]] = None, reads: Tuple[str, ...] = ()
+) -> Callable:
     """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
     per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
     ``g`` (N, *out): the parameter gradients summed over the batch where ``params`` (from
@@ -94,11 +96,12 @@ def register_backward(*classes: Type[nn.Module], when: Optional[Callable[..., bo
     is cheaper), dx where wanted or None to leave it to autograd. Without grad mode
     (``create_graph=True`` uses autograd). ClipGrad forms its clipped sums with it; BatchGrad,
     where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
-    per-sample gradients it materialises anyway (jacext.fused)."""
+    per-sample gradients it materialises anyway (jacext.fused). ``reads``: the parameters its
+    dx reads, which autograd then checks for changes in place since the forward, as it would."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
         for cls in classes:
-            BACKWARDS[cls] = (backward, when)
+            BACKWARDS[cls] = (backward, when, reads)
         return backward
 
     return decorator

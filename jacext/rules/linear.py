@@ -77,7 +77,7 @@ def _many_positions(module: nn.Linear, x: Tensor, y: Tensor) -> bool:
     return x.dim() > 2 and x.shape[1:].numel() >= 16 * module.in_features
 
 
-@register_backward(nn.Linear, when=_many_positions)
+@register_backward(nn.Linear, when=_many_positions, reads=("weight",))
 def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None
