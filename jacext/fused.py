@@ -26,7 +26,7 @@ reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, D
 """
 
 import weakref
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,14 +35,14 @@ from jacext.rules import BACKWARDS, covers_subtree, rule_for
 
 
 class FusedCall:
-    """One fused module call ``output = module(x)``: what its :class:`FusedGrads` node needs."""
+    """One fused module call ``output = module(x, **kwargs)``: what its :class:`FusedGrads` node needs."""
 
-    def __init__(self, module: nn.Module, output: Tensor):
-        self.module = module
+    def __init__(self, module: nn.Module, kwargs, output: Tensor):
+        self.module, self.kwargs, self.training = module, kwargs, module.training
         self.backward: Optional[Callable[..., Any]]
         self.reads: Tuple[str, ...]  # the parameters its own dx reads
         self.backward, _, self.reads = BACKWARDS.get(type(module), (None, None, ()))
-        self.output = output  # its graph: autograd's gradients where the layer has none of its own
+        self.output = output  # its graph: autograd's input gradient where the layer has none of its own
         covered = module.named_parameters(recurse=covers_subtree(module))
         self.names = [name for name, p in covered if p.requires_grad]
         self.params = [module.get_parameter(name) for name in self.names]
@@ -51,23 +51,30 @@ class FusedCall:
 
     def grads(self, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
         """The input's gradient where wanted and the parameters' where ``params``, for cotangent
-        ``g``: the layer's own where it has them (not with ``create_graph=True``), else
-        autograd's on the call's own graph."""
-        dx: Optional[Tensor] = None
-        dps: List[Optional[Tensor]] = [None] * len(self.names)
-        own = self.backward is not None and not torch.is_grad_enabled()
-        if self.backward is not None and own:
+        ``g``. Parameters: the layer's own gradients, else its rule's per-sample results summed
+        over the samples (both with differentiable operations, for ``create_graph=True``); never
+        autograd on the call's graph, whose parameters the gradients of other fused calls of
+        them (a module called twice, tied weights) would reach too. Input: the layer's own, else
+        autograd's on the call's graph (the input is the only path there)."""
+        dx, grads = None, {}
+        if self.backward is not None:
             dx, grads = self.backward(self.module, x, g, dx_wanted, params, per_sample)
-            dps = [grads.get(name) for name in self.names]
-        wrt = ([x] if dx_wanted and dx is None else []) + (self.params if params and not own else [])
-        if wrt:
-            got = torch.autograd.grad(
-                self.output, wrt, g, retain_graph=True, create_graph=torch.is_grad_enabled(), allow_unused=True
-            )
-            if dx_wanted and dx is None:
-                dx, got = got[0], got[1:]
-            dps = list(got) if got else dps
-        return dx, dps
+        elif params:
+            grads = self._summed_rule(x, g)
+        if dx_wanted and dx is None:
+            create = torch.is_grad_enabled()
+            (dx,) = torch.autograd.grad(self.output, [x], g, retain_graph=True, create_graph=create)
+        return dx, [grads.get(name) for name in self.names]
+
+    def _summed_rule(self, x: Tensor, g: Tensor):
+        if g.shape[0] == 0:  # rules need a sample
+            return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params)}
+        training, self.module.training = self.module.training, self.training
+        try:
+            per_sample = rule_for(self.module)(self.module, (x,), self.kwargs, [g.unsqueeze(0)])
+        finally:
+            self.module.training = training
+        return {name: j.sum(0)[0] for name, j in per_sample.items()}
 
 
 def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output: bool) -> bool:
@@ -87,10 +94,10 @@ def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output:
     return when is not None and when(module, args[0], output)
 
 
-def fused_output(module: nn.Module, x: Tensor, output: Tensor, gated=None) -> Tensor:
+def fused_output(module: nn.Module, x: Tensor, kwargs, output: Tensor, gated=None) -> Tensor:
     """``output``'s values, hanging from a :class:`FusedGrads` node (tell it its record with
     :func:`bind`); ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
-    call = FusedCall(module, output)
+    call = FusedCall(module, kwargs, output)
     params = [gated[id(p)] for p in call.params] if gated is not None else call.params
     return FusedGrads.apply(call, output.detach(), x, *params)
 

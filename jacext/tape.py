@@ -164,7 +164,7 @@ class Tape:
             if self.clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
-            output = fused_output(module, args[0], output, self.gate)
+            output = fused_output(module, args[0], kwargs, output, self.gate)
         rec = Record(module, args, kwargs, output)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         rec.fused = fuse
@@ -280,19 +280,9 @@ class Tape:
 
     @staticmethod
     def _parameter_grads(rec: Record, call, g: Tensor, w: Tensor) -> List[Tensor]:
-        """A call's parameter gradients for its cotangent ``g`` with sample n scaled by w_n: the
-        layer's own (Linear, Conv, Embedding), else its rule's per-sample results summed (the
-        layers with small parameters); not autograd on the call's graph, which would run every
-        fused node before it again through the gate."""
-        n = g.shape[0]
-        scaled = g * w.view(n, *[1] * (g.dim() - 1))
-        if call.backward is not None:
-            grads = call.backward(rec.module, rec.args[0], scaled, False, True)[1]
-        elif n == 0:  # rules need a sample
-            return [torch.zeros_like(p) for p in call.params]
-        else:
-            grads = {name: j.sum(0)[0] for name, j in apply_rule(rec, [scaled.unsqueeze(0)]).items()}
-        return [grads[name] for name in call.names]
+        """A call's parameter gradients for its cotangent ``g`` with sample n scaled by w_n."""
+        scaled = g * w.view(g.shape[0], *[1] * (g.dim() - 1))
+        return call.grads(rec.args[0], scaled, False, True)[1]
 
     def compute(self, out_edge: GradientEdge, out_shape, grad_out: Tensor) -> Dict[nn.Parameter, list]:
         """Per parameter, one result per extension (in ``self.extensions`` order)."""

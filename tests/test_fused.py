@@ -1052,3 +1052,45 @@ def test_per_sample_results_with_a_hook_that_replaces_the_output_before_the_reco
         assert_matches(model, per_sample, grads, torch.float64)
     else:
         assert_clipped(model, clipped, l2, torch.float64)
+
+
+class TwiceWithBilinear(nn.Module):
+    """A Bilinear (two inputs: not fused, so ClipGrad pulls back first), then modules called
+    twice, whose fused nodes the second call's graph reaches through its input."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.first, self.bilinear, self.inner, self.head = nn.Linear(3, 4), nn.Bilinear(4, 4, 4), inner, nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.first(x)
+        h = self.bilinear(h, h)
+        return self.head(self.inner(self.inner(h)))
+
+
+@pytest.mark.parametrize("inner", ["prelu", "layer_norm", "linear"])
+@pytest.mark.parametrize("bilinear", [True, False])
+def test_clip_grad_with_modules_called_twice_on_both_paths(inner, bilinear, dtype):
+    """p.grad is the clipped loop sum, with the separate pull-back (a Bilinear in the model) and
+    in one backward: a fused node's parameter gradients never come from autograd on its call's
+    graph, which would reach the first call's node too and count its contribution twice."""
+    torch.manual_seed(0)
+    inner_module = {"prelu": nn.PReLU(), "layer_norm": nn.LayerNorm(4), "linear": nn.Linear(4, 4)}[inner]
+    model = TwiceWithBilinear(inner_module).to(dtype)
+    if not bilinear:
+        model.bilinear = nn.Identity()
+        model.forward = lambda x: model.head(model.inner(model.inner(model.first(x))))
+    x, y = torch.randn(6, 3, dtype=dtype), torch.randint(0, 2, (6,))
+    lossfunc = nn.CrossEntropyLoss(reduction="sum")
+    per_sample = loop_grad_batch(model, lossfunc, y, x)
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    bound = norms.median().item()
+    w = (bound / (norms + 1e-6)).clamp(max=1)
+    assert (w < 1).any() and (w == 1).any()
+    jacext.extend(model)
+    with backpack(ClipGrad(bound, loss_reduction="sum")):
+        lossfunc(model(x), y).backward()
+    clipped = {n: (g * w.view(-1, *[1] * (g.dim() - 1)).to(dtype)).sum(0) for n, g in per_sample.items()}
+    scale = overall_scale(clipped)
+    for name, p in model.named_parameters():
+        assert_close(p.grad, clipped[name], dtype, f"clipped grad of {name}", scale)

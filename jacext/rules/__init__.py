@@ -93,8 +93,8 @@ def register_backward(
     per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
     ``g`` (N, *out): the parameter gradients summed over the batch where ``params`` (from
     ``per_sample``, the rule's results for this call, where the tape has them and summing them
-    is cheaper), dx where wanted or None to leave it to autograd. Without grad mode
-    (``create_graph=True`` uses autograd). ClipGrad forms its clipped sums with it; BatchGrad,
+    is cheaper), dx where wanted or None to leave it to autograd; with differentiable
+    operations (``create_graph=True`` runs it). ClipGrad forms its clipped sums with it; BatchGrad,
     where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
     per-sample gradients it materialises anyway (jacext.fused). ``reads``: the parameters its
     dx reads, which autograd then checks for changes in place since the forward, as it would."""
