@@ -1094,3 +1094,32 @@ def test_clip_grad_with_modules_called_twice_on_both_paths(inner, bilinear, dtyp
     scale = overall_scale(clipped)
     for name, p in model.named_parameters():
         assert_close(p.grad, clipped[name], dtype, f"clipped grad of {name}", scale)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_fused_nodes_in_the_batched_pull_back_of_coupled_samples(layer, dtype):
+    """batchnorm="exact" couples the samples: the tape pulls back one seed per sample, batched
+    (vmap over the backward), through the fused nodes, whose input gradient must not branch on
+    values there (Linear's check for a cotangent constant over the positions)."""
+    torch.manual_seed(0)
+    if layer == "linear":
+        model = nn.Sequential(
+            nn.Linear(2, 3), nn.BatchNorm1d(20, affine=False), nn.Linear(3, 3), nn.Flatten(), nn.Linear(60, 2)
+        )
+        x = torch.randn(4, 20, 2, dtype=dtype)
+    else:
+        model = nn.Sequential(
+            nn.Conv1d(1, 2, 3, padding=1), nn.BatchNorm1d(2), nn.Conv1d(2, 2, 3), nn.Flatten(), nn.Linear(36, 2)
+        )
+        x = torch.randn(4, 1, 20, dtype=dtype)
+    model = model.to(dtype)
+    y = torch.randn(4, 2, dtype=dtype)
+    per_sample = loop_grad_batch(model, sq_loss, y, x)
+    jacext.extend(model, batchnorm="exact")
+    with backpack(jacext.BatchGrad()):
+        out = model(x)
+        assert type(out.grad_fn).__name__ != FUSED
+        sq_loss(out, y).backward()
+    scale = overall_scale(per_sample)
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, per_sample[name], dtype, f"grad_batch of {name}", scale)

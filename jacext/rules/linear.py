@@ -34,13 +34,17 @@ def _positions(module: nn.Linear, x: Tensor, g: Tensor):
 
 def _constant_over_positions(g: Tensor) -> bool:
     """G (V, N, T, out) equal at every t. Compared by value on the CPU only (first two
-    positions, then all): elsewhere the comparison would wait for the device."""
+    positions, then all), where the comparison does not wait for a device, and not inside a
+    torch.func transform (the tape's batched pull-back), which cannot branch on values."""
     if g.shape[2] < 2:
         return False
     if g.stride(2) == 0:
         return True
+    functorch = torch._C._functorch
+    if g.device.type != "cpu" or functorch.is_functorch_wrapped_tensor(g) or functorch.is_legacy_batchedtensor(g):
+        return False
     first = g[:, :, :1]
-    return g.device.type == "cpu" and torch.equal(first, g[:, :, 1:2]) and torch.equal(g, first.expand_as(g))
+    return torch.equal(first, g[:, :, 1:2]) and torch.equal(g, first.expand_as(g))
 
 
 @register(nn.Linear, min_dim=lambda m: 2)
