@@ -1,15 +1,18 @@
 """Differentially private SGD on top of jacext: per-sample clipping in the backward pass.
 
-Norm-only path (``ClipGrad``): when the backward pass reaches the model output, jacext computes
-every sample's gradient norm ||g_n|| (BatchL2Grad's norm rules: no per-sample gradients in
-memory for Linear, Conv and Embedding) and rescales each sample's cotangent by
+Norm-only path (``ClipGrad``): jacext computes every sample's gradient norm ||g_n||
+(BatchL2Grad's norm rules: no per-sample gradients in memory for Linear, Conv and Embedding)
+and scales sample n by
 
     w_n = min(1, C / (||g_n|| + 1e-6))
 
-before the ordinary backward continues, so ``p.grad`` comes out as the clipped sum
-sum_n w_n g_n (g_n the gradient of sample n's own loss: a "mean" loss is undone by N first).
-``DPSGD`` then adds N(0, (sigma C)^2) noise, divides by the expected batch size and steps.
-One forward, the jacext pull-back and one backward per step.
+so that ``p.grad`` comes out as the clipped sum sum_n w_n g_n (g_n the gradient of sample n's
+own loss: a "mean" loss is undone by N first). Where every recorded call can be fused
+(jacext.fused), in one backward pass: the layers' parameter gradients are formed from the
+scaled cotangents once the norms are known. Elsewhere, when the backward reaches the model
+output, jacext pulls the cotangent back for the norms and rescales it per sample before the
+ordinary backward continues. ``DPSGD`` then adds N(0, (sigma C)^2) noise, divides by the
+expected batch size and steps.
 
 Materialising path with Opacus: ``BatchGrad`` plus ``to_opacus(model, loss_reduction)`` fills
 ``p.grad_sample`` so that Opacus's ``DPOptimizer`` (and its Poisson ``DPDataLoader``) work on

@@ -13,10 +13,13 @@ gradients) to the recorded output edges, giving G of shape (V, N, *out) per
 record. Each record's rule contracts G with its inputs; contributions to a
 shared parameter are summed. The ordinary backward then runs unchanged.
 
-Extensions that need only the backward's own cotangent (BatchGrad, BatchL2Grad)
-skip that extra pull-back where they can: hooks on the recorded edges' nodes
-catch G as the ordinary backward passes through them, and the rules run in a
-callback at the end of that backward (:meth:`Tape.arm_inline`).
+Extensions that need only the backward's own cotangent (BatchGrad, BatchL2Grad,
+and ClipGrad where every call is fused) skip that extra pull-back where they can:
+hooks on the recorded edges' nodes catch G as the ordinary backward passes through
+them, and the rules run in a callback at the end of that backward
+(:meth:`Tape.arm_inline`). Calls whose outputs hang from a FusedGrads node
+(jacext.fused) have their parameter gradients formed by the tape: BatchGrad's from
+the per-sample results, ClipGrad's from the clipped cotangents.
 """
 
 import weakref
