@@ -203,9 +203,7 @@ class Tape:
             self.slots = self._result_slots(spans, out_shape)
             self._require_result_memory(spans, out_shape, self.slots)
             self.shared = self.shared_parameters()
-            for p in self.parameters:
-                for ext in self.extensions:
-                    vars(p).pop(ext.savefield, None)
+            self._drop_results()
         return True
 
     def _can_arm(self) -> bool:
@@ -265,10 +263,14 @@ class Tape:
         try:
             yield
         except BaseException:
-            for p in self.parameters:
-                for ext in self.extensions:
-                    vars(p).pop(ext.savefield, None)
+            self._drop_results()
             raise
+
+    def _drop_results(self) -> None:
+        """No parameter keeps a result for these extensions."""
+        for p in self.parameters:
+            for ext in self.extensions:
+                vars(p).pop(ext.savefield, None)
 
     def _clipped(self, caught, results, grad_out: Tensor) -> Dict[nn.Parameter, Tensor]:
         i, ext = next((i, e) for i, e in enumerate(self.extensions) if hasattr(e, "rescale"))
