@@ -39,9 +39,10 @@ class FusedCall:
 
     def __init__(self, module: nn.Module, kwargs, output: Tensor):
         self.module, self.kwargs, self.training = module, kwargs, module.training
-        self.backward: Optional[Callable[..., Any]]
-        self.reads: Tuple[str, ...]  # the parameters its own dx reads
-        self.backward, _, self.reads = BACKWARDS.get(type(module), (None, None, ()))
+        own = BACKWARDS.get(type(module))
+        self.backward: Optional[Callable[..., Any]] = own.backward if own else None
+        self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
+        self.canonical = own.canonical if own and own.canonical else lambda module, g: g
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
         covered = module.named_parameters(recurse=covers_subtree(module))
         self.names = [name for name, p in covered if p.requires_grad]
@@ -91,8 +92,8 @@ def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output:
         return False
     if clipping:
         return rule_for(module) is not None
-    when = BACKWARDS.get(type(module), (None, None, ()))[1]
-    return when is not None and when(module, args[0], output)
+    own = BACKWARDS.get(type(module))
+    return own is not None and own.when is not None and own.when(module, args[0], output)
 
 
 def fused_output(module: nn.Module, x: Tensor, kwargs, output: Tensor, gated=None) -> Tensor:
@@ -131,7 +132,8 @@ class FusedGrads(torch.autograd.Function):
             dx, dps = call.grads(x, g, dx_wanted, not tape.busy)
         elif tape.clipping:  # the parameter gradients come from the ClipGate
             dx, dps = call.grads(x, g, dx_wanted, False)
-        else:
+        else:  # no grad mode: the canonical form need not be differentiable as g is
+            g = call.canonical(call.module, g)
             dx, dps = call.grads(x, g, dx_wanted, True, per_sample=tape.contract_now(call.record(), g))
         return (None, None, dx, *dps)
 

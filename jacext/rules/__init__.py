@@ -22,6 +22,7 @@ may change ``forward`` and needs its own registration.
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Type
 
 from torch import Tensor, nn
@@ -83,11 +84,24 @@ def norm_rule_for(module: nn.Module) -> Optional[Rule]:
     return NORM_RULES.get(type(module))
 
 
-BACKWARDS: Dict[Type[nn.Module], Tuple[Callable[..., Any], Optional[Callable[..., bool]], Tuple[str, ...]]] = {}
+@dataclass(frozen=True)
+class OwnBackward:
+    """A layer's own gradients, as :func:`register_backward` registered them."""
+
+    backward: Callable[..., Any]
+    when: Optional[Callable[..., bool]] = None
+    reads: Tuple[str, ...] = ()
+    canonical: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
+
+
+BACKWARDS: Dict[Type[nn.Module], OwnBackward] = {}
 
 
 def register_backward(
-    *classes: Type[nn.Module], when: Optional[Callable[..., bool]] = None, reads: Tuple[str, ...] = ()
+    *classes: Type[nn.Module],
+    when: Optional[Callable[..., bool]] = None,
+    reads: Tuple[str, ...] = (),
+    canonical: Optional[Callable[[nn.Module, Tensor], Tensor]] = None,
 ) -> Callable:
     """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
     per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
@@ -97,11 +111,14 @@ def register_backward(
     operations (``create_graph=True`` runs it). ClipGrad forms its clipped sums with it; BatchGrad,
     where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
     per-sample gradients it materialises anyway (jacext.fused). ``reads``: the parameters its
-    dx reads, which autograd then checks for changes in place since the forward, as it would."""
+    dx reads, which autograd then checks for changes in place since the forward, as it would.
+    ``canonical(module, g)``: the same values in the form the rule and the backward are fastest
+    with (Linear: a G equal at every position as an expand of one), found once for both where
+    BatchGrad runs them on one cotangent."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
         for cls in classes:
-            BACKWARDS[cls] = (backward, when, reads)
+            BACKWARDS[cls] = OwnBackward(backward, when, reads, canonical)
         return backward
 
     return decorator

@@ -55,7 +55,7 @@ def conv_backward(module, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, p
         else:
             grads["weight"] = _weight_grad(module, g, _padded(module, x), module.weight, module.groups)
     if params and trainable(module, "bias"):
-        grads["bias"] = g.sum([0, *range(2, g.dim())])
+        grads["bias"] = per_sample["bias"].sum(0)[0] if per_sample else g.sum([0, *range(2, g.dim())])
     return None, grads
 
 

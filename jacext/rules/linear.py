@@ -32,6 +32,15 @@ def _positions(module: nn.Linear, x: Tensor, g: Tensor):
     return x, g, x, g
 
 
+def _expanded_if_constant(module: nn.Linear, g: Tensor) -> Tensor:
+    """G (N, *positions, out), where equal at every position, as an expand of its first: the
+    rule and the backward then see it from its strides."""
+    g4 = g.reshape(1, g.shape[0], -1, module.out_features)
+    if g4.stride(2) == 0 or not _constant_over_positions(g4):
+        return g
+    return g4[:, :, :1].expand_as(g4).view(g.shape)
+
+
 def _constant_over_positions(g: Tensor) -> bool:
     """G (V, N, T, out) equal at every t. Compared by value on the CPU only (first two
     positions, then all), where the comparison does not wait for a device, and not inside a
@@ -81,7 +90,7 @@ def _many_positions(module: nn.Linear, x: Tensor, y: Tensor) -> bool:
     return x.dim() > 2 and x.shape[1:].numel() >= 16 * module.in_features
 
 
-@register_backward(nn.Linear, when=_many_positions, reads=("weight",))
+@register_backward(nn.Linear, when=_many_positions, reads=("weight",), canonical=_expanded_if_constant)
 def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None
@@ -95,5 +104,5 @@ def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, pa
                 per_sample["weight"].sum(0)[0] if many and per_sample else gw[0].flatten(0, 1).T @ xw.flatten(0, 1)
             )
         if trainable(module, "bias"):
-            grads["bias"] = g4[0].sum((0, 1))
+            grads["bias"] = per_sample["bias"].sum(0)[0] if per_sample else g4[0].sum((0, 1))
     return dx, grads

