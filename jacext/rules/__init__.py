@@ -91,7 +91,7 @@ class OwnBackward:
     backward: Callable[..., Any]
     when: Optional[Callable[..., bool]] = None
     reads: Tuple[str, ...] = ()
-    canonical: Optional[Callable[[nn.Module, Tensor], Tensor]] = None
+    canonical: Optional[Callable[..., Tensor]] = None
 
 
 BACKWARDS: Dict[Type[nn.Module], OwnBackward] = {}
@@ -101,7 +101,7 @@ def register_backward(
     *classes: Type[nn.Module],
     when: Optional[Callable[..., bool]] = None,
     reads: Tuple[str, ...] = (),
-    canonical: Optional[Callable[[nn.Module, Tensor], Tensor]] = None,
+    canonical: Optional[Callable[..., Tensor]] = None,
 ) -> Callable:
     """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
     per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
