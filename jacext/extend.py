@@ -20,7 +20,6 @@ from torch.nn.modules.module import _global_forward_hooks
 
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
-from jacext.rules import covers_subtree
 from jacext.rules.batchnorm import BATCHNORMS, CHOICES, couples_samples, require_choice
 from jacext.tape import Tape
 
@@ -111,12 +110,6 @@ def take_last_tape() -> Optional[Tape]:
     return tape
 
 
-def _owns_trainable(module: nn.Module) -> bool:
-    """Whether a call of ``module`` has trainable parameters to record (its own, or its
-    submodules' where its rule covers them, as MultiheadAttention's out_proj)."""
-    return any(p.requires_grad for p in module.parameters(recurse=covers_subtree(module)))
-
-
 def _hook_recorders(root: nn.Module) -> None:
     for m in root.modules():
         if not hasattr(m, "_jacext_record_handles") and any(True for _ in m.parameters(recurse=False)):
@@ -200,7 +193,7 @@ def _record(module: nn.Module, args, kwargs, output):
         return None
     _current.uses.leave(module)
     with _current.uses.pausing():
-        if output is None or not _owns_trainable(module):  # the forward raised, or all frozen
+        if output is None:  # the forward raised
             return None
         return _current.record(module, args, kwargs, output, _first_forward_hook(module))
 

@@ -31,22 +31,21 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from jacext.rules import BACKWARDS, RULES, covers_subtree, rule_for
+from jacext.rules import BACKWARDS, RULES, rule_for
 
 
 class FusedCall:
     """One fused module call ``output = module(x, **kwargs)``: what its :class:`FusedGrads` node needs."""
 
-    def __init__(self, module: nn.Module, kwargs, output: Tensor):
+    def __init__(self, module: nn.Module, kwargs, output: Tensor, trainable):
         self.module, self.kwargs, self.training = module, kwargs, module.training
         own = BACKWARDS.get(type(module))
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
         self.canonical = own.canonical if own and own.canonical else lambda module, g: g
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
-        covered = module.named_parameters(recurse=covers_subtree(module))
-        self.names = [name for name, p in covered if p.requires_grad]
-        self.params = [module.get_parameter(name) for name in self.names]
+        self.names = [name for name, _ in trainable]
+        self.params = [p for _, p in trainable]
         self.record: Optional[weakref.ref] = None
         self.tape: Optional[weakref.ref] = None
 
@@ -96,10 +95,11 @@ def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output:
     return own is not None and own.when is not None and own.when(module, args[0], output)
 
 
-def fused_output(module: nn.Module, x: Tensor, kwargs, output: Tensor, gated=None) -> Tensor:
+def fused_output(module: nn.Module, x: Tensor, kwargs, output: Tensor, trainable, gated=None) -> Tensor:
     """``output``'s values, hanging from a :class:`FusedGrads` node (tell it its record with
-    :func:`bind`); ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
-    call = FusedCall(module, kwargs, output)
+    :func:`bind`); ``trainable``: ``(name, parameter)`` of the parameters the call covers;
+    ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
+    call = FusedCall(module, kwargs, output, trainable)
     params = [gated[id(p)] for p in call.params] if gated is not None else call.params
     return FusedGrads.apply(call, output.detach(), x, *params)
 

@@ -25,7 +25,7 @@ the per-sample results, ClipGrad's from the clipped cotangents.
 import weakref
 from contextlib import contextmanager
 from functools import partial
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from backpack import disable
@@ -57,15 +57,21 @@ def _detached(a):
 class Record:
     """One call of a parameterised module."""
 
-    def __init__(self, module: nn.Module, args, kwargs, output):
-        _require_batch_dim(module, args, kwargs)
+    def __init__(self, module: nn.Module, args, kwargs, output, trainable: List[Tuple[str, nn.Parameter]]):
         self.module = module
         self.training = module.training  # rules run with the module in its forward-time mode
         self.coupled = couples_samples(module)
-        self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # the common call, without pytree's cost
+            self.args, self.kwargs = tuple(a.detach() for a in args), {}
+            self.inputs = list(self.args)
+        else:
+            self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
+            self.inputs = [a for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
+        _require_batch_dim(module, self.inputs)
         self.versions = self._versions()
-        self.parameters = {id(p) for p in module.parameters(recurse=covers_subtree(module)) if p.requires_grad}
-        leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        self.named = dict(trainable)  # the trainable parameters the call covers, by name
+        self.parameters = {id(p) for _, p in trainable}
+        leaves = [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
         if len(self.grad_leaves) > 1:
@@ -93,7 +99,7 @@ class Record:
             edge.node.register_prehook(partial(_catch, me, j, edge.output_nr))
 
     def _versions(self) -> List[int]:
-        return [a._version for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
+        return [a._version for a in self.inputs]
 
     def _view_versions(self) -> List[int]:
         return [a._version for a in self.views]
@@ -113,12 +119,11 @@ class Record:
             )
 
 
-def _require_batch_dim(module: nn.Module, args, kwargs) -> None:
+def _require_batch_dim(module: nn.Module, inputs: List[Tensor]) -> None:
     """The rule's ``min_dim`` check on the first input, at forward time."""
     min_dim = MIN_DIMS.get(type(module))
-    first = next((a for a in tree_leaves((tuple(args), kwargs)) if isinstance(a, Tensor)), None)
-    if min_dim is not None and first is not None:
-        require_batch_dim(module, first, min_dim(module))
+    if min_dim is not None and inputs:
+        require_batch_dim(module, inputs[0], min_dim(module))
 
 
 def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
@@ -157,18 +162,32 @@ class Tape:
         self.armed = False  # this backward catches G inline (arm_inline)
         self.slots: Optional[Dict[tuple, ResultSlot]] = None  # made when armed, for fused records
         self.shared: Set[int] = set()
+        self._trainable: Dict[int, List[Tuple[str, nn.Parameter]]] = {}
+
+    def trainable_of(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the trainable parameters a call of ``module`` covers (its
+        own, or its subtree's where its rule covers it), looked up once per forward pass."""
+        found = self._trainable.get(id(module))
+        if found is None:
+            covered = module.named_parameters(recurse=covers_subtree(module))
+            found = self._trainable[id(module)] = [(name, p) for name, p in covered if p.requires_grad]
+        return found
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
-        """Record a call; returns the output to hand on (aliased where the record needs it, or
-        hanging from a FusedGrads node). ``own_output``: the module's output as its forward
-        returned it (no forward hook ran before)."""
+        """Record a call of a module with trainable parameters (others are not recorded); returns
+        the output to hand on (aliased where the record needs it, or hanging from a FusedGrads
+        node). ``own_output``: the module's output as its forward returned it (no forward hook
+        ran before)."""
+        trainable = self.trainable_of(module)
+        if not trainable:
+            return output
         fuse = self.fuses and fusable(module, args, kwargs, output, self.clipping, own_output)
         if fuse:
             if self.clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
-            output = fused_output(module, args[0], kwargs, output, self.gate)
-        rec = Record(module, args, kwargs, output)
+            output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
+        rec = Record(module, args, kwargs, output, trainable)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         rec.fused = fuse
         if fuse:
@@ -436,7 +455,7 @@ class Tape:
         for kind in by_norms:
             for name, sq in apply_rule(rec, _seed_slice(leaf_grads, [spans[kind]]), norm_rule_for(rec.module)).items():
                 self._require_batch_first(rec, sq, out_shape)
-                _accumulate(norms, rec.module.get_parameter(name), kind, sq)
+                _accumulate(norms, rec.named[name], kind, sq)
         materialised = [k for k in kinds if k not in by_norms]
         if not materialised:
             return
@@ -451,7 +470,7 @@ class Tape:
             self._require_batch_first(rec, block, out_shape)
             parts = block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(materialised, parts):
-                _accumulate(blocks, rec.module.get_parameter(name), kind, part)
+                _accumulate(blocks, rec.named[name], kind, part)
 
     def _result_slots(self, spans, out_shape) -> Dict[tuple, ResultSlot]:
         """Where each materialised result goes, by (parameter, extension); see jacext.memory."""
@@ -490,8 +509,7 @@ class Tape:
         owner = self._owner(materialised[0]) if len(materialised) == 1 else None
         if not slots or owner is None:
             return {}
-        covered = rec.module.named_parameters(recurse=covers_subtree(rec.module))
-        return {name: slots[(p, owner)] for name, p in covered if (p, owner) in slots and id(p) not in shared}
+        return {name: slots[(p, owner)] for name, p in rec.named.items() if (p, owner) in slots and id(p) not in shared}
 
     def factors(self, out_edge: GradientEdge, out_shape, grad_out: Tensor):
         """:meth:`cotangents` with BackPACK's hooks paused, for callers outside a backward pass."""

@@ -54,7 +54,8 @@ class ParameterUses(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if not self.paused and torch.is_grad_enabled():
             used = [a for a in _shallow(args, kwargs) if isinstance(a, nn.Parameter) and a.requires_grad]
-            if used and any(isinstance(o, Tensor) and o.requires_grad for o in tree_leaves(out)):
+            outs = [out] if isinstance(out, Tensor) else tree_leaves(out)
+            if used and any(isinstance(o, Tensor) and o.requires_grad for o in outs):
                 inside = self.stack[-1] if self.stack else None
                 for p in used:
                     if inside is None or id(p) not in self.covered(inside):

@@ -131,6 +131,9 @@ def rule_for(module: nn.Module) -> Optional[Rule]:
 
 def trainable(module: nn.Module, name: str) -> bool:
     """Whether ``module.get_parameter(name)`` exists and requires a gradient."""
+    if "." not in name:  # the module's own (what get_parameter finds, without its cost)
+        p = module._parameters.get(name)
+        return p is not None and p.requires_grad
     try:
         return module.get_parameter(name).requires_grad
     except AttributeError:  # absent, or None (bias=False)
