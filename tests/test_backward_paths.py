@@ -91,7 +91,7 @@ def test_results_are_written_into_the_previous_ones_nobody_holds():
 
 
 def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device, wanted=0: 1000)
     model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
     with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match=r"GiB.*fewer outputs"):
         model(torch.randn(8, 30)).sum().backward()
@@ -150,7 +150,7 @@ def test_chunk_size_must_be_positive():
 
 def test_cotangents_that_cannot_fit_point_to_chunk_size(monkeypatch):
     model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
-    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device: 8 * 40 * 4 * 5)
+    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device, wanted=0: 8 * 40 * 4 * 5)
     with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="chunk_size"):
         model(torch.randn(8, 30)).sum().backward()
 

@@ -59,8 +59,7 @@ def embedding(module, args, kwargs, grads):
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
     src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1)  # (L, V, D)
-    coef = _coefficients(module, idx, _kept(module, idx), g.dtype)
-    return {"weight": _scatter_rows(module, n, sample, idx, src * coef[:, None, None])}
+    return {"weight": _scatter_rows(module, n, sample, idx, _scaled(module, idx, src))}
 
 
 @register_norms(nn.Embedding)
@@ -79,8 +78,7 @@ def embedding_norms(module, args, kwargs, grads):
     v, n = g.shape[:2]
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
-    coef = _coefficients(module, idx, _kept(module, idx), g.dtype)
-    src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1) * coef[:, None, None]  # (L, V, D)
+    src = _scaled(module, idx, g.reshape(v, -1, module.embedding_dim).transpose(0, 1))  # (L, V, D)
     slot, owner = _distinct_pairs(sample, idx, module.num_embeddings)
     rows = torch.zeros_like(src).index_add_(0, slot, src)  # R: row slot[i] sums the entries of i's pair
     sq = rows.square().sum(-1)  # (L, V); zero in the slots no pair uses
@@ -127,6 +125,13 @@ def _kept(module, idx):
     if module.padding_idx is None:
         return torch.ones_like(idx, dtype=torch.bool)
     return idx != module.padding_idx
+
+
+def _scaled(module, idx, src):
+    """src[i] (L, V, D) times its entry's coefficient s[i]; src itself where every s[i] is 1."""
+    if module.padding_idx is None and not module.scale_grad_by_freq:
+        return src
+    return src * _coefficients(module, idx, _kept(module, idx), src.dtype)[:, None, None]
 
 
 def _coefficients(module, idx, keep, dtype):
