@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import BACKWARDS, RULES, rule_for
+from jacext.rules.util import sharing
 
 
 class FusedCall:
@@ -42,7 +43,6 @@ class FusedCall:
         own = BACKWARDS.get(type(module))
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
-        self.canonical = own.canonical if own and own.canonical else lambda module, g: g
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
         self.names = [name for name, _ in trainable]
         self.params = [p for _, p in trainable]
@@ -132,9 +132,9 @@ class FusedGrads(torch.autograd.Function):
             dx, dps = call.grads(x, g, dx_wanted, not tape.busy)
         elif tape.clipping:  # the parameter gradients come from the ClipGate
             dx, dps = call.grads(x, g, dx_wanted, False)
-        else:  # no grad mode: the canonical form need not be differentiable as g is
-            g = call.canonical(call.module, g)
-            dx, dps = call.grads(x, g, dx_wanted, True, per_sample=tape.contract_now(call.record(), g))
+        else:
+            with sharing():  # the rule and the layer's backward, on the same g
+                dx, dps = call.grads(x, g, dx_wanted, True, per_sample=tape.contract_now(call.record(), g))
         return (None, None, dx, *dps)
 
 

@@ -91,7 +91,6 @@ class OwnBackward:
     backward: Callable[..., Any]
     when: Optional[Callable[..., bool]] = None
     reads: Tuple[str, ...] = ()
-    canonical: Optional[Callable[..., Tensor]] = None
 
 
 BACKWARDS: Dict[Type[nn.Module], OwnBackward] = {}
@@ -101,7 +100,6 @@ def register_backward(
     *classes: Type[nn.Module],
     when: Optional[Callable[..., bool]] = None,
     reads: Tuple[str, ...] = (),
-    canonical: Optional[Callable[..., Tensor]] = None,
 ) -> Callable:
     """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
     per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
@@ -112,13 +110,12 @@ def register_backward(
     where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
     per-sample gradients it materialises anyway (jacext.fused). ``reads``: the parameters its
     dx reads, which autograd then checks for changes in place since the forward, as it would.
-    ``canonical(module, g)``: the same values in the form the rule and the backward are fastest
-    with (Linear: a G equal at every position as an expand of one), found once for both where
-    BatchGrad runs them on one cotangent."""
+    Where BatchGrad runs the rule and the backward on one cotangent, what both compute from it
+    can be computed once (``jacext.rules.util.shared``)."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
         for cls in classes:
-            BACKWARDS[cls] = OwnBackward(backward, when, reads, canonical)
+            BACKWARDS[cls] = OwnBackward(backward, when, reads)
         return backward
 
     return decorator

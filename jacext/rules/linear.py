@@ -18,27 +18,22 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import result_buffer, sq_norms_of_products
+from jacext.rules.util import result_buffer, shared, sq_norms_of_products
 
 
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
     """x as (N, T, in) and G as (V, N, T, out); and the pair for J_W, with T = 1 where G is
-    constant over the positions."""
+    constant over the positions. Once for the rule and the backward of a fused call."""
+    return shared(("linear positions", id(module)), lambda: _positions_of(module, x, g))
+
+
+def _positions_of(module: nn.Linear, x: Tensor, g: Tensor):
     n, t = x.shape[0], x.shape[1:-1].numel()
     x = x.reshape(n, t, module.in_features)
     g = g.reshape(g.shape[0], n, t, module.out_features)
     if _constant_over_positions(g):
         return x, g, x.sum(1, keepdim=True), g[:, :, :1]
     return x, g, x, g
-
-
-def _expanded_if_constant(module: nn.Linear, g: Tensor) -> Tensor:
-    """G (N, *positions, out), where equal at every position, as an expand of its first: the
-    rule and the backward then see it from its strides."""
-    g4 = g.reshape(1, g.shape[0], -1, module.out_features)
-    if g4.stride(2) == 0 or not _constant_over_positions(g4):
-        return g
-    return g4[:, :, :1].expand_as(g4).view(g.shape)
 
 
 def _constant_over_positions(g: Tensor) -> bool:
@@ -90,7 +85,7 @@ def _many_positions(module: nn.Linear, x: Tensor, y: Tensor) -> bool:
     return x.dim() > 2 and x.shape[1:].numel() >= 16 * module.in_features
 
 
-@register_backward(nn.Linear, when=_many_positions, reads=("weight",), canonical=_expanded_if_constant)
+@register_backward(nn.Linear, when=_many_positions, reads=("weight",))
 def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None

@@ -2,7 +2,7 @@
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from jacext.memory import ResultSlot
 from jacext.rules import trainable
 
 _DESTINATIONS: ContextVar[Optional[Dict[str, ResultSlot]]] = ContextVar("jacext_destinations", default=None)
+_SHARED: ContextVar[Optional[Dict[Any, Any]]] = ContextVar("jacext_shared", default=None)
 
 
 @contextmanager
@@ -22,6 +23,28 @@ def writing_into(destinations: Dict[str, ResultSlot]):
         yield
     finally:
         _DESTINATIONS.reset(token)
+
+
+@contextmanager
+def sharing():
+    """While one call's rule and its own backward run on the same cotangent (BatchGrad's fused
+    calls, jacext.fused): what both compute from their inputs is computed once (:func:`shared`)."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def shared(key, compute: Callable[[], Any]) -> Any:
+    """``compute()``, once per ``key`` while :func:`sharing` is open (else every time); ``key``
+    names one value of one call, such as ``("linear positions", id(module))``."""
+    values = _SHARED.get()
+    if values is None:
+        return compute()
+    if key not in values:
+        values[key] = compute()
+    return values[key]
 
 
 def result_buffer(name: str, shape, like: Tensor) -> Tensor:
