@@ -27,10 +27,20 @@ class ParameterUses(TorchFunctionMode):
         self.root = root
         self.stack: List[nn.Module] = []
         self._covered: Dict[int, Set[int]] = {}
-        self.paused = False  # while jacext's own hooks run: their tensor calls are not the model's
+        self.paused = False  # while jacext's own hooks run inside another mode (see pausing)
 
     @contextmanager
     def pausing(self):
+        """jacext's own tensor calls (its forward hooks) are not the model's: not checked, and,
+        where this mode is the innermost one, not seen at all (no Python call per operation)."""
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:
+            torch._C._pop_torch_function_stack()
+            try:
+                yield
+            finally:
+                torch._C._push_on_torch_function_stack(self)
+            return
         paused, self.paused = self.paused, True
         try:
             yield

@@ -7,9 +7,10 @@ import pytest
 import torch
 from backpack import backpack
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import jacext
-from reference import assert_close, loop_grad_batch, loop_jacobian
+from reference import assert_close, check_grad_batch, loop_grad_batch, loop_jacobian
 
 
 def mlp():
@@ -284,6 +285,39 @@ def test_parameter_used_outside_its_module_is_a_clear_error(model, x, where):
     jacext.extend(model)
     with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=where):
         model(x)
+
+
+class CountingMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class InsideMode(nn.Module):
+    """Runs its body inside a torch-function mode of its own, so that jacext's parameter-use
+    guard is not the innermost mode while the body's layers run and are recorded."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.mode = body, CountingMode()
+
+    def forward(self, x):
+        with self.mode:
+            return self.body(x)
+
+
+def test_a_torch_function_mode_inside_the_forward(dtype):
+    torch.manual_seed(0)
+    model = InsideMode(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).to(dtype)
+    check_grad_batch(model, nn.MSELoss(reduction="sum"), torch.randn(5, 2, dtype=dtype), torch.randn(5, 3, dtype=dtype))
+    assert model.mode.calls > 0
+    misuse = jacext.extend(InsideMode(UsesChildBias()))  # the guard still sees the body's uses
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=r"'body\.lin\.bias' is used in"):
+        misuse(torch.randn(2, 2))
 
 
 def test_parameter_metadata_outside_its_module_is_fine():
