@@ -468,7 +468,7 @@ class Tape:
             if self.coupled:  # sum over the samples m the seed reached: (N, V, *p)
                 block = block.sum(0).unflatten(0, (out_shape[0], -1))
             self._require_batch_first(rec, block, out_shape)
-            parts = block.split([b - a for a, b in ranges], dim=1)
+            parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(materialised, parts):
                 _accumulate(blocks, rec.named[name], kind, part)
 
