@@ -59,7 +59,7 @@ def linear(module: nn.Linear, args, kwargs, grads):
         (v, n, t, o), i = gw.shape, module.in_features
         jw = result_buffer("weight", (n, v, o, i), x)
         if t == 1:
-            torch.mul(gw[:, :, 0].transpose(0, 1).unsqueeze(-1), xw.reshape(n, 1, 1, i), out=jw)
+            _outer_products(gw[:, :, 0].transpose(0, 1), xw.reshape(n, i), jw)
         else:
             gt = gw[0].transpose(1, 2) if v == 1 else gw.permute(1, 0, 3, 2).reshape(n, v * o, t)  # (N, V O, T)
             torch.bmm(gt, xw, out=jw.view(n, v * o, i))
@@ -67,6 +67,23 @@ def linear(module: nn.Linear, args, kwargs, grads):
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
     return out
+
+
+STREAMED = 128 * 2**20  # bytes of J_W from which the CPU writes it as a batched product
+
+
+def _outer_products(g: Tensor, x: Tensor, jw: Tensor) -> None:
+    """jw[n, v] = g[n, v] x[n]^T for g (N, V, O), x (N, I), into jw (N, V, O, I). An elementwise
+    product, except on the CPU for results larger than the caches, which a batched product
+    with one-term sums writes 3-10 % faster (measured here from about 100 MiB: 411 MiB in 46.3
+    against 49.7 ms); smaller ones, written into the cache, take 20-30 % longer that way."""
+    n, v, o = g.shape
+    i = x.shape[1]
+    if jw.device.type == "cpu" and jw.numel() * jw.element_size() >= STREAMED:
+        rows = x[:, None, None, :].expand(n, v, 1, i).reshape(n * v, 1, i)
+        torch.bmm(g.reshape(n * v, o, 1), rows, out=jw.view(n * v, o, i))
+    else:
+        torch.mul(g.unsqueeze(-1), x.reshape(n, 1, 1, i), out=jw)
 
 
 @register_norms(nn.Linear)
