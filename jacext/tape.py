@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from jacext.errors import JacextError
 from jacext.fused import ClipGate, bind, call_of, fusable, fused_output
 from jacext.memory import ResultSlot, require_fits, reusable
-from jacext.rules import MIN_DIMS, covers_subtree, norm_rule_for, rule_for
+from jacext.rules import MIN_DIMS, norm_rule_for, rule_for
 from jacext.rules.batchnorm import couples_samples
 from jacext.rules.generic import generic
 from jacext.rules.util import require_batch_dim, writing_into
@@ -57,7 +57,9 @@ def _detached(a):
 class Record:
     """One call of a parameterised module."""
 
-    def __init__(self, module: nn.Module, args, kwargs, output, trainable: List[Tuple[str, nn.Parameter]]):
+    def __init__(
+        self, module: nn.Module, args, kwargs, output, trainable: List[Tuple[str, nn.Parameter]], ids: Set[int]
+    ):
         self.module = module
         self.training = module.training  # rules run with the module in its forward-time mode
         self.coupled = couples_samples(module)
@@ -70,7 +72,7 @@ class Record:
         _require_batch_dim(module, self.inputs)
         self.versions = self._versions()
         self.named = dict(trainable)  # the trainable parameters the call covers, by name
-        self.parameters = {id(p) for _, p in trainable}
+        self.parameters = ids
         leaves = [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
@@ -162,23 +164,13 @@ class Tape:
         self.armed = False  # this backward catches G inline (arm_inline)
         self.slots: Optional[Dict[tuple, ResultSlot]] = None  # made when armed, for fused records
         self.shared: Set[int] = set()
-        self._trainable: Dict[int, List[Tuple[str, nn.Parameter]]] = {}
-
-    def trainable_of(self, module: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-        """``(name, parameter)`` of the trainable parameters a call of ``module`` covers (its
-        own, or its subtree's where its rule covers it), looked up once per forward pass."""
-        found = self._trainable.get(id(module))
-        if found is None:
-            covered = module.named_parameters(recurse=covers_subtree(module))
-            found = self._trainable[id(module)] = [(name, p) for name, p in covered if p.requires_grad]
-        return found
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
         the output to hand on (aliased where the record needs it, or hanging from a FusedGrads
         node). ``own_output``: the module's output as its forward returned it (no forward hook
         ran before)."""
-        trainable = self.trainable_of(module)
+        trainable, ids = self.uses.covered(module)
         if not trainable:
             return output
         fuse = self.fuses and fusable(module, args, kwargs, output, self.clipping, own_output)
@@ -187,7 +179,7 @@ class Tape:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
             output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
-        rec = Record(module, args, kwargs, output, trainable)
+        rec = Record(module, args, kwargs, output, trainable, ids)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         rec.fused = fuse
         if fuse:

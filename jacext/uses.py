@@ -8,7 +8,7 @@ tape records, this torch-function mode checks every differentiable use and raise
 """
 
 from contextlib import contextmanager
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ class ParameterUses(TorchFunctionMode):
         super().__init__()
         self.root = root
         self.stack: List[nn.Module] = []
-        self._covered: Dict[int, Set[int]] = {}
+        self._covered: Dict[int, Tuple[List[Tuple[str, nn.Parameter]], Set[int]]] = {}
         self.paused = False  # while jacext's own hooks run inside another mode (see pausing)
 
     @contextmanager
@@ -54,11 +54,16 @@ class ParameterUses(TorchFunctionMode):
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
 
-    def covered(self, module: nn.Module) -> Set[int]:
-        if id(module) not in self._covered:
-            params = module.parameters(recurse=covers_subtree(module))
-            self._covered[id(module)] = {id(p) for p in params}
-        return self._covered[id(module)]
+    def covered(self, module: nn.Module) -> Tuple[List[Tuple[str, nn.Parameter]], Set[int]]:
+        """``(name, parameter)`` of the trainable parameters a call of ``module`` covers (its
+        own, or its subtree's where its rule covers it) and their ids, looked up once per
+        forward pass (the tape's records use them too)."""
+        found = self._covered.get(id(module))
+        if found is None:
+            params = module.named_parameters(recurse=covers_subtree(module))
+            trainable = [(name, p) for name, p in params if p.requires_grad]
+            found = self._covered[id(module)] = (trainable, {id(p) for _, p in trainable})
+        return found
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -68,7 +73,7 @@ class ParameterUses(TorchFunctionMode):
             if used and any(isinstance(o, Tensor) and o.requires_grad for o in outs):
                 inside = self.stack[-1] if self.stack else None
                 for p in used:
-                    if inside is None or id(p) not in self.covered(inside):
+                    if inside is None or id(p) not in self.covered(inside)[1]:
                         self._raise(p, inside)
         return out
 
