@@ -1,4 +1,4 @@
-"""The supported-layers table, generated from the rule registry (``python -m jacext.coverage``).
+"""The supported-layers table, generated from the layer registry (``python -m jacext.coverage``).
 
 docs/supported-layers.md is this module's output; a test keeps the two identical, so
 the documentation never claims more than the registry holds.
@@ -10,13 +10,14 @@ from collections import defaultdict
 from types import ModuleType
 from typing import Dict, List
 
-from jacext.rules import RULES
+from jacext.rules import LAYERS
 
 
 def table() -> str:
     by_file: Dict[ModuleType, List[type]] = defaultdict(list)
-    for cls, rule in RULES.items():
-        by_file[sys.modules[rule.__module__]].append(cls)
+    for cls, layer in LAYERS.items():
+        if layer.rule is not None:
+            by_file[sys.modules[layer.rule.__module__]].append(cls)
     lines = [
         "# Supported layers",
         "",

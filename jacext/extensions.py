@@ -1,75 +1,130 @@
-"""jacext's BackPACK extensions.
+"""jacext's BackPACK extensions, and the contract every one of them declares.
 
-Each extension says which cotangent seeds it needs at the root output (its ``kind``:
-extensions of one kind share seeds), and how to turn the per-layer result into its
-attribute: the materialised contraction ``(N, V, *param.shape)``, or only its squared
-norms ``(N, V)`` (``needs_block = False``), which norm rules compute without materialising.
-The work itself happens in :mod:`jacext.tape`, once for all active extensions.
-BackPACK's own module hooks, where installed, find nothing to do for them.
+An extension says, as class attributes, what the engine must do for it:
+
+* ``seeds``: which cotangents to pull back from the root output (:class:`Seeds`):
+  ``COTANGENT``, the backward's own cotangent (one seed: gradients of the loss), or
+  ``OUTPUTS``, one one-hot seed per output coordinate (Jacobians). Extensions with the same
+  seeds share them.
+* ``materialises``: whether it needs each parameter's per-sample contraction
+  ``(N, V, *p.shape)``, or only its squared norms ``(N, V)`` (which norm rules compute
+  without materialising).
+* ``rescales``: whether it changes the cotangent the model's own backward continues with
+  (:class:`RescalingExtension`: ClipGrad), from the results.
+* ``chunk_size``: how many seeds to pull back at a time (None: all at once).
+
+and how to turn the per-layer result into its attribute (:meth:`JacextExtension.finish`).
+The work itself happens in :mod:`jacext.engine`, once for all active extensions. BackPACK's
+own module hooks, where installed, find nothing to do for them.
+
+Example, a new extension (one class, nothing else to change):
+
+    >>> import torch
+    >>> from jacext.extensions import JacextExtension, Seeds
+    >>> class BatchGradNorm(JacextExtension):
+    ...     '''Per-sample gradient norms ||g_n|| per parameter: ``p.grad_norm``, shape (N,).'''
+    ...     savefield, seeds, materialises = "grad_norm", Seeds.COTANGENT, False
+    ...     def finish(self, value, out_shape):
+    ...         return value.squeeze(1).sqrt()
 """
 
-from typing import Optional
+import enum
+from typing import Optional, Sequence
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
 
 
-class JacextExtension(BackpropExtension):
-    """Base class: a BackPACK extension computed by jacext's tape, not by module hooks."""
+class Seeds(enum.Enum):
+    """The cotangents an extension pulls back from the root output."""
 
-    savefield: str
-    kind: str  # "outputs": one seed per output coordinate; "loss": the backward's cotangent
-    needs_block = True
+    COTANGENT = "cotangent"  # the backward's own cotangent: one seed
+    OUTPUTS = "outputs"  # one one-hot seed per output coordinate: C seeds
 
-    def __init__(self):
-        super().__init__(savefield=self.savefield, module_exts={})
-        from jacext.extend import install_guard  # extend imports this module
-
-        install_guard()
-
-    def __call__(self, module, g_inp, g_out) -> None:
-        """BackPACK's per-module hook: nothing to do, the tape computes everything."""
-
-    def expects_backpropagation_quantities(self) -> bool:
-        return False
-
-    def seeds(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
-        """Cotangents ``(V, *out_shape)`` to pull back from the root output."""
-        if self.kind == "loss":
+    def make(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
+        """The seeds ``(V, *out_shape)``."""
+        if self is Seeds.COTANGENT:
             return grad_out.unsqueeze(0)
         n, c = out_shape[0], out_shape[1:].numel()
         eye = torch.eye(c, dtype=grad_out.dtype, device=grad_out.device)
         return eye.unsqueeze(1).expand(c, n, c).reshape(c, *out_shape)
+
+
+class JacextExtension(BackpropExtension):
+    """Base class: a BackPACK extension computed by jacext's engine, not by module hooks."""
+
+    savefield: str
+    seeds: Seeds
+    materialises: bool = True
+    rescales: bool = False
+    chunk_size: Optional[int] = None
+
+    def __init__(self):
+        super().__init__(savefield=self.savefield, module_exts={})
+
+    def __call__(self, module, g_inp, g_out) -> None:
+        """BackPACK's per-module hook: nothing to do, the engine computes everything."""
+
+    def expects_backpropagation_quantities(self) -> bool:
+        return False
 
     def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
         """Turn ``(N, V, *p.shape)`` (or ``(N, V)`` norms) into the stored attribute."""
         raise NotImplementedError
 
     def result_shape(self, p_shape: torch.Size, out_shape: torch.Size, v: int) -> torch.Size:
-        """The stored attribute's shape, for a materialised result (``needs_block``) of ``v`` seeds."""
+        """The stored attribute's shape, for a materialised result of ``v`` seeds."""
         return self.finish(torch.empty(out_shape[0], v, *p_shape, device="meta"), out_shape).shape
 
     def __repr__(self) -> str:
         return f"jacext.{type(self).__name__}()"
 
 
+class RescalingExtension(JacextExtension):
+    """An extension that rescales each sample's cotangent by a weight computed from its results
+    (the squared norms of every parameter): the model's own backward then continues with
+    ``w_n G[n]`` (or, inside the backward, each layer's parameter gradients are formed from it)."""
+
+    seeds = Seeds.COTANGENT
+    materialises = False
+    rescales = True
+
+    def weights(self, n: int, stored: Sequence[Tensor], like: Tensor) -> Tensor:
+        """Per sample, the weight ``(N,)`` of its cotangent, from the finished results ``stored``."""
+        raise NotImplementedError
+
+    def rescale(self, grad: Tensor, stored: Sequence[Tensor]) -> Tensor:
+        """A cotangent (N, ...) with sample n scaled by its weight."""
+        n = grad.shape[0]
+        return grad * self.weights(n, stored, grad).view(n, *[1] * (grad.dim() - 1)).to(grad.dtype)
+
+
 class BatchJacobian(JacextExtension):
     """Per-sample Jacobian of the root module's output: ``p.jacobian``.
 
-    Shape ``(N, *out.shape[1:], *p.shape)``; entry ``[n, c, ...]`` is
-    ``d out[n, c] / d p``. For an output of shape ``(N,)`` it is ``(N, *p.shape)``.
-    Needs every sample to be processed independently (the batch dimension is
-    never mixed), which holds for every layer jacext supports.
+    Shape ``(N, *out.shape[1:], *p.shape)``; entry ``[n, c, ...]`` is ``d out[n, c] / d p``.
+    For an output of shape ``(N,)`` it is ``(N, *p.shape)``.
+
+    Args:
+        chunk_size: pull the outputs back this many at a time (default: all C at once).
+            Bounds the cotangents held during the backward (C x the model's activations
+            without it); the result itself is as large either way.
+
+    Example:
+        >>> import torch, jacext
+        >>> from backpack import backpack
+        >>> model = jacext.extend(torch.nn.Linear(3, 2))
+        >>> with backpack(jacext.BatchJacobian()):
+        ...     model(torch.randn(5, 3)).sum().backward()
+        >>> model.weight.jacobian.shape
+        torch.Size([5, 2, 2, 3])
     """
 
     savefield = "jacobian"
-    kind = "outputs"
+    seeds = Seeds.OUTPUTS
 
     def __init__(self, chunk_size: Optional[int] = None):
-        """``chunk_size``: pull the outputs back this many at a time (default: all C at once).
-        Bounds the cotangents held during the backward (C x the model's activations without it);
-        the result itself is as large either way."""
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         self.chunk_size = chunk_size
@@ -82,13 +137,22 @@ class BatchJacobian(JacextExtension):
 class BatchGrad(JacextExtension):
     """Per-sample gradients of the loss: ``p.grad_batch``, shape ``(N, *p.shape)``.
 
-    Same semantics as BackPACK's BatchGrad: ``grad_batch[n]`` is the gradient of
-    sample n's contribution to the loss, so for ``reduction="mean"`` it carries
-    the factor 1/N and ``grad_batch.sum(0)`` equals ``p.grad`` for this backward.
+    Same semantics as BackPACK's BatchGrad: ``grad_batch[n]`` is the gradient of sample n's
+    contribution to the loss, so for ``reduction="mean"`` it carries the factor 1/N and
+    ``grad_batch.sum(0)`` equals ``p.grad`` for this backward.
+
+    Example:
+        >>> import torch, jacext
+        >>> from backpack import backpack
+        >>> model = jacext.extend(torch.nn.Linear(3, 2))
+        >>> with backpack(jacext.BatchGrad()):
+        ...     model(torch.randn(5, 3)).square().mean().backward()
+        >>> torch.allclose(model.weight.grad_batch.sum(0), model.weight.grad)
+        True
     """
 
     savefield = "grad_batch"
-    kind = "loss"
+    seeds = Seeds.COTANGENT
 
     def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
         return block.squeeze(1)
@@ -101,11 +165,20 @@ class BatchL2Grad(JacextExtension):
     a norm rule (Linear, Conv, Embedding), computed from Gram matrices over positions without
     materialising per-sample gradients; otherwise from the layer's materialised result, one
     layer at a time.
+
+    Example:
+        >>> import torch, jacext
+        >>> from backpack import backpack
+        >>> model = jacext.extend(torch.nn.Linear(3, 2))
+        >>> with backpack(jacext.BatchL2Grad()):
+        ...     model(torch.randn(5, 3)).square().sum().backward()
+        >>> model.weight.batch_l2.shape
+        torch.Size([5])
     """
 
     savefield = "batch_l2"
-    kind = "loss"
-    needs_block = False
+    seeds = Seeds.COTANGENT
+    materialises = False
 
     def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
         return value.squeeze(1)

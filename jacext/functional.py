@@ -3,12 +3,11 @@
 from typing import Dict, Union
 
 import torch
-from backpack import backpack
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-from jacext.errors import JacextError
-from jacext.extend import take_last_tape, temporarily_extended
+from jacext.engine.plan import PullBack
+from jacext.extend import recorded
 from jacext.extensions import BatchJacobian
 
 
@@ -21,12 +20,8 @@ def jacobian(model: nn.Module, x, *, flat: bool = False) -> Union[Dict[str, Tens
     is left untouched. ``x`` may be a tensor or a tuple of positional arguments.
     """
     args = x if isinstance(x, tuple) else (x,)
-    with temporarily_extended(model), torch.enable_grad(), backpack(BatchJacobian()):
-        out = model(*args)
-        tape = take_last_tape()
-        if tape is None or not out.requires_grad:
-            raise JacextError("the model's output does not depend on any trainable parameter")
-        per_param = tape.compute(get_gradient_edge(out), out.shape, out.detach())
+    with recorded(model, BatchJacobian(), args) as (out, tape):
+        per_param = PullBack(tape, out.shape, out.detach()).results(get_gradient_edge(out))
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if flat:
         n, c = out.shape[0], out.shape[1:].numel()

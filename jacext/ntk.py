@@ -26,14 +26,15 @@ from collections.abc import Iterator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
-from backpack import backpack
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import DataLoader, RandomSampler
 
-from jacext.extend import take_last_tape, temporarily_extended
+from jacext.engine.plan import PullBack
+from jacext.engine.results import apply_rule
+from jacext.extend import recorded
 from jacext.extensions import BatchJacobian
-from jacext.tape import apply_rule
+from jacext.rules import layer_of
 
 MODES = ("full", "trace", "diagonal")
 
@@ -199,30 +200,23 @@ def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
     or, for the weight of a Linear layer used once, the pair (X, G) with X (n, T, in) its input
     and G (C, n, T, out) the output's cotangents: its Jacobian J[c, n] = sum_t G[c, n, t]^T X[n, t]
     is never built (``_linear_block`` contracts X and G directly)."""
-    with temporarily_extended(model), torch.enable_grad(), backpack(BatchJacobian()):
-        out = model(*args)
-        tape = take_last_tape()
-        if tape is None or not out.requires_grad:
-            raise ValueError("the model's output does not depend on any trainable parameter")
-        _, per_record = tape.factors(get_gradient_edge(out), out.shape, out.detach())
+    with recorded(model, BatchJacobian(), args) as (out, tape):
+        _, per_record = PullBack(tape, out.shape, out.detach()).cotangents(get_gradient_edge(out))
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     shared = tape.shared_parameters()
     n, c = out.shape[0], out.shape[1:].numel()
     blocks: Dict[str, Any] = {}
     for rec, grads in per_record:
         module = rec.module
-        if type(module) is nn.Linear and not (shared & rec.parameters) and not tape.coupled:
-            x = rec.args[0].reshape(n, -1, module.in_features)
-            g = grads[0].reshape(c, n, -1, module.out_features)
-            if module.weight.requires_grad:
-                blocks[names[id(module.weight)]] = (x, g)
-            if module.bias is not None and module.bias.requires_grad:
-                blocks[names[id(module.bias)]] = g.sum(2)
-            continue
-        for pname, block in apply_rule(rec, grads).items():  # (n, C, *p)
+        factors = layer_of(module).ntk_factors
+        if factors is not None and not (shared & rec.parameters) and not tape.coupled:
+            per_name = factors(module, rec.args, grads, n)
+        else:
+            dense = apply_rule(rec, grads).items()
+            per_name = {pname: block.reshape(n, c, -1).transpose(0, 1) for pname, block in dense}
+        for pname, factor in per_name.items():  # dense blocks (C, n, P) or pairs (X, G)
             name = names[id(module.get_parameter(pname))]
-            dense = block.reshape(n, c, -1).transpose(0, 1)
-            blocks[name] = dense if name not in blocks else blocks[name] + dense
+            blocks[name] = factor if name not in blocks else blocks[name] + factor
     for name, p in model.named_parameters():  # parameters the forward pass did not use
         if p.requires_grad and name not in blocks:
             blocks[name] = out.new_zeros(c, n, p.numel())

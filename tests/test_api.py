@@ -1,16 +1,16 @@
 """The public API: shapes, several extensions at once, errors, hooks and state."""
 
-import sys
 
 import backpack.extensions as bpext
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, check_grad_batch, loop_grad_batch, loop_jacobian
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import jacext
-from reference import assert_close, check_grad_batch, loop_grad_batch, loop_jacobian
+from jacext.state import state_of
 
 
 def mlp():
@@ -199,13 +199,16 @@ def test_no_grad_forward_records_nothing():
 
 def test_reference_catches_a_wrong_rule(monkeypatch):
     """The oracle is not vacuous: a rule that is off by a factor fails the comparison."""
-    from jacext.rules import RULES
+    from dataclasses import replace
+
+    from jacext.rules import LAYERS
 
     model = mlp().double()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
     expected = loop_grad_batch(model, nn.CrossEntropyLoss(), y, x)
-    right = RULES[nn.Linear]
-    monkeypatch.setitem(RULES, nn.Linear, lambda m, a, k, g: {n: v * (1 + 1e-8) for n, v in right(m, a, k, g).items()})
+    right = LAYERS[nn.Linear].rule
+    wrong = replace(LAYERS[nn.Linear], rule=lambda m, a, k, g: {n: v * (1 + 1e-8) for n, v in right(m, a, k, g).items()})
+    monkeypatch.setitem(LAYERS, nn.Linear, wrong)
     jacext.extend(model)
     with backpack(jacext.BatchGrad()):
         nn.CrossEntropyLoss()(model(x), y).backward()
@@ -382,7 +385,7 @@ def test_exception_in_forward_leaves_nothing_behind():
         with pytest.raises(ValueError, match="boom"):
             model(x, fail=True)
         model(x).sum().backward()
-    assert sys.modules["jacext.extend"]._current is None
+    assert jacext.engine.hooks.recording() is None
     assert_close(model.lin.weight.jacobian, loop_jacobian(model, x)["lin.weight"], torch.float64)
     assert not torch.overrides._get_current_function_mode_stack()
 
@@ -418,4 +421,4 @@ def test_jacobian_of_a_wrapper_keeps_the_inner_extension():
     hooks = [dict(m._forward_hooks) for m in inner.modules()]
     jacext.jacobian(Wrapper(inner), torch.randn(2, 4))
     assert [dict(m._forward_hooks) for m in inner.modules()] == hooks
-    assert inner[0]._jacext_path == "0"
+    assert state_of(inner[0]).path == "0"

@@ -1,10 +1,10 @@
 """The two ways the tape gets its cotangents, and where results are written.
 
-BatchGrad/BatchL2Grad alone catch G in the ordinary backward (``Tape.arm_inline``); where that
+BatchGrad/BatchL2Grad alone catch G in the ordinary backward (an inline plan); where that
 cannot see every record (an output that does not reach the loss, ``backward(inputs=...)``,
 coupled samples, a module on the generic rule) the tape pulls back separately. Both must give
 the loop's numbers. Results are written into the previous result where nobody else holds it
-(``jacext.memory``), and refused before allocating when they cannot fit.
+(``jacext.engine.memory``), and refused before allocating when they cannot fit.
 """
 
 import pytest
@@ -14,8 +14,7 @@ from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scal
 from torch import nn
 
 import jacext
-import jacext.memory
-from jacext.tape import Tape
+import jacext.engine.memory
 
 
 class Branchy(nn.Module):
@@ -34,21 +33,8 @@ def sq_loss(out, y):
     return (out - y).square().sum()
 
 
-@pytest.fixture
-def inline_calls(monkeypatch):
-    calls = []
-    original = Tape.compute_inline
-
-    def spy(self, *args):
-        calls.append(self)
-        return original(self, *args)
-
-    monkeypatch.setattr(Tape, "compute_inline", spy)
-    return calls
-
-
 @pytest.mark.parametrize("case", ["inline", "unused_module", "inputs", "retain_graph"])
-def test_both_paths_give_the_loops_numbers(case, dtype, inline_calls):
+def test_both_paths_give_the_loops_numbers(case, dtype):
     torch.manual_seed(0)
     model = Branchy() if case == "unused_module" else nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     model = model.to(dtype)
@@ -57,14 +43,18 @@ def test_both_paths_give_the_loops_numbers(case, dtype, inline_calls):
     jacext.extend(model)
     with backpack(jacext.BatchGrad(), jacext.BatchL2Grad()):
         loss = sq_loss(model(x), y)
+        plans = []
         if case == "inputs":  # prunes the first layer's node from this backward
             loss.backward(inputs=[model[2].weight])
         elif case == "retain_graph":
             loss.backward(retain_graph=True)
+            plans.append(jacext.backward_plan(model))
             loss.backward()
         else:
             loss.backward()
-    assert len(inline_calls) == {"inline": 1, "unused_module": 0, "inputs": 0, "retain_graph": 2}[case]
+        plans.append(jacext.backward_plan(model))
+    inline = {"inline": True, "unused_module": False, "inputs": False, "retain_graph": True}[case]
+    assert plans == ["inline" if inline else "pull-back"] * len(plans)
     scale = overall_scale(expected)
     for name, p in model.named_parameters():
         assert_close(p.grad_batch, expected[name], dtype, name, scale)
@@ -91,7 +81,7 @@ def test_results_are_written_into_the_previous_ones_nobody_holds():
 
 
 def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device, wanted=0: 1000)
+    monkeypatch.setattr(jacext.engine.memory, "available_bytes", lambda device, wanted=0: 1000)
     model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
     with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match=r"GiB.*fewer outputs"):
         model(torch.randn(8, 30)).sum().backward()
@@ -150,13 +140,13 @@ def test_chunk_size_must_be_positive():
 
 def test_cotangents_that_cannot_fit_point_to_chunk_size(monkeypatch):
     model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
-    monkeypatch.setattr(jacext.memory, "available_bytes", lambda device, wanted=0: 8 * 40 * 4 * 5)
+    monkeypatch.setattr(jacext.engine.memory, "available_bytes", lambda device, wanted=0: 8 * 40 * 4 * 5)
     with backpack(jacext.BatchJacobian()), pytest.raises(jacext.JacextError, match="chunk_size"):
         model(torch.randn(8, 30)).sum().backward()
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-def test_inline_path_next_to_backpacks_own_extensions(inline_calls):
+def test_inline_path_next_to_backpacks_own_extensions():
     """BackPACK's module hooks run in the same ordinary backward that jacext catches G in."""
     import copy
 
@@ -173,7 +163,7 @@ def test_inline_path_next_to_backpacks_own_extensions(inline_calls):
         lossfunc(model(x), y).backward()
     with backpack(bpext.DiagGGNExact(), bpext.BatchL2Grad()):
         lossfunc(twin(x), y).backward()
-    assert len(inline_calls) == 1
+    assert jacext.backward_plan(model) == "inline"
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert_close(p.grad_batch, expected[name], torch.float64, name)
         for field in ("diag_ggn_exact", "batch_l2", "grad"):

@@ -8,7 +8,6 @@ still gets wrong; their reason says what happens instead.
 """
 
 import gc
-import sys
 
 import pytest
 import torch
@@ -18,9 +17,8 @@ from torch import nn
 
 import jacext
 from jacext.dp import ClipGrad
-from jacext.tape import Tape
-
-EXTEND = sys.modules["jacext.extend"]
+from jacext.engine.hooks import recording
+from jacext.engine.record import Tape
 
 EXTENSIONS = {
     "BatchGrad": jacext.BatchGrad,
@@ -36,7 +34,7 @@ def mlp():
 
 def nothing_left_behind():
     """No tape open and no torch-function mode of jacext's left on the stack."""
-    return EXTEND._current is None and not torch.overrides._get_current_function_mode_stack()
+    return recording() is None and not torch.overrides._get_current_function_mode_stack()
 
 
 def untouched(model, ext):

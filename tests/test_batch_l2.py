@@ -3,10 +3,10 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, loop_grad_batch, overall_scale, trainable
 from torch import nn
 
 import jacext
-from reference import assert_close, loop_grad_batch, overall_scale, trainable
 
 
 def check_l2(model, lossfunc, y, *args, with_grad_batch=False):

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, loop_grad_batch
 from torch import nn
 
 import jacext
-from reference import assert_close, loop_grad_batch
 
 
 def compiled_model():

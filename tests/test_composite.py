@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
-
 from reference import check_grad_batch, check_jacobian
+from torch import nn
 
 
 def small_cnn(dtype):

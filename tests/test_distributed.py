@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from backpack import backpack
+from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, trainable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import jacext
 from jacext.dp import DPSGD, ClipGrad
-from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, trainable
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),

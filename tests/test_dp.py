@@ -3,11 +3,11 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, loop_grad_batch, trainable
 from torch import nn
 
 import jacext
 from jacext.dp import DPSGD, ClipGrad, epsilon, to_opacus
-from reference import assert_close, loop_grad_batch, trainable
 
 opacus = pytest.importorskip("opacus")
 

@@ -1,4 +1,4 @@
-"""BatchGrad's fused Linear (jacext.fused), the constant-cotangent shortcut, and result reuse.
+"""BatchGrad's fused Linear (jacext.engine.fused), the constant-cotangent shortcut, and result reuse.
 
 * A Linear with >= 16 positions per sample, under BatchGrad (optionally with BatchL2Grad) alone,
   gets its output through ``FusedGrads``: its backward fills p.grad with the sum of the per-sample
@@ -32,9 +32,11 @@ from reference import assert_close, loop_grad_batch, overall_scale
 from torch import nn
 
 import jacext
+import jacext.engine.plan as plans
+import jacext.engine.record
 import jacext.rules.linear as linear_rules
 from jacext.dp import ClipGrad
-from jacext.tape import Tape
+from jacext.state import state_of
 
 FUSED = "FusedGradsBackward"
 
@@ -130,15 +132,15 @@ def watch(model, *names):
 
 @pytest.fixture
 def contractions(monkeypatch):
-    """The records whose fused node ran the rule inside the backward (Tape.contract_now)."""
+    """The records whose fused node ran the rule inside the backward (InlineFused.contract_now)."""
     calls = []
-    original = Tape.contract_now
+    original = plans.InlineFused.contract_now
 
     def spy(self, rec, g):
-        calls.append(getattr(rec.module, "_jacext_path", "?"))
+        calls.append(state_of(rec.module).path)
         return original(self, rec, g)
 
-    monkeypatch.setattr(Tape, "contract_now", spy)
+    monkeypatch.setattr(plans.InlineFused, "contract_now", spy)
     return calls
 
 
@@ -408,7 +410,7 @@ def test_create_graph_through_the_fused_nodes_gives_the_plain_double_backward(po
     gradient of sum ||p.grad||^2 as on the plain model. The per-sample results, computed when the
     backward ends, are left out here (see the test below)."""
     torch.manual_seed(0)
-    monkeypatch.setattr(Tape, "compute_inline", lambda self, *args: {})
+    monkeypatch.setattr(plans.Inline, "at_end", lambda self: None)
     model, plain = twins(Tiny(pool), dtype)
     x, y = data(5, pool=pool)
     seen = watch(model, "up", "down")
@@ -732,19 +734,19 @@ def assert_clipped(model, clipped, l2, dtype, grad_factor=1.0, layouts=None):
 
 @pytest.fixture
 def clip_paths(monkeypatch):
-    """How many times the backward computed the clipped sums inside itself (Tape._clipped) and how
-    many times the tape pulled back separately (Tape._pull_back)."""
+    """How many times the backward computed the clipped sums inside itself (an "inline, clipping"
+    plan) and how many times the engine pulled back separately (a "pull-back" plan)."""
     calls = {"clipped": 0, "pull_back": 0}
 
     def counted(key, original):
-        def spy(self, *args):
+        def spy(*args):
             calls[key] += 1
-            return original(self, *args)
+            return original(*args)
 
         return spy
 
-    monkeypatch.setattr(Tape, "_clipped", counted("clipped", Tape._clipped))
-    monkeypatch.setattr(Tape, "_pull_back", counted("pull_back", Tape._pull_back))
+    monkeypatch.setattr(plans.InlineClipping, "clipped_sums", counted("clipped", plans.InlineClipping.clipped_sums))
+    monkeypatch.setattr(plans, "cotangents", counted("pull_back", plans.cotangents))
     return calls
 
 
@@ -969,15 +971,15 @@ def doubled(module, args, output):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The modules whose call the tape hung from a FusedGrads node (jacext.fused.fused_output)."""
+    """The modules whose call the tape hung from a FusedGrads node (jacext.engine.fused.fused_output)."""
     calls = []
-    original = jacext.tape.fused_output
+    original = jacext.engine.record.fused_output
 
     def spy(module, *args):
-        calls.append(module._jacext_path)
+        calls.append(state_of(module).path)
         return original(module, *args)
 
-    monkeypatch.setattr(jacext.tape, "fused_output", spy)
+    monkeypatch.setattr(jacext.engine.record, "fused_output", spy)
     return calls
 
 

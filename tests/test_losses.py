@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
-
 from reference import check_grad_batch
+from torch import nn
 
 
 def mlp(dtype, out=3):

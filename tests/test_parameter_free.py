@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from reference import assert_close, check_jacobian, loop_jacobian
 from torch import nn
 
 import jacext
-from reference import assert_close, check_jacobian, loop_jacobian
 
 ACTIVATIONS = [
     nn.ReLU(), nn.ReLU(inplace=True), nn.LeakyReLU(0.1), nn.ELU(), nn.SELU(), nn.CELU(), nn.GELU(),

@@ -1,4 +1,4 @@
-"""Per-layer rules: the registry that maps module classes to their Jacobian rule.
+"""The layer registry: one :class:`Layer` per module class, everything jacext knows of it.
 
 A rule is a function ``rule(module, args, kwargs, grads) -> {param_name: tensor}``:
 
@@ -15,73 +15,23 @@ A rule is a function ``rule(module, args, kwargs, grads) -> {param_name: tensor}
   contraction ``J[n, v] = G[v, n] . d output(n) / d param`` of shape
   ``(N, V, *param.shape)``.
 
-Every extension (BatchGrad, BatchJacobian, ...) is served by this one function.
-Classes are matched exactly (no ``isinstance``), as in BackPACK: a subclass
-may change ``forward`` and needs its own registration.
+Every extension (BatchGrad, BatchJacobian, ...) is served by this one function. A layer may
+add, each with its own decorator on the same class: a norm rule (:func:`register_norms`), its
+own backward (:func:`register_backward`), the factors of its Jacobian for the NTK
+(:func:`register_ntk_factors`) and a policy for calls that couple samples
+(:func:`register_policy`). Classes are matched exactly (no ``isinstance``), as in BackPACK: a
+subclass may change ``forward`` and needs its own registration. Adding a layer is adding one
+file to this package.
 """
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Set, Tuple, Type
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 from torch import Tensor, nn
 
 Rule = Callable[..., Dict[str, Tensor]]
-
-RULES: Dict[Type[nn.Module], Rule] = {}
-SUBTREE: Set[Type[nn.Module]] = set()  # classes whose rule also covers their submodules' parameters
-MIN_DIMS: Dict[Type[nn.Module], Callable[[Any], int]] = {}
-
-
-def register(
-    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[Any], int]] = None
-) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for the given module classes (decorator).
-
-    ``subtree=True``: the rule also returns the parameters of submodules that the module
-    uses in its own forward without calling them (MultiheadAttention's out_proj).
-    ``min_dim(module)``: the fewest dimensions of the first input with a leading batch
-    dimension; a call with fewer is refused as the forward records it, before any backward.
-    """
-
-    def decorator(rule: Rule) -> Rule:
-        for cls in classes:
-            if cls in RULES:
-                raise ValueError(f"{cls.__name__} already has a jacext rule: {RULES[cls]}")
-            RULES[cls] = rule
-            if subtree:
-                SUBTREE.add(cls)
-            if min_dim is not None:
-                MIN_DIMS[cls] = min_dim
-        return rule
-
-    return decorator
-
-
-def covers_subtree(module: nn.Module) -> bool:
-    return type(module) in SUBTREE
-
-
-NORM_RULES: Dict[Type[nn.Module], Rule] = {}
-
-
-def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
-    """Register a squared-norm rule (decorator): same arguments as a rule, returns
-    ``{param_name: (N, V)}``, the squared norms of the per-sample contractions, computed
-    without materialising them (Gram matrices over positions). Optional: without one, norms
-    come from the rule's materialised result."""
-
-    def decorator(rule: Rule) -> Rule:
-        for cls in classes:
-            NORM_RULES[cls] = rule
-        return rule
-
-    return decorator
-
-
-def norm_rule_for(module: nn.Module) -> Optional[Rule]:
-    return NORM_RULES.get(type(module))
 
 
 @dataclass(frozen=True)
@@ -93,7 +43,99 @@ class OwnBackward:
     reads: Tuple[str, ...] = ()
 
 
-BACKWARDS: Dict[Type[nn.Module], OwnBackward] = {}
+@dataclass(frozen=True)
+class Policy:
+    """What a layer does about calls that make samples depend on each other (BatchNorm on batch
+    statistics), as :func:`register_policy` registered it."""
+
+    check: Callable[[nn.Module], None]  # before each recorded call: raise where no usable choice was made
+    couples: Callable[[nn.Module], bool]  # whether this call couples samples (then seeded per sample)
+    mode: Callable[[nn.Module], Optional[bool]]  # the training mode to record the call in, or None: as is
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Everything jacext knows about one module class."""
+
+    rule: Optional[Rule] = None
+    subtree: bool = False  # the rule also covers submodules' parameters (MultiheadAttention's out_proj)
+    min_dim: Optional[Callable[[Any], int]] = None  # fewest dims of the first input with a batch dimension
+    norms: Optional[Rule] = None  # squared norms (N, V) without materialising
+    backward: Optional[OwnBackward] = None
+    ntk_factors: Optional[Callable[..., Dict[str, Any]]] = None
+    policy: Optional[Policy] = None
+
+
+LAYERS: Dict[Type[nn.Module], Layer] = {}
+
+
+def layer_of(module: nn.Module) -> Layer:
+    """The registry's entry for ``type(module)`` (an empty one if it has none)."""
+    return LAYERS.get(type(module), _NONE)
+
+
+_NONE = Layer()
+
+
+def _update(classes, **fields) -> None:
+    for cls in classes:
+        LAYERS[cls] = replace(LAYERS.get(cls, _NONE), **fields)
+
+
+def register(
+    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[Any], int]] = None
+) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for the given module classes (decorator).
+
+    Args:
+        classes: the module classes (matched exactly).
+        subtree: the rule also returns the parameters of submodules that the module uses in its
+            own forward without calling them (MultiheadAttention's out_proj).
+        min_dim: ``min_dim(module)``, the fewest dimensions of the first input with a leading
+            batch dimension; a call with fewer is refused as the forward records it.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from jacext.rules import layer_of, register
+        >>> class Scale(nn.Module):  # y = a * x
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a = nn.Parameter(torch.ones(()))
+        ...     def forward(self, x):
+        ...         return self.a * x
+        >>> @register(Scale)
+        ... def scale(module, args, kwargs, grads):  # J_a[n, v] = sum G[v, n] x[n]
+        ...     return {"a": (grads[0] * args[0]).flatten(2).sum(2).transpose(0, 1)}
+        >>> layer_of(Scale()).rule is scale
+        True
+    """
+
+    def decorator(rule: Rule) -> Rule:
+        for cls in classes:
+            if layer_of_class(cls).rule is not None:
+                raise ValueError(f"{cls.__name__} already has a jacext rule: {LAYERS[cls].rule}")
+        _update(classes, rule=rule, subtree=subtree, min_dim=min_dim)
+        return rule
+
+    return decorator
+
+
+def layer_of_class(cls: Type[nn.Module]) -> Layer:
+    return LAYERS.get(cls, _NONE)
+
+
+def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
+    """Register a squared-norm rule (decorator): same arguments as a rule, returns
+    ``{param_name: (N, V)}``, the squared norms of the per-sample contractions, computed
+    without materialising them (Gram matrices over positions). Optional: without one, norms
+    come from the rule's materialised result."""
+
+    def decorator(rule: Rule) -> Rule:
+        _update(classes, norms=rule)
+        return rule
+
+    return decorator
 
 
 def register_backward(
@@ -101,29 +143,42 @@ def register_backward(
     when: Optional[Callable[..., bool]] = None,
     reads: Tuple[str, ...] = (),
 ) -> Callable:
-    """Register a layer's own gradients (decorator), ``backward(module, x, g, dx_wanted, params,
-    per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output cotangent
-    ``g`` (N, *out): the parameter gradients summed over the batch where ``params`` (from
-    ``per_sample``, the rule's results for this call, where the tape has them and summing them
-    is cheaper), dx where wanted or None to leave it to autograd; with differentiable
-    operations (``create_graph=True`` runs it). ClipGrad forms its clipped sums with it; BatchGrad,
-    where ``when(module, x, output)`` (many positions per sample), takes p.grad from the
-    per-sample gradients it materialises anyway (jacext.fused). ``reads``: the parameters its
-    dx reads, which autograd then checks for changes in place since the forward, as it would.
-    Where BatchGrad runs the rule and the backward on one cotangent, what both compute from it
-    can be computed once (``jacext.rules.util.shared``)."""
+    """Register a layer's own gradients (decorator), ``backward(module, x, g, *, dx_wanted,
+    params, per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output
+    cotangent ``g`` (N, *out): the parameter gradients summed over the batch where ``params``
+    (from ``per_sample``, the rule's results for this call, where the engine has them and
+    summing them is cheaper), dx where ``dx_wanted`` or None to leave it to autograd; with
+    differentiable operations (``create_graph=True`` runs it).
+
+    ClipGrad forms its clipped sums with it; BatchGrad, where ``when(module, x, output)`` (many
+    positions per sample), takes p.grad from the per-sample gradients it materialises anyway
+    (jacext.engine.fused). ``reads``: the parameters its dx reads, which autograd then checks
+    for changes in place since the forward, as it would. What the rule and the backward both
+    compute from one cotangent can be computed once (``jacext.rules.util.shared``)."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
-        for cls in classes:
-            BACKWARDS[cls] = OwnBackward(backward, when, reads)
+        _update(classes, backward=OwnBackward(backward, when, reads))
         return backward
 
     return decorator
 
 
-def rule_for(module: nn.Module) -> Optional[Rule]:
-    """The rule registered for ``type(module)``, or None."""
-    return RULES.get(type(module))
+def register_ntk_factors(*classes: Type[nn.Module]) -> Callable:
+    """Register the factors of a layer's Jacobian for the NTK (decorator): ``factors(module,
+    args, grads, n) -> {param_name: factor}`` with ``grads`` the cotangents (C, n, *out) of
+    the C output seeds; a factor is a dense block (C, n, P) or a pair (X, G) whose Jacobian
+    ``J[c, n] = sum_t G[c, n, t]^T X[n, t]`` the NTK contracts without building it."""
+
+    def decorator(factors: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
+        _update(classes, ntk_factors=factors)
+        return factors
+
+    return decorator
+
+
+def register_policy(*classes: Type[nn.Module], check, couples, mode) -> None:
+    """Register what the classes do about calls that couple samples (see :class:`Policy`)."""
+    _update(classes, policy=Policy(check, couples, mode))
 
 
 def trainable(module: nn.Module, name: str) -> bool:

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.errors import JacextError
-from jacext.rules import register
+from jacext.rules import register, register_policy
 from jacext.rules.util import affine_jacobians, running_stats_xhat
+from jacext.state import module_label, option
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 CHOICES = ("error", "eval", "exact")
@@ -40,7 +41,7 @@ def couples_samples(module: nn.Module) -> bool:
     return (
         type(module) in BATCHNORMS
         and uses_batch_statistics(module)
-        and getattr(module, "_jacext_batchnorm", "") == "exact"
+        and option(module, "batchnorm") == "exact"
     )
 
 
@@ -50,23 +51,31 @@ def require_choice(module: nn.Module) -> None:
     for the call)."""
     if type(module) not in BATCHNORMS or not uses_batch_statistics(module):
         return
-    choice = getattr(module, "_jacext_batchnorm", "error")
+    choice = option(module, "batchnorm", "error")
     if choice == "eval" and module.running_mean is None:
         raise JacextError(
-            f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' has no running statistics "
+            f"BatchNorm {module_label(module)} has no running statistics "
             "(track_running_stats=False), so batchnorm='eval' cannot apply to it: it always normalises "
             "with the batch's statistics. Use jacext.extend(model, batchnorm='exact') for the Jacobian "
             "through them, or build the layer with track_running_stats=True."
         )
     if choice == "error" or (choice == "exact" and _synchronised(module)):
         raise JacextError(
-            f"{type(module).__name__} '{getattr(module, '_jacext_path', '?')}' normalises with batch "
+            f"BatchNorm {module_label(module)} normalises with batch "
             "statistics (train mode or track_running_stats=False), so each sample's output depends on "
             "the whole batch. Choose: jacext.extend(model, batchnorm='eval') to run BatchNorm on its "
             "running statistics while jacext records, batchnorm='exact' for the Jacobian of each "
             "sample's output through the batch statistics (N times the cost; not for a SyncBatchNorm "
             "synchronised across processes), or module.eval()."
         )
+
+
+def recording_mode(module: nn.Module):
+    """batchnorm="eval": normalise with the running statistics while a tape records."""
+    return False if option(module, "batchnorm") == "eval" else None
+
+
+register_policy(*BATCHNORMS, check=require_choice, couples=couples_samples, mode=recording_mode)
 
 
 @register(*BATCHNORMS, min_dim=lambda m: 2)

@@ -47,7 +47,7 @@ def _many_positions(module, x: Tensor, y: Tensor) -> bool:
 
 
 @register_backward(nn.Conv1d, nn.Conv2d, nn.Conv3d, when=_many_positions)
-def conv_backward(module, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
+def conv_backward(module, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
     grads = {}
     if params and trainable(module, "weight"):
         if per_sample is not None:

@@ -86,7 +86,7 @@ def embedding_norms(module, args, kwargs, grads):
 
 
 @register_backward(nn.Embedding)
-def embedding_backward(module, x, g, dx_wanted: bool, params: bool, per_sample=None):
+def embedding_backward(module, x, g, *, dx_wanted: bool, params: bool, per_sample=None):
     if not (params and trainable(module, "weight")):
         return None, {}
     padding = -1 if module.padding_idx is None else module.padding_idx

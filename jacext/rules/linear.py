@@ -17,7 +17,7 @@ positions.
 import torch
 from torch import Tensor, nn
 
-from jacext.rules import register, register_backward, register_norms, trainable
+from jacext.rules import register, register_backward, register_norms, register_ntk_factors, trainable
 from jacext.rules.util import result_buffer, shared, sq_norms_of_products
 
 
@@ -103,7 +103,7 @@ def _many_positions(module: nn.Linear, x: Tensor, y: Tensor) -> bool:
 
 
 @register_backward(nn.Linear, when=_many_positions, reads=("weight",))
-def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
+def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None
     if dx_wanted:  # written out whole: an expanded dx slows the elementwise backward before it
@@ -118,3 +118,19 @@ def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, dx_wanted: bool, pa
         if trainable(module, "bias"):
             grads["bias"] = per_sample["bias"].sum(0)[0] if per_sample else g4[0].sum((0, 1))
     return dx, grads
+
+
+@register_ntk_factors(nn.Linear)
+def linear_ntk_factors(module: nn.Linear, args, grads, n: int):
+    """The weight as the pair (X, G), X (n, T, in) the input and G (C, n, T, out) the output's
+    cotangents: J_W[c, n] = sum_t G[c, n, t]^T X[n, t] is never built; the bias as its dense
+    block sum_t G[c, n, t]."""
+    c = grads[0].shape[0]
+    x = args[0].reshape(n, -1, module.in_features)
+    g = grads[0].reshape(c, n, -1, module.out_features)
+    out = {}
+    if trainable(module, "weight"):
+        out["weight"] = (x, g)
+    if trainable(module, "bias"):
+        out["bias"] = g.sum(2)
+    return out

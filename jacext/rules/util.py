@@ -7,8 +7,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor, nn
 
+from jacext.engine.memory import ResultSlot
 from jacext.errors import JacextError
-from jacext.memory import ResultSlot
 from jacext.rules import trainable
 
 _DESTINATIONS: ContextVar[Optional[Dict[str, ResultSlot]]] = ContextVar("jacext_destinations", default=None)

@@ -1,10 +1,10 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import check_grad_batch, check_jacobian
 from torch import nn
 
 import jacext
-from reference import check_grad_batch, check_jacobian
 
 
 class Attend(nn.Module):

@@ -1,10 +1,10 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import check_jacobian
 from torch import nn
 
 import jacext
-from reference import check_jacobian
 
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SIZES = {1: [(), (5,)], 2: [(3, 4)], 3: [(2, 3, 2)]}

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from backpack import backpack
+from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale
 from torch import nn
 
 import jacext
-from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale
 
 
 def net(dtype, d=2):

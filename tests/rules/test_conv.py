@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch import nn
-
 from reference import check_jacobian
+from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: (9,), 2: (6, 7), 3: (5, 6, 5)}

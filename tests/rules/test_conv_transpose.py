@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch import nn
-
 from reference import check_jacobian
+from torch import nn
 
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 SIZE = {1: (5,), 2: (4, 3), 3: (3, 2, 3)}

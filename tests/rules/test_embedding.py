@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 from backpack import backpack
+from reference import check_grad_batch, check_jacobian, loop_grad_batch
 from torch import nn
 
 import jacext
-from reference import check_grad_batch, check_jacobian, loop_grad_batch
 
 
 class EmbedThenLinear(nn.Module):

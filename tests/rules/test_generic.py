@@ -1,9 +1,8 @@
 """The generic rule (torch.func on the module alone) for layers without a hand-written rule."""
 
 import torch
-from torch import nn
-
 from reference import check_grad_batch, check_jacobian
+from torch import nn
 
 
 class Squared(nn.Module):

@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch import nn
-
 from reference import check_grad_batch, check_jacobian
+from torch import nn
 
 
 @pytest.mark.parametrize("shape", [(5, 4), (1, 4), (3, 2, 4), (2, 3, 2, 4)], ids=["N", "N=1", "NT", "NAB"])

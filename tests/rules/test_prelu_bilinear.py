@@ -1,8 +1,7 @@
 import pytest
 import torch
-from torch import nn
-
 from reference import check_grad_batch, check_jacobian
+from torch import nn
 
 
 @pytest.mark.parametrize("num_parameters,shape", [(1, (4,)), (1, (3, 5)), (1, (2, 3, 4)), (3, (4, 3)), (3, (2, 3, 4)), (3, (2, 3, 2, 2))])

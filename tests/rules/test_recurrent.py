@@ -1,11 +1,11 @@
 import pytest
 import torch
+from reference import assert_close, check_grad_batch, check_jacobian
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import jacext
-from jacext.rules import rule_for
-from reference import assert_close, check_grad_batch, check_jacobian
+from jacext.rules import layer_of
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN:UserWarning")
 
@@ -163,7 +163,7 @@ def test_lstm_cell_rule(with_state, dtype):
     x = torch.randn(N, IN, dtype=dtype)
     hx = (torch.randn(N, HIDDEN, dtype=dtype), torch.randn(N, HIDDEN, dtype=dtype)) if with_state else None
     grads = [torch.randn(4, N, HIDDEN, dtype=dtype) for _ in range(2)]
-    got = rule_for(cell)(cell, (x,) + ((hx,) if with_state else ()), {}, grads)
+    got = layer_of(cell).rule(cell, (x,) + ((hx,) if with_state else ()), {}, grads)
     params = dict(cell.named_parameters())
     for n in range(N):
         h, c = cell(x[n : n + 1], None if hx is None else (hx[0][n : n + 1], hx[1][n : n + 1]))

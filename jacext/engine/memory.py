@@ -20,7 +20,12 @@ GiB = 2**30
 
 def reusable(p: Tensor, field: str, shape, dtype: torch.dtype) -> Optional[Tensor]:
     """``p.<field>`` if it is a contiguous tensor of ``shape`` and ``dtype`` on p's device,
-    referenced only by that attribute (no other name, view, or numpy array shares its memory)."""
+    referenced only by that attribute (no other name, view, or numpy array shares its memory),
+    and this interpreter's reference counts passed the self-check at import (:data:`REUSE`)."""
+    return _unreferenced(p, field, shape, dtype) if REUSE else None
+
+
+def _unreferenced(p: Tensor, field: str, shape, dtype: torch.dtype) -> Optional[Tensor]:
     old = vars(p).get(field)
     if (
         type(old) is not Tensor
@@ -37,6 +42,25 @@ def reusable(p: Tensor, field: str, shape, dtype: torch.dtype) -> Optional[Tenso
     if sys.getrefcount(old) != 3 or torch._C._storage_Use_Count(old.untyped_storage()._cdata) != 2:
         return None
     return old
+
+
+def _counts_behave() -> bool:
+    """The self-check: on this interpreter, a result that nothing else holds is found free, and
+    one held by another name or by a view is found held. CPython does not promise stable
+    reference counts across versions; where they differ, results go to fresh memory."""
+    p = torch.zeros(1)
+    vars(p)["_probe"] = torch.zeros(4)
+    free = _unreferenced(p, "_probe", (4,), torch.float32) is not None
+    other_name = vars(p)["_probe"]
+    held_by_name = _unreferenced(p, "_probe", (4,), torch.float32) is None
+    del other_name
+    view = vars(p)["_probe"][:2]
+    held_by_view = _unreferenced(p, "_probe", (4,), torch.float32) is None
+    del view
+    return free and held_by_name and held_by_view
+
+
+REUSE: bool = _counts_behave()  # whether previous results may be overwritten at all
 
 
 class ResultSlot:

@@ -16,7 +16,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from jacext.errors import JacextError
-from jacext.rules import covers_subtree
+from jacext.rules import layer_of
+from jacext.state import module_label
 
 
 class ParameterUses(TorchFunctionMode):
@@ -60,7 +61,7 @@ class ParameterUses(TorchFunctionMode):
         forward pass (the tape's records use them too)."""
         found = self._covered.get(id(module))
         if found is None:
-            params = module.named_parameters(recurse=covers_subtree(module))
+            params = module.named_parameters(recurse=layer_of(module).subtree)
             trainable = [(name, p) for name, p in params if p.requires_grad]
             found = self._covered[id(module)] = (trainable, {id(p) for _, p in trainable})
         return found
@@ -81,7 +82,7 @@ class ParameterUses(TorchFunctionMode):
         name = next((n for n, q in self.root.named_parameters() if q is p), "?")
         where = "the forward of a module without parameters of its own"
         if inside is not None:
-            where = f"the forward of '{getattr(inside, '_jacext_path', '?')}' ({type(inside).__name__})"
+            where = f"the forward of {module_label(inside)}"
         raise JacextError(
             f"parameter '{name}' is used in {where}, outside the module that owns it, so jacext "
             "cannot attribute that use to a recorded call. Use it through its module, or share it as "

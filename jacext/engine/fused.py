@@ -13,26 +13,37 @@ call's input gradients but decides where its parameter gradients come from:
   layer. The nodes take the parameters through one :class:`ClipGate` node, which autograd
   therefore runs after all of them; they return no parameter gradients, and the gate computes
   the norms and weights w_n from the G the tape caught, then each call's parameter gradients
-  for the cotangent w_n G[n] (:meth:`jacext.tape.Tape.clipped_grads`), and hands them on to
-  the parameters. One backward pass instead of a pull-back for the norms and a second,
+  for the cotangent w_n G[n] (:class:`jacext.engine.plan.InlineClipping`), and hands them on
+  to the parameters. One backward pass instead of a pull-back for the norms and a second,
   rescaled backward.
 
-Input gradients come from the layer's own backward where it gives them (Linear), else from
-autograd on the call's own graph, which the node keeps. Where the tape did not arm the backward (its own
-pull-back, which wants input gradients only; a backward that pulls back separately;
-``create_graph=True``), the node returns the ordinary gradients. Parameter gradients always
+What a node returns is the :class:`FusedMode` the backward's plan gives it
+(:meth:`jacext.engine.plan.Plan.fused_mode`): the ordinary gradients (a plan that pulls back
+separately, ``create_graph=True``), the input gradient only (the engine's own pull-back; ClipGrad,
+whose parameter gradients come from the gate), or the rule's results contracted now. Input
+gradients come from the layer's own backward where it gives them (Linear), else from autograd
+on the call's own graph, which the node keeps. Parameter gradients always
 reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, DDP and
 ``retain_graph`` behave as without jacext.
 """
 
+import enum
 import weakref
 from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from jacext.rules import BACKWARDS, RULES, rule_for
+from jacext.rules import layer_of
 from jacext.rules.util import sharing
+
+
+class FusedMode(enum.Enum):
+    """What a :class:`FusedGrads` node returns in a backward."""
+
+    ORDINARY = "ordinary"  # input and parameter gradients, as without jacext
+    INPUT_ONLY = "input only"  # the parameters get theirs elsewhere (or want none: the engine's pull-back)
+    CONTRACT = "contract"  # run the rule on this cotangent now; the parameter gradients are its sums
 
 
 class FusedCall:
@@ -40,7 +51,7 @@ class FusedCall:
 
     def __init__(self, module: nn.Module, kwargs, output: Tensor, trainable):
         self.module, self.kwargs, self.training = module, kwargs, module.training
-        own = BACKWARDS.get(type(module))
+        own = layer_of(module).backward
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
@@ -49,7 +60,7 @@ class FusedCall:
         self.record: Optional[weakref.ref] = None
         self.tape: Optional[weakref.ref] = None
 
-    def grads(self, x: Tensor, g: Tensor, dx_wanted: bool, params: bool, per_sample=None):
+    def grads(self, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
         """The input's gradient where wanted and the parameters' where ``params``, for cotangent
         ``g``. Parameters: the layer's own gradients, else its rule's per-sample results summed
         over the samples (both with differentiable operations, for ``create_graph=True``); never
@@ -58,7 +69,7 @@ class FusedCall:
         autograd's on the call's graph (the input is the only path there)."""
         dx, grads = None, {}
         if self.backward is not None:
-            dx, grads = self.backward(self.module, x, g, dx_wanted, params, per_sample)
+            dx, grads = self.backward(self.module, x, g, dx_wanted=dx_wanted, params=params, per_sample=per_sample)
         elif params:
             grads = self._summed_rule(x, g)
         if dx_wanted and dx is None:
@@ -69,7 +80,7 @@ class FusedCall:
     def _summed_rule(self, x: Tensor, g: Tensor):
         if g.shape[0] == 0:  # rules need a sample
             return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params)}
-        rule = RULES[type(self.module)]  # fused calls have a hand-written rule
+        rule: Any = layer_of(self.module).rule  # fused calls have a hand-written rule
         training, self.module.training = self.module.training, self.training
         try:
             per_sample = rule(self.module, (x,), self.kwargs, [g.unsqueeze(0)])
@@ -78,7 +89,7 @@ class FusedCall:
         return {name: j.sum(0)[0] for name, j in per_sample.items()}
 
 
-def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output: bool) -> bool:
+def fusable(module: nn.Module, args, kwargs, output, *, clipping: bool, own_output: bool) -> bool:
     """Whether the call's output should hang from a :class:`FusedGrads` node: for ClipGrad,
     every call with a hand-written rule, one tensor input and one output tensor; for BatchGrad,
     calls of layers with their own backward that say it pays. One input: autograd's gradient
@@ -89,9 +100,10 @@ def fusable(module: nn.Module, args, kwargs, output, clipping: bool, own_output:
         return False
     if len(args) != 1 or not isinstance(args[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
         return False
+    layer = layer_of(module)
     if clipping:
-        return rule_for(module) is not None
-    own = BACKWARDS.get(type(module))
+        return layer.rule is not None
+    own = layer.backward
     return own is not None and own.when is not None and own.when(module, args[0], output)
 
 
@@ -126,22 +138,22 @@ class FusedGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x = ctx.saved_tensors[0]  # first: a second backward without retain_graph fails before any work
-        call = ctx.call
-        tape, dx_wanted = call.tape(), ctx.needs_input_grad[2]
-        if torch.is_grad_enabled() or not tape.armed or tape.busy or g.shape[0] == 0:  # busy: its pull-back
-            dx, dps = call.grads(x, g, dx_wanted, not tape.busy)
-        elif tape.clipping:  # the parameter gradients come from the ClipGate
-            dx, dps = call.grads(x, g, dx_wanted, False)
-        else:
+        call, dx_wanted = ctx.call, ctx.needs_input_grad[2]
+        tape = call.tape()
+        mode = tape.fused_mode(g) if tape is not None else FusedMode.ORDINARY
+        if mode is FusedMode.CONTRACT:
             with sharing():  # the rule and the layer's backward, on the same g
-                dx, dps = call.grads(x, g, dx_wanted, True, per_sample=tape.contract_now(call.record(), g))
+                per_sample = tape.plan.contract_now(call.record(), g)
+                dx, dps = call.grads(x, g, dx_wanted=dx_wanted, params=True, per_sample=per_sample)
+        else:
+            dx, dps = call.grads(x, g, dx_wanted=dx_wanted, params=mode is FusedMode.ORDINARY)
         return (None, None, dx, *dps)
 
 
 class ClipGate(torch.autograd.Function):
     """Aliases of the parameters for the fused calls of a ClipGrad tape: autograd runs this node
-    after every node that uses them, so that in an armed backward its backward can clip
-    (:meth:`jacext.tape.Tape.clipped_grads`); otherwise it passes the gradients on."""
+    after every node that uses them, so that the backward's plan can clip there
+    (:meth:`jacext.engine.plan.Plan.gate`); otherwise it passes the gradients on."""
 
     @staticmethod
     def forward(ctx, tape, *params):
@@ -152,6 +164,6 @@ class ClipGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         tape = ctx.tape()
-        if tape is not None and tape.armed and not torch.is_grad_enabled():
-            grads = tape.clipped_grads()
+        if tape is not None and tape.plan is not None:
+            grads = tape.plan.gate(grads)
         return (None, *grads)

@@ -1,0 +1,179 @@
+"""Recording: one :class:`Record` per call of a parameterised module, gathered on a :class:`Tape`.
+
+While a jacext extension is active, the extended root module opens a tape (jacext.engine.hooks);
+every call of a module that owns trainable parameters appends a record (the module, its
+detached inputs, and the autograd edges of its outputs). Edges are taken at call time, so later
+in-place operations on the outputs, a module called several times, or any code between modules
+do not disturb them. What the backward does with the records is its plan's (jacext.engine.plan).
+"""
+
+import weakref
+from functools import partial
+from typing import Dict, List, Optional, Set, Tuple
+
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_leaves, tree_map
+
+from jacext.engine.demand import Demand
+from jacext.engine.fused import ClipGate, FusedMode, bind, fusable, fused_output
+from jacext.engine.uses import ParameterUses
+from jacext.errors import JacextError
+from jacext.rules import layer_of
+from jacext.rules.util import require_batch_dim
+from jacext.state import module_label
+
+
+def _detached(a):
+    return a.detach() if isinstance(a, Tensor) else a
+
+
+class Record:
+    """One call of a parameterised module."""
+
+    def __init__(
+        self, module: nn.Module, args, kwargs, output, trainable: List[Tuple[str, nn.Parameter]], ids: Set[int]
+    ):
+        self.module = module
+        self.training = module.training  # rules run with the module in its forward-time mode
+        policy = layer_of(module).policy
+        self.coupled = policy is not None and policy.couples(module)
+        if not kwargs and all(isinstance(a, Tensor) for a in args):  # the common call, without pytree's cost
+            self.args, self.kwargs = tuple(a.detach() for a in args), {}
+            self.inputs = list(self.args)
+        else:
+            self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
+            self.inputs = [a for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
+        _require_batch_dim(module, self.inputs)
+        self.versions = self._versions()
+        self.named = dict(trainable)  # the trainable parameters the call covers, by name
+        self.parameters = ids
+        leaves = [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
+        self.n_leaves = len(leaves)
+        if len(self.grad_leaves) > 1:
+            # One output may be computed from another inside the module (LSTMCell's h' from c'):
+            # the edge of c' itself would also collect what flows back through h'. Hand out
+            # aliases, whose edges see only what comes from outside the module.
+            output = tree_map(lambda o: o.view_as(o) if isinstance(o, Tensor) and o.requires_grad else o, output)
+            leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+        # An output that is a view and is later changed in place gets a new grad_fn: the edge
+        # taken here would fall off the path from the root output. Watch those to refuse it.
+        self.views = [leaves[i] for i in self.grad_leaves if leaves[i]._is_view()]
+        self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
+        self.view_versions = self._view_versions()
+        self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
+        self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
+        self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
+        self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node
+        self.fused = False  # its output hangs from a FusedGrads node
+
+    def catch_inline(self) -> None:
+        """Hook the edges' nodes to catch their cotangents during the ordinary backward (kept
+        where :attr:`caught` is a list, as inline plans make it). The hooks hold the record
+        weakly: node -> hook -> record -> edge -> node would be a cycle."""
+        me = weakref.ref(self)
+        for j, edge in enumerate(self.edges):
+            edge.node.register_prehook(partial(_catch, me, j, edge.output_nr))
+
+    def _versions(self) -> List[int]:
+        return [a._version for a in self.inputs]
+
+    def _view_versions(self) -> List[int]:
+        return [a._version for a in self.views]
+
+    def check_unmodified(self) -> None:
+        if self._view_versions() != self.view_versions:
+            raise JacextError(
+                f"An output of module {module_label(self.module)} that is a view (of another output, "
+                "or of an internal tensor) was modified in place; that moves it off the autograd path "
+                "jacext recorded. Use an out-of-place operation on it (x = x.relu(), not x.relu_())."
+            )
+        if self._versions() != self.versions:
+            raise JacextError(
+                f"An input of module {module_label(self.module)} was modified in place after the "
+                "module used it; jacext needs the values the module saw. Use an out-of-place "
+                "operation (for example x = x.relu() instead of x.relu_()) on that tensor."
+            )
+
+
+def _require_batch_dim(module: nn.Module, inputs: List[Tensor]) -> None:
+    """The layer's ``min_dim`` check on the first input, at forward time."""
+    min_dim = layer_of(module).min_dim
+    if min_dim is not None and inputs:
+        require_batch_dim(module, inputs[0], min_dim(module))
+
+
+def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
+    rec = record()
+    if rec is not None and rec.caught is not None:
+        rec.caught[j] = grad_outputs[output_nr]
+
+
+class Tape:
+    """The records of one forward pass of an extended root module, for a set of extensions.
+
+    ``plan`` is the plan of the backward in progress (None before one reaches the root output
+    and after it has finished); ``pulling`` is true while the engine's own pull-back runs."""
+
+    def __init__(self, root: nn.Module, demand: Demand):
+        self.root = root
+        self.demand = demand
+        self.extensions = demand.extensions
+        self.parameters = list(root.parameters())  # looked up once: every result is per parameter
+        self.records: List[Record] = []
+        self.coupled = False  # samples depend on each other: seed each one separately
+        self.uses = ParameterUses(root)
+        self.fused = False  # a record's output goes through FusedGrads
+        self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
+        self.plan = None  # Optional[jacext.engine.plan.Plan]
+        self.pulling = False
+
+    def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
+        """Record a call of a module with trainable parameters (others are not recorded); returns
+        the output to hand on (aliased where the record needs it, or hanging from a FusedGrads
+        node). ``own_output``: the module's output as its forward returned it (no forward hook
+        ran before)."""
+        trainable, ids = self.uses.covered(module)
+        if not trainable:
+            return output
+        clipping = self.demand.clipping
+        fuse = self.demand.fuses and fusable(module, args, kwargs, output, clipping=clipping, own_output=own_output)
+        if fuse:
+            if clipping and self.gate is None:
+                params = [p for p in self.parameters if p.requires_grad]
+                self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
+            output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
+        rec = Record(module, args, kwargs, output, trainable, ids)
+        output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
+        rec.fused = fuse
+        if fuse:
+            bind(output, rec, self)
+            self.fused = True
+        if rec.edges:
+            self.records.append(rec)
+            self.coupled = self.coupled or rec.coupled
+            if self.demand.catches:
+                rec.catch_inline()
+        return output
+
+    def fused_mode(self, g: Tensor) -> FusedMode:
+        """What a fused node returns for its cotangent ``g`` in the backward in progress."""
+        if self.pulling:  # the engine's own pull-back wants input gradients only
+            return FusedMode.INPUT_ONLY
+        return self.plan.fused_mode(g) if self.plan is not None else FusedMode.ORDINARY
+
+    def shared_parameters(self) -> Set[int]:
+        """Parameters reached by more than one record: their norms need the summed contraction."""
+        seen: Set[int] = set()
+        shared: Set[int] = set()
+        for rec in self.records:
+            shared |= seen & rec.parameters
+            seen |= rec.parameters
+        return shared
+
+    def drop_results(self) -> None:
+        """No parameter keeps a result for these extensions."""
+        for p in self.parameters:
+            for ext in self.extensions:
+                vars(p).pop(ext.savefield, None)
