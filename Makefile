@@ -16,7 +16,7 @@ demo: $(PY)
 	$(PY) examples/digits_cnn.py
 
 test: $(PY)
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,integration]"
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
 fuzz: $(PY)
@@ -29,12 +29,26 @@ docs: $(PY)
 
 bench: $(PY)
 	$(PIP) install --quiet -e ".[bench]"
-	$(PY) -m jacext.bench
+	$(PY) -m benchmarks
 
-.PHONY: bench-scaling
+.PHONY: bench-scaling gpu-check
 bench-scaling: $(PY)
 	$(PIP) install --quiet -e ".[bench]"
-	$(PY) -m jacext.bench.scaling --threads 1
+	$(PY) -m benchmarks.scaling --threads 1
+
+# issue 17: on a machine with CUDA, the CUDA tests and the GPU benchmark, results under gpu-results/
+gpu-check: $(PY)
+	$(PIP) install --quiet -e ".[test,bench,integration]"
+	$(PY) -m benchmarks.gpu_check --out gpu-results
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+.PHONY: test-matrix lint
+test-matrix:
+	bash tools/test-matrix.sh
+
+lint: $(PY)
+	$(PIP) install --quiet -e ".[lint]"
+	$(VENV)/bin/ruff check jacext tests examples benchmarks
+	$(VENV)/bin/mypy jacext benchmarks  # tests and examples: ruff only (untyped scripts)

@@ -7,7 +7,9 @@ backward pass per output, taking the per-sample gradients of ``out[:, c].sum()``
 Per-sample norms: the naive loop and ``vmap(grad)`` take the norms of the
 per-sample gradients; Opacus's ghost clipping and BackPACK's ``BatchL2Grad`` compute
 them without (for the layers they have norm rules for). The NTK: torch.func's
-"Jacobian contraction" (from its NTK tutorial) and nngeometry's ``GramMatrix``.
+"Jacobian contraction" (from its NTK tutorial) and nngeometry's ``GramMatrix``. The DP step
+(clipped sum in ``p.grad``, no noise): the naive loop, Opacus's ``DPOptimizer`` clipping the
+per-sample gradients of ``GradSampleModule`` (hooks or functorch), and Opacus's ghost clipping.
 """
 
 import copy
@@ -18,7 +20,7 @@ from typing import Callable, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from jacext.bench.methods import (
+from benchmarks.methods import (
     CLIP_NORM,
     Method,
     Params,
@@ -29,16 +31,23 @@ from jacext.bench.methods import (
     norms_from_squares,
     trainable,
 )
-from jacext.bench.workloads import Case
+from benchmarks.workloads import Case
 
 OPTIONAL_PEERS = ["opacus", "nngeometry"]  # imported only by their methods; may be missing
-MEMORY_LIMIT_GIB = 8.0  # a peer that would hold more than this is "n/a" instead of run
+MEMORY_LIMIT_GIB = 8.0  # on the CPU, a peer that would hold more than this is "n/a" instead of run
 Objective = Callable[[Tensor], Tensor]  # model output -> scalar to differentiate
 
 
 def _stack_rows(rows: Sequence[Sequence[Tensor]], dim: int = 0) -> List[Tensor]:
     """Rows of per-parameter tensors -> one stacked tensor per parameter."""
-    return [torch.stack(per_param, dim) for per_param in zip(*rows)]
+    return [torch.stack(per_param, dim) for per_param in zip(*rows, strict=True)]
+
+
+def memory_limit_gib(device: torch.device) -> float:
+    """What a peer may hold: :data:`MEMORY_LIMIT_GIB` on the CPU, half the memory of a CUDA device."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**31
+    return MEMORY_LIMIT_GIB
 
 
 def _outputs(case: Case) -> int:
@@ -83,7 +92,18 @@ def _naive(case: Case) -> Prepared:
             squares.append(torch.stack([gi.square().sum() for gi in g]).sum())
         return [torch.stack(squares).sqrt()]
 
-    return Prepared({"grad": grads, "jacobian": jacobians, "norms": norms}[case.quantity])
+    def dp_step() -> List[Tensor]:
+        total = [torch.zeros_like(p) for p in params]
+        for i in range(n):
+            g = torch.autograd.grad(case.loss(model(case.x[i : i + 1]), case.y[i : i + 1]), params)
+            norm = torch.stack([gi.square().sum() for gi in g]).sum().sqrt()
+            factor = (CLIP_NORM / (norm + 1e-6)).clamp(max=1.0)  # as jacext and Opacus clip
+            for t, gi in zip(total, g, strict=True):
+                t.add_(gi * factor)
+        return total
+
+    runs = {"grad": grads, "jacobian": jacobians, "norms": norms, "dp-step": dp_step}
+    return Prepared(runs[case.quantity])
 
 
 def _func_params(model: nn.Module):
@@ -204,7 +224,8 @@ def _opacus_ghost_norms(case: Case) -> Prepared:
 def _opacus_ghost_step(case: Case) -> Prepared:
     """Opacus's ghost clipping as documented for training: ``DPLossFastGradientClipping``'s
     ``backward`` runs a backward pass for the norms, then a second one of the loss reweighted by
-    the clipping factors (``p.grad`` is the clipped sum; no noise: ``noise_multiplier=0``)."""
+    the clipping factors (``p.grad`` is the clipped sum; no noise: ``noise_multiplier=0``). Its
+    result: the norms, or for ``"dp-step"`` the clipped sum."""
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -226,7 +247,40 @@ def _opacus_ghost_step(case: Case) -> Prepared:
         criterion(module(case.x), case.y).backward()
         return [module.per_sample_gradient_norms]
 
+    if case.quantity == "dp-step":
+        params = _same_order(case.model, module._module)
+        return Prepared(run, standard=lambda _: collect(params, "grad", "Opacus ghost clipping"), model=module)
     return Prepared(run, model=module)
+
+
+def _opacus_dp_step(functorch: bool) -> Callable[[Case], Prepared]:
+    """Opacus's DP step without noise: ``GradSampleModule``'s per-sample gradients (its hooks, or
+    ``force_functorch``), clipped and summed into ``p.grad`` by ``DPOptimizer.pre_step``."""
+
+    def setup(case: Case) -> Prepared:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        fixed = _opacus_ready(case.model)
+        module = GradSampleModule(fixed, loss_reduction="sum", force_functorch=functorch)
+        optimizer = DPOptimizer(
+            torch.optim.SGD(module.parameters(), lr=0.0),
+            noise_multiplier=0.0,
+            max_grad_norm=CLIP_NORM,
+            expected_batch_size=case.x.shape[0],
+            loss_reduction="sum",
+        )
+        params = _same_order(case.model, fixed)
+
+        def run() -> List[Tensor]:
+            optimizer.zero_grad(set_to_none=True)  # clears grad_sample and summed_grad too
+            case.loss(module(case.x), case.y).backward()
+            optimizer.pre_step()
+            return collect(params, "grad", "Opacus")
+
+        return Prepared(run, model=module)
+
+    return setup
 
 
 def _backpack_batch_l2(case: Case) -> Prepared:
@@ -309,10 +363,10 @@ def _torch_func_ntk(case: Case) -> Prepared:
     n, c = case.x.shape[0], _outputs(case)
     params = _func_params(case.model)
     jacobian_gib = n * c * sum(p.numel() for p in params.values()) * 4 / 2**30
-    if jacobian_gib > MEMORY_LIMIT_GIB:
+    limit = memory_limit_gib(case.x.device)
+    if jacobian_gib > limit:
         raise Unsupported(
-            f"not run: its Jacobian (N x C x P floats) alone would take {jacobian_gib:.1f} GiB "
-            f"(> {MEMORY_LIMIT_GIB:.0f} GiB)"
+            f"not run: its Jacobian (N x C x P floats) alone would take {jacobian_gib:.1f} GiB (> {limit:.0f} GiB)"
         )
 
     def out_one(params, x):
@@ -346,9 +400,9 @@ def _nngeometry_gram(case: Case) -> Prepared:
 
 def peers() -> List[Method]:
     grad, jac, both, norms = ("grad",), ("jacobian",), ("grad", "jacobian"), ("norms",)
-    ntk = ("ntk-full", "ntk-trace")
+    ntk, dp = ("ntk-full", "ntk-trace"), ("dp-step",)
     return [
-        Method("naive per-sample loop", "peer", (*both, *norms), _naive, reference=True),
+        Method("naive per-sample loop", "peer", (*both, *norms, *dp), _naive, reference=True),
         Method("torch.func vmap(grad)", "peer", grad, _vmap_grad),
         Method("torch.func vmap(grad) + norms", "peer", norms, _vmap_grad_norms),
         Method("torch.func vmap(jacrev)", "peer", jac, _vmap_jacrev),
@@ -368,6 +422,9 @@ def peers() -> List[Method]:
             needs="opacus",
         ),
         Method("BackPACK BatchL2Grad", "peer", norms, _backpack_batch_l2),
+        Method("Opacus hooks, DPOptimizer clipping", "peer", dp, _opacus_dp_step(functorch=False), needs="opacus"),
+        Method("Opacus functorch, DPOptimizer clipping", "peer", dp, _opacus_dp_step(functorch=True), needs="opacus"),
+        Method("Opacus ghost clipping (2 backward)", "peer", dp, _opacus_ghost_step, needs="opacus"),
         Method("torch.func Jacobian contraction", "peer", ntk, _torch_func_ntk, reference=True),
         Method("nngeometry GramMatrix", "peer", ntk, _nngeometry_gram, needs="nngeometry", reference=True),
     ]

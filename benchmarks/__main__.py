@@ -1,4 +1,4 @@
-"""``python -m jacext.bench [--quick] [--workloads ...] [--json out.json]``."""
+"""``python -m benchmarks [--quick] [--workloads ...] [--json out.json]``."""
 
 import argparse
 import json
@@ -6,15 +6,22 @@ import os
 import sys
 from typing import List, Optional
 
-from jacext.bench.harness import run_workload
-from jacext.bench.report import header, markdown
-from jacext.bench.timing import add_timing_arguments, torch_threads
-from jacext.bench.workloads import WORKLOADS
+from benchmarks.harness import run_workload
+from benchmarks.report import header, markdown
+from benchmarks.timing import add_timing_arguments, torch_threads
+from benchmarks.workloads import WORKLOADS
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jacext.bench", description=__doc__)
-    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    gpu = [name for name, w in WORKLOADS.items() if not w.on_cpu]
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=list(WORKLOADS),
+        default=[name for name in WORKLOADS if name not in gpu],
+        help=f"default: all but {', '.join(gpu)} (sized for a GPU: benchmarks.gpu_check)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     add_timing_arguments(parser, min_run_time=0.3)

@@ -2,8 +2,8 @@
 
 from typing import List
 
-from jacext.bench.methods import Method, jacext_methods, plain
-from jacext.bench.peers import peers
+from benchmarks.methods import Method, jacext_methods, plain
+from benchmarks.peers import peers
 
 
 def all_methods() -> List[Method]:

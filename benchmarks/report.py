@@ -31,7 +31,7 @@ def _cpu() -> str:
 def header(argv: List[str]) -> dict:
     """What the numbers depend on, taken before the run (``loadavg_after`` is added at the end)."""
     return {
-        "command": " ".join(["python -m jacext.bench", *argv]),
+        "command": " ".join(["python -m benchmarks", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -61,22 +61,27 @@ def _diff(row: dict) -> str:
 
 
 def table(workload: dict) -> str:
-    """One workload's markdown table, then the reasons and warnings worth knowing."""
+    """One workload's markdown table, then the reasons and warnings worth knowing; with a column
+    for the step's peak memory against the plain pass's where that was measured (on CUDA)."""
+    step = any(row["ratio_plain_memory"] is not None for row in workload["rows"])
     lines = [
         f"### {workload['title']}",
         "",
-        "| method | median time | × plain | × fastest peer | peak extra memory | max diff vs jacext |",
-        "|---|---|---|---|---|---|",
+        "| method | median time | × plain | × fastest peer | peak extra memory | "
+        + ("× plain peak memory | " if step else "")
+        + "max diff vs jacext |",
+        "|---|---|---|---|---|---|" + ("---|" if step else ""),
     ]
     notes = []
     for row in workload["rows"]:
         if not row["available"]:
-            lines.append(f"| {row['method']} | n/a: {row['reason']} | | | | |")
+            lines.append(f"| {row['method']} | n/a: {row['reason']} | | | | |" + (" |" if step else ""))
             continue
         memory = "–" if row["peak_extra_mib"] is None else f"{row['peak_extra_mib']:.0f} MiB"
+        step_memory = f"{_ratio(row['ratio_plain_memory'])} | " if step else ""
         lines.append(
             f"| {row['method']} | {_time(row['median_s'])} | {_ratio(row['ratio_plain'])} | "
-            f"{_ratio(row['ratio_fastest_peer'])} | {memory} | {_diff(row)} |"
+            f"{_ratio(row['ratio_fastest_peer'])} | {memory} | {step_memory}{_diff(row)} |"
         )
         notes += [f"- {row['method']} warned: {w}" for w in row["warnings"]]
     return "\n".join(lines + ([""] + notes if notes else []))

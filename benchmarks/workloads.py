@@ -10,16 +10,21 @@ Every workload asks for one quantity, which every method returns in a common lay
   ``[norms]`` with ``norms[n] = sqrt(sum_p ||d loss_n / d p||^2)`` of shape ``(N,)``;
 - ``"ntk-full"``: the empirical NTK of the model output, ``[K]`` with ``K`` of shape
   ``(N, N, C, C)``, ``K[a, b, c, d] = sum_p J(x_a)[c, p] J(x_b)[d, p]``;
-- ``"ntk-trace"``: its trace over the outputs, ``[sum_c K[:, :, c, c]]`` of shape ``(N, N)``.
+- ``"ntk-trace"``: its trace over the outputs, ``[sum_c K[:, :, c, c]]`` of shape ``(N, N)``;
+- ``"dp-step"``: the gradient of a DP-SGD step without noise, the sum over the samples of their
+  gradients clipped to norm ``CLIP_NORM`` (:mod:`~benchmarks.methods`), a list of ``p.shape`` tensors.
+
+``Workload.build(device=...)`` builds the model and the batch on that device (CPU or CUDA).
 """
 
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-QUANTITIES = ("grad", "jacobian", "norms", "ntk-full", "ntk-trace")
+QUANTITIES = ("grad", "jacobian", "norms", "ntk-full", "ntk-trace", "dp-step")
 
 
 @dataclass
@@ -39,16 +44,19 @@ class Case:
 
 @dataclass(frozen=True)
 class Workload:
-    """A named model/batch recipe; ``build(quick)`` makes a reproducible :class:`Case`."""
+    """A named model/batch recipe; ``build(quick, device=...)`` makes a reproducible :class:`Case`.
+    ``on_cpu``: part of ``python -m benchmarks``'s default set (False: run by :mod:`benchmarks.gpu_check`)."""
 
     name: str
     title: str
     quantity: str
     make: Callable[[bool], Case]
+    on_cpu: bool = True
 
-    def build(self, quick: bool = False, seed: int = 0) -> Case:
+    def build(self, quick: bool = False, seed: int = 0, device: str = "cpu") -> Case:
         torch.manual_seed(seed)
-        return self.make(quick)
+        with torch.device(device):
+            return self.make(quick)
 
 
 class SequenceMean(nn.Module):
@@ -169,6 +177,81 @@ def _lstm_grad(quick: bool) -> Case:
     return _classification(lstm(vocab, d, h, 10), torch.randint(0, vocab, (b, t)), 10)
 
 
+class CausalSelfAttention(nn.Module):
+    """GPT-2's attention: q, k, v from one Linear, causal ``scaled_dot_product_attention`` per head,
+    an output Linear."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, h: Tensor) -> Tensor:
+        n, t, d = h.shape
+        q, k, v = self.qkv(h).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(attended.transpose(1, 2).reshape(n, t, d))
+
+
+class DecoderBlock(nn.Module):
+    """GPT-2's pre-LayerNorm block: ``h + attention(LN(h))``, then ``h + MLP(LN(h))`` (d -> 4d -> d, GELU)."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(d), CausalSelfAttention(d, heads)
+        self.norm2, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, h: Tensor) -> Tensor:
+        h = h + self.attention(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class Decoder(nn.Module):
+    """A GPT-2-style decoder: token and position Embeddings, ``layers`` blocks, a final LayerNorm
+    and a Linear head to next-token logits (N, T, vocab), not tied to the token Embedding.
+
+    The position ids (0 .. T-1 in every row) are computed from the token ids, so that they are
+    per sample, as Opacus and jacext need them (jacext refuses ``arange(T).expand(N, -1)``).
+    """
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, context: int):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.Sequential(*[DecoderBlock(d, heads) for _ in range(layers)])
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.ones_like(tokens).cumsum(1) - 1
+        h = self.blocks(self.tokens(tokens) + self.positions(positions))
+        return self.head(self.norm(h))
+
+
+class TokenCrossEntropy(nn.Module):
+    """Cross-entropy of logits (N, T, V) against tokens (N, T), summed over each sample's tokens:
+    the total (``reduction="sum"``) or per sample (``"none"``, (N,), as Opacus's ghost clipping asks)."""
+
+    def __init__(self, reduction: str = "sum"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        per_token = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        per_sample = per_token.view(target.shape).sum(1)
+        return per_sample if self.reduction == "none" else per_sample.sum()
+
+
+GPT2 = {"vocab": 50257, "d": 768, "heads": 12, "layers": 12, "context": 1024}  # GPT-2 small's sizes
+GPT2_QUICK = {"vocab": 50, "d": 16, "heads": 2, "layers": 2, "context": 8}
+
+
+def _gpt2_dp(quick: bool) -> Case:
+    sizes, b, t = (GPT2_QUICK, 3, 6) if quick else (GPT2, 16, 256)
+    tokens = torch.randint(0, sizes["vocab"], (b, t + 1))  # inputs and next-token targets
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    return Case(Decoder(**sizes), x, y, TokenCrossEntropy(), "dp-step")
+
+
 def _ntk(n: int, quantity: str) -> Callable[[bool], Case]:
     """The MLP 784-512-512-10 on ``n`` samples (quick: 20-16-16-10 on 6 or 16)."""
 
@@ -219,5 +302,13 @@ WORKLOADS: Dict[str, Workload] = {
         Workload("ntk-full", f"Full NTK (N x N x C x C, C=10), {MLP}, N=128", "ntk-full", _ntk(128, "ntk-full")),
         Workload("ntk-trace-1024", f"NTK trace (N x N), {MLP}, N=1024", "ntk-trace", _ntk(1024, "ntk-trace")),
         Workload("ntk-full-1024", f"Full NTK (N x N x C x C, C=10), {MLP}, N=1024", "ntk-full", _ntk(1024, "ntk-full")),
+        Workload(
+            "gpt2-dp",
+            "DP step (clipped per-sample gradients summed, no noise), GPT-2-small-sized decoder "
+            "(12 layers, d=768, 12 heads, vocab 50257, untied head, 163 M parameters), B=16, T=256",
+            "dp-step",
+            _gpt2_dp,
+            on_cpu=False,
+        ),
     ]
 }

@@ -4,13 +4,13 @@ A method's ``setup(case)`` returns a :class:`Prepared`: ``run()`` computes the
 workload's quantity once (this is what is timed) and returns it; ``standard``
 turns that return value into the common layout (a list in ``model.parameters()``
 order of ``(N, *p.shape)`` gradients or ``(N, C, *p.shape)`` Jacobians, ``[norms]``,
-``[kernel]``: :mod:`~jacext.bench.workloads`) without being timed. Methods that store
+``[kernel]``, or the clipped sums ``p.shape``: :mod:`~benchmarks.workloads`) without being timed. Methods that store
 results on parameters clear them at the start of ``run`` so that, for every method,
 the previous result is freed before the next.
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -18,7 +18,7 @@ from backpack import backpack
 from torch import Tensor, nn
 
 import jacext
-from jacext.bench.workloads import QUANTITIES, Case
+from benchmarks.workloads import QUANTITIES, Case
 from jacext.dp import ClipGrad
 from jacext.extensions import JacextExtension
 
@@ -58,6 +58,21 @@ class Method:
 
 
 Params = List[Tuple[str, nn.Parameter]]
+
+
+def under_autocast(method: Method, device_type: str, dtype: torch.dtype) -> Method:
+    """``method`` with its runs (not its setup) under ``torch.autocast(device_type, dtype)``."""
+
+    def setup(case: Case) -> Prepared:
+        prepared = method.setup(case)
+
+        def run() -> Any:
+            with torch.autocast(device_type, dtype=dtype):
+                return prepared.run()
+
+        return replace(prepared, run=run)
+
+    return replace(method, setup=setup)
 
 
 def trainable(model: nn.Module) -> Params:
@@ -139,6 +154,21 @@ def _clip_grad() -> JacextExtension:
     return ClipGrad(max_grad_norm=CLIP_NORM, loss_reduction="sum")
 
 
+def _jacext_dp_step(case: Case) -> Prepared:
+    """``ClipGrad`` in a ``backpack`` context around the summed loss's backward: ``p.grad`` is the clipped sum."""
+    model = jacext.extend(copy.deepcopy(case.model))
+    params = trainable(model)
+
+    def run() -> List[Tensor]:
+        model.zero_grad(set_to_none=True)
+        clear(params, "per_sample_l2")
+        with backpack(_clip_grad()):
+            case.loss(model(case.x), case.y).backward()
+        return collect(params, "grad", "jacext")
+
+    return Prepared(run, model=model)
+
+
 def _jacext_ntk(case: Case) -> Prepared:
     model = jacext.extend(copy.deepcopy(case.model))
     mode = case.quantity.split("-")[1]  # "ntk-full" -> "full"
@@ -179,4 +209,5 @@ def jacext_methods() -> List[Method]:
             _jacext_norms(_clip_grad, "per_sample_l2"),
         ),
         Method("jacext.ntk", "jacext", ("ntk-full", "ntk-trace"), _jacext_ntk),
+        Method("jacext.dp.ClipGrad (1 backward)", "jacext", ("dp-step",), _jacext_dp_step),
     ]

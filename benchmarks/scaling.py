@@ -1,7 +1,7 @@
-"""How jacext's cost grows: ``python -m jacext.bench.scaling [--threads 1] [--quick]``.
+"""How jacext's cost grows: ``python -m benchmarks.scaling [--threads 1] [--quick]``.
 
 Three sweeps on the MLP ``d_in``-width-width-C of the benchmark, each point timed like the
-benchmark (interleaved ``blocked_autorange`` rounds, :func:`jacext.bench.timing.interleaved`)
+benchmark (interleaved ``blocked_autorange`` rounds, :func:`benchmarks.timing.interleaved`)
 for the plain forward+backward pass, the best peer (torch.func) and jacext:
 
 - ``batch``: per-sample gradients against the batch size N (width 512, C = 10);
@@ -24,10 +24,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from jacext.bench.registry import method_named
-from jacext.bench.report import header
-from jacext.bench.timing import add_timing_arguments, interleaved, torch_threads
-from jacext.bench.workloads import Case, mlp
+from benchmarks.registry import method_named
+from benchmarks.report import header
+from benchmarks.timing import add_timing_arguments, interleaved, torch_threads
+from benchmarks.workloads import Case, mlp
 
 PLAIN = "plain forward+backward"
 D_IN = 784
@@ -70,7 +70,7 @@ def build(quantity: str, batch: int, outputs: int, width: int, quick: bool) -> C
 
 
 def _max_diff(a: List[torch.Tensor], b: List[torch.Tensor]) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
 def measure(sweep: Sweep, value: int, quick: bool, repeats: int, min_run_time: float) -> dict:
@@ -175,7 +175,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jacext.bench.scaling", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n")[0])
     parser.add_argument("--json", default="docs/img/scaling.json", metavar="PATH", help="%(default)s")
     parser.add_argument("--plot", default="docs/img/scaling.png", metavar="PATH", help="%(default)s")
     add_timing_arguments(parser, min_run_time=0.2)
@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         report: dict = {
             "header": {
                 **header(argv),
-                "command": " ".join(["python -m jacext.bench.scaling", *argv]),
+                "command": " ".join(["python -m benchmarks.scaling", *argv]),
                 "quick": args.quick,
                 "repeats": repeats,
                 "min_run_time": min_run_time,
