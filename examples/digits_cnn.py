@@ -59,7 +59,8 @@ def with_jacext(model, lossfunc, x, y):
 
 def interleaved(fns, args, repeats=3):
     """Median time of each function, runs interleaved; and each function's last result."""
-    times, results = [[] for _ in fns], [None] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
+    results = [None] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             start = time.perf_counter()
@@ -97,9 +98,11 @@ def main():
             bar.set_postfix(loss=f"{loss.item():.3f}", median_sample_grad_norm=f"{norms.median().item():.4f}")
         with torch.no_grad():
             acc = (model(xte).argmax(1) == yte).float().mean().item()
-        (t_jx, t_loop), ((jac, grad), (jac_ref, grad_ref)) = interleaved([with_jacext, naive], (model, lossfunc, xp, yp))
-        diff_j = max((a - b).abs().max().item() for a, b in zip(jac, jac_ref))
-        diff_g = max((a - b).abs().max().item() for a, b in zip(grad, grad_ref))
+        (t_jx, t_loop), ((jac, grad), (jac_ref, grad_ref)) = interleaved(
+            [with_jacext, naive], (model, lossfunc, xp, yp)
+        )
+        diff_j = max((a - b).abs().max().item() for a, b in zip(jac, jac_ref, strict=True))
+        diff_g = max((a - b).abs().max().item() for a, b in zip(grad, grad_ref, strict=True))
         rows.append((epoch, loss.item(), acc, t_jx, t_loop, diff_j, diff_g))
         print(f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {acc:.3f}")
 
@@ -107,10 +110,16 @@ def main():
     print("| parameter | p.jacobian | p.grad_batch |\n|---|---|---|")
     for name, p in model.named_parameters():
         print(f"| {name} | {tuple(p.jacobian.shape)} | {tuple(p.grad_batch.shape)} |")
-    print("\n| epoch | loss | test acc | jacext (J + grads) [s] | naive loop [s] | speed-up | max abs diff J | max abs diff grad |")
+    print(
+        "\n| epoch | loss | test acc | jacext (J + grads) [s] | naive loop [s] | speed-up "
+        "| max abs diff J | max abs diff grad |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for e, loss, acc, t_jx, t_loop, dj, dg in rows:
-        print(f"| {e} | {loss:.3f} | {acc:.3f} | {t_jx:.4f} | {t_loop:.3f} | {t_loop / t_jx:.0f}x | {dj:.1e} | {dg:.1e} |")
+        print(
+            f"| {e} | {loss:.3f} | {acc:.3f} | {t_jx:.4f} | {t_loop:.3f} | {t_loop / t_jx:.0f}x "
+            f"| {dj:.1e} | {dg:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ def main():
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
     train, test = TensorDataset(x[:1500], y[:1500]), (x[1500:], y[1500:])
-    loader = DPDataLoader.from_data_loader(DataLoader(train, batch_size=args.batch_size), generator=torch.Generator().manual_seed(0))
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(train, batch_size=args.batch_size), generator=torch.Generator().manual_seed(0)
+    )
     sample_rate = 1 / len(loader)
 
     model = jacext.extend(nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)))
@@ -60,7 +62,8 @@ def main():
             bar.set_postfix(batch=len(yb), loss=f"{loss.item() / max(len(yb), 1):.3f}")
         with torch.no_grad():
             acc = (model(test[0]).argmax(1) == test[1]).float().mean().item()
-        print(f"epoch {epoch}: test accuracy {acc:.3f}, epsilon {epsilon(accountant, args.delta):.2f} (delta {args.delta})")
+        eps = epsilon(accountant, args.delta)
+        print(f"epoch {epoch}: test accuracy {acc:.3f}, epsilon {eps:.2f} (delta {args.delta})")
 
 
 if __name__ == "__main__":

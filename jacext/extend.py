@@ -23,11 +23,17 @@ from jacext.rules.batchnorm import CHOICES
 from jacext.state import ATTRIBUTE, ensure_state, state_of
 
 
-def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error") -> nn.Module:
+def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error", batch_dim: int = 0) -> nn.Module:
     """Make ``module`` ready for jacext's extensions and return it.
 
+    Installs forward hooks only (jacext.engine.hooks): on ``module`` itself, which opens and
+    closes a tape per forward pass inside a ``backpack(...)`` block with a jacext extension,
+    and on every submodule that owns parameters, which records its calls. Called again on
+    the same module, it adds no second set of jacext hooks; the ``batchnorm`` given last applies.
+
     Args:
-        module: the model; its output is what ``BatchJacobian`` differentiates.
+        module: the model; its output, of shape ``(N, ...)``, is what ``BatchJacobian``
+            differentiates.
         backpack: also apply ``backpack.extend`` so that BackPACK's own extensions (DiagGGN,
             KFAC, ...) work in the same ``backpack`` context.
         batchnorm: what BatchNorm layers that normalise with batch statistics (train mode)
@@ -35,9 +41,18 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
             ``"eval"`` (use the running statistics in the forward passes jacext records; they
             are then not updated), ``"exact"`` (differentiate each sample's output through the
             batch statistics; N times the cost).
+        batch_dim: the dimension of the module's tensor inputs that holds the samples (1 for a
+            seq-first model called on (T, N, ...)); jacext follows it through every operation.
+            Results are always per sample first: (N, ...).
+
+    A module without parameters (a loss) needs nothing and is returned as it is, so that
+    BackPACK's ``lossfunc = extend(lossfunc)`` works here too.
 
     Returns:
         ``module`` itself, with jacext's hooks.
+
+    Raises:
+        ValueError: ``batchnorm`` is none of the choices above.
 
     Example:
         >>> import torch, jacext
@@ -50,10 +65,15 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
     """
     if batchnorm not in CHOICES:
         raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
+    if not isinstance(batch_dim, int) or batch_dim < 0:
+        raise ValueError(f"batch_dim must be a non-negative int, got {batch_dim!r}")
+    if next(module.parameters(), None) is None:
+        return bp.extend(module) if backpack else module
     root = ensure_state(module)
     if backpack:
         bp.extend(module)
         root.backpack = True
+    root.options["batch_dim"] = batch_dim
     for name, m in module.named_modules():
         state = ensure_state(m)
         state.path = name or "<root>"
@@ -65,7 +85,7 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
             )
     if not root.root:
         root.root = True
-        pre = module.register_forward_pre_hook(hooks.open_tape)
+        pre = module.register_forward_pre_hook(hooks.open_tape, with_kwargs=True)
         hooks.hook_recorders(module)
         post = module.register_forward_hook(hooks.close_tape, always_call=True)
         root.handles["root"] = (pre, post)
@@ -75,8 +95,20 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
 def unextend(module: nn.Module) -> nn.Module:
     """Remove every hook and attribute ``extend`` added (BackPACK's own hooks excepted).
 
+    The results already stored on the parameters (``p.grad_batch``, ...) stay.
+
+    Args:
+        module: a module given to ``jacext.extend``.
+
     Returns:
         ``module`` itself, as it was before ``jacext.extend``.
+
+    Example:
+        >>> import torch, jacext
+        >>> from jacext.extend import is_extended
+        >>> model = jacext.extend(torch.nn.Linear(3, 2))
+        >>> is_extended(jacext.unextend(model))
+        False
     """
     for m in module.modules():
         state = state_of(m)
@@ -87,14 +119,41 @@ def unextend(module: nn.Module) -> nn.Module:
 
 
 def is_extended(module: nn.Module) -> bool:
-    """Whether ``jacext.extend(module)`` was called (and not undone)."""
+    """Whether ``jacext.extend(module)`` was called (and not undone by ``jacext.unextend``).
+
+    Args:
+        module: any module.
+
+    Returns:
+        True for a module given to ``jacext.extend`` itself; False for other modules,
+        including submodules of an extended one.
+
+    Example:
+        >>> import torch, jacext
+        >>> from jacext.extend import is_extended
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> is_extended(model)
+        False
+        >>> is_extended(jacext.extend(model)), is_extended(model[0])
+        (True, False)
+    """
     return hooks.is_extended(module)
 
 
 def backward_plan(module: nn.Module):
-    """The plan the last backward pass of the extended ``module`` took (jacext.engine.plan):
-    ``"pull-back"``, ``"chunked pull-back"``, ``"inline"``, ``"inline, fused"`` or
-    ``"inline, clipping"``; None before any.
+    """The plan the last backward pass of the extended ``module`` took (jacext.engine.plan).
+
+    Which plan a backward takes follows from the active extensions and the model
+    (``jacext.engine.plan.choose_plan``); every plan gives the same results, so this is for
+    tests, benchmarks and curiosity.
+
+    Args:
+        module: a module given to ``jacext.extend``.
+
+    Returns:
+        ``"pull-back"``, ``"chunked pull-back"``, ``"inline"``, ``"inline, fused"`` or
+        ``"inline, clipping"``; None before any backward pass with a jacext extension, and
+        for a module that was not extended.
 
     Example:
         >>> import torch, jacext
@@ -104,6 +163,10 @@ def backward_plan(module: nn.Module):
         ...     model(torch.randn(4, 3)).sum().backward()
         >>> jacext.backward_plan(model)
         'pull-back'
+        >>> with backpack(jacext.BatchGrad()):
+        ...     model(torch.randn(4, 3)).sum().backward()
+        >>> jacext.backward_plan(model)
+        'inline'
     """
     state = state_of(module)
     return state.plan if state is not None else None
@@ -112,7 +175,25 @@ def backward_plan(module: nn.Module):
 @contextmanager
 def temporarily_extended(module: nn.Module) -> Iterator[nn.Module]:
     """``module`` extended for the duration, then exactly as before (modules the user extended
-    stay extended, with their own paths)."""
+    stay extended, with their own paths). Internal: what ``jacext.jacobian`` and ``jacext.ntk``
+    use on models that need not be extended.
+
+    Args:
+        module: any module.
+
+    Yields:
+        ``module``, extended inside the block.
+
+    Example:
+        >>> import torch
+        >>> from jacext.extend import is_extended, temporarily_extended
+        >>> model = torch.nn.Linear(3, 2)
+        >>> with temporarily_extended(model):
+        ...     print(is_extended(model))
+        True
+        >>> is_extended(model)
+        False
+    """
     if is_extended(module):
         yield module
         return

@@ -14,10 +14,29 @@ from jacext.extensions import BatchJacobian
 def jacobian(model: nn.Module, x, *, flat: bool = False) -> Union[Dict[str, Tensor], Tensor]:
     """Per-sample Jacobians of ``model(x)`` with respect to its trainable parameters.
 
-    Returns ``{name: J}`` with ``J`` of shape ``(N, *out.shape[1:], *p.shape)``, or with
-    ``flat=True`` one matrix of shape ``(N, C, P)``, C = prod(out.shape[1:]), the
-    parameters in ``model.parameters()`` order. ``model`` need not be extended; ``p.grad``
-    is left untouched. ``x`` may be a tensor or a tuple of positional arguments.
+    One forward pass and one batched pull-back (the ``"pull-back"`` plan of
+    ``jacext.BatchJacobian``), without a backward pass of the caller's: ``model`` need not be
+    extended, and ``p.grad`` and the parameters' attributes are left untouched.
+
+    Args:
+        model: the network; its output has the batch as first dimension.
+        x: the input batch: a tensor, or a tuple of the model's positional arguments.
+        flat: return one matrix instead of a dictionary.
+
+    Returns:
+        ``{name: J}`` for the trainable parameters, ``J`` of shape
+        ``(N, *out.shape[1:], *p.shape)``; with ``flat=True`` one tensor of shape
+        ``(N, C, P)``, C = prod(out.shape[1:]), the parameters in ``model.parameters()`` order.
+
+    Example:
+        >>> import torch, jacext
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> J = jacext.jacobian(model, torch.randn(5, 3))
+        >>> {name: tuple(j.shape) for name, j in J.items()}
+        {'0.weight': (5, 2, 4, 3), '0.bias': (5, 2, 4), '2.weight': (5, 2, 2, 4), '2.bias': (5, 2, 2)}
+        >>> jacext.jacobian(model, torch.randn(5, 3), flat=True).shape
+        torch.Size([5, 2, 26])
     """
     args = x if isinstance(x, tuple) else (x,)
     with recorded(model, BatchJacobian(), args) as (out, tape):

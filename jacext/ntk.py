@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import DataLoader, RandomSampler
 
+from jacext.engine.meets import Meet
 from jacext.engine.plan import PullBack
 from jacext.engine.results import apply_rule
 from jacext.extend import recorded
@@ -78,6 +79,34 @@ def ntk(
 
     Blocks: for every batch a of x1, its Jacobian is computed once and contracted with the
     Jacobian of every batch b of x2 (b >= a when ``x2`` is None), computed for that block.
+    ``model`` need not be extended; ``p.grad`` and the parameters' attributes are untouched.
+
+    Returns:
+        The kernel, of shape (N1, N2, C, C) for ``"full"``, (N1, N2) for ``"trace"``,
+        (N1, N2, C) for ``"diagonal"`` (without the C dimensions for an output of shape (N,));
+        with ``per_layer``, a dictionary of such kernels.
+
+    Raises:
+        ValueError: an unknown ``mode``; ``batch_size`` with an iterable of batches; a
+            shuffling ``DataLoader``; no batch at all.
+        TypeError: an iterator or generator of batches (it cannot be passed over twice).
+
+    Example:
+        >>> import torch, jacext
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x1, x2 = torch.randn(5, 3), torch.randn(6, 3)
+        >>> jacext.ntk(model, x1, x2).shape
+        torch.Size([5, 6, 2, 2])
+        >>> jacext.ntk(model, x1, mode="trace").shape
+        torch.Size([5, 5])
+        >>> per_layer = jacext.ntk(model, x1, mode="diagonal", per_layer=True)
+        >>> {name: tuple(k.shape) for name, k in per_layer.items()}
+        {'0.weight': (5, 5, 2), '0.bias': (5, 5, 2), '2.weight': (5, 5, 2), '2.bias': (5, 5, 2)}
+        >>> torch.allclose(sum(per_layer.values()), jacext.ntk(model, x1, mode="diagonal"))
+        True
+        >>> torch.allclose(jacext.ntk(model, x1, batch_size=2), jacext.ntk(model, x1))
+        True
     """
     kernels = _kernels(model, x1, x2, mode, per_layer, batch_size)
     return kernels if per_layer else kernels[_TOTAL]
@@ -90,7 +119,29 @@ def ntk_vp(model: nn.Module, x1: Union[Tensor, tuple], v: Tensor, x2: Union[Tens
     ``model(x1)``. ``u = J(x2)^T v`` is one backward pass (a vector-Jacobian product);
     ``J(x1) u`` is a Jacobian-vector product by double backward: ``g(w) = J(x1)^T w`` is
     linear in w, so its derivative with respect to w in the direction u is ``J(x1) u``.
-    Costs about three backward passes; memory of an ordinary training step.
+    Costs about three backward passes; memory of an ordinary training step. Plain autograd:
+    ``model`` need not be extended, and ``p.grad`` is untouched.
+
+    Args:
+        model: the network; its output has the batch as first dimension.
+        x1: the inputs of the kernel's rows: a tensor or a tuple of positional arguments.
+        v: the vector, of the shape of ``model(x2)``.
+        x2: the inputs of its columns; ``None`` means ``x2 = x1``.
+
+    Returns:
+        ``K(x1, x2) v``, of the shape of ``model(x1)`` (zeros where no trainable parameter
+        reaches the output).
+
+    Example:
+        >>> import torch, jacext
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x1, x2, v = torch.randn(5, 3), torch.randn(6, 3), torch.randn(6, 2)
+        >>> kv = jacext.ntk_vp(model, x1, v, x2)
+        >>> kv.shape
+        torch.Size([5, 2])
+        >>> torch.allclose(kv, torch.einsum("mncd,nd->mc", jacext.ntk(model, x1, x2), v), atol=1e-5)
+        True
     """
     params = [p for p in model.parameters() if p.requires_grad]
     args1 = x1 if isinstance(x1, tuple) else (x1,)
@@ -101,7 +152,7 @@ def ntk_vp(model: nn.Module, x1: Union[Tensor, tuple], v: Tensor, x2: Union[Tens
         out1 = model(*args1)
         w = torch.zeros_like(out1, requires_grad=True)
         g = torch.autograd.grad(out1, params, w, create_graph=True, allow_unused=True)
-        used = [(gi, ui) for gi, ui in zip(g, u) if gi is not None and ui is not None]
+        used = [(gi, ui) for gi, ui in zip(g, u, strict=True) if gi is not None and ui is not None]
         if not used:
             return torch.zeros_like(out1)
         (jv,) = torch.autograd.grad([gi for gi, _ in used], w, [ui for _, ui in used])
@@ -122,6 +173,31 @@ def top_eigenvalues(
     - ``method="lobpcg"``: ``torch.lobpcg`` (largest=True), iterative, O(n^2 k) per
       iteration, converged to a residual of about sqrt(machine epsilon); needs n >= 3 k;
     - ``method="auto"``: lobpcg when n > 2048 and n >= 3 k, eigvalsh otherwise.
+
+    Args:
+        model: the network, as for :func:`ntk`.
+        x: the inputs, in any form :func:`ntk` takes.
+        k: how many eigenvalues, between 1 and the kernel's size (N C for ``"full"``, N for
+            ``"trace"``).
+        mode: ``"full"`` or ``"trace"``.
+        method: ``"auto"``, ``"eigvalsh"`` or ``"lobpcg"``.
+        batch_size: as for :func:`ntk`.
+
+    Returns:
+        The ``k`` eigenvalues (k,), largest first.
+
+    Raises:
+        ValueError: another ``mode`` or ``method``, ``k`` out of range, or lobpcg with fewer
+            than 3 k rows.
+
+    Example:
+        >>> import torch
+        >>> from jacext.ntk import top_eigenvalues
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> top = top_eigenvalues(model, torch.randn(5, 3), k=3)
+        >>> top.shape, bool((top[:-1] >= top[1:]).all())
+        (torch.Size([3]), True)
     """
     if mode not in ("full", "trace"):
         raise ValueError(f"mode must be 'full' or 'trace' (a square kernel), got {mode!r}")
@@ -179,7 +255,7 @@ def _batches(x, batch_size: Optional[int]) -> Batches:
     """A function that starts a new pass over the batches of ``x``, each a tuple of arguments."""
     if isinstance(x, (Tensor, tuple)):
         args = x if isinstance(x, tuple) else (x,)
-        chunks = [args] if batch_size is None else list(zip(*(a.split(batch_size) for a in args)))
+        chunks = [args] if batch_size is None else list(zip(*(a.split(batch_size) for a in args), strict=True))
         return lambda: iter(chunks)
     if batch_size is not None:
         raise ValueError("batch_size splits tensor inputs; an iterable of batches brings its own")
@@ -207,6 +283,11 @@ def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
     n, c = out.shape[0], out.shape[1:].numel()
     blocks: Dict[str, Any] = {}
     for rec, grads in per_record:
+        if isinstance(rec, Meet):  # a batch-free tensor meeting the batch: dense blocks per parameter
+            for p, block in rec.per_sample(grads, n).items():
+                name, dense_block = names[id(p)], block.reshape(n, c, -1).transpose(0, 1)
+                blocks[name] = dense_block if name not in blocks else _dense(blocks[name]) + dense_block
+            continue
         module = rec.module
         factors = layer_of(module).ntk_factors
         if factors is not None and not (shared & rec.parameters) and not tape.coupled:
@@ -216,7 +297,7 @@ def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
             per_name = {pname: block.reshape(n, c, -1).transpose(0, 1) for pname, block in dense}
         for pname, factor in per_name.items():  # dense blocks (C, n, P) or pairs (X, G)
             name = names[id(module.get_parameter(pname))]
-            blocks[name] = factor if name not in blocks else blocks[name] + factor
+            blocks[name] = factor if name not in blocks else _dense(blocks[name]) + _dense(factor)
     for name, p in model.named_parameters():  # parameters the forward pass did not use
         if p.requires_grad and name not in blocks:
             blocks[name] = out.new_zeros(c, n, p.numel())

@@ -18,7 +18,7 @@ def trainable(model):
 
 def _grads(scalar, params):
     gs = torch.autograd.grad(scalar, [p for _, p in params], retain_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.to_dense() for g, (_, p) in zip(gs, params)]
+    return [torch.zeros_like(p) if g is None else g.to_dense() for g, (_, p) in zip(gs, params, strict=True)]
 
 
 def loop_jacobian(model, *args):
@@ -98,7 +98,7 @@ def check_grad_batch(model, lossfunc, y, *args):
     with backpack(jacext.BatchGrad(), jacext.BatchJacobian()):
         lossfunc(model(*args), y).backward()
     scale, scale_jac = overall_scale(expected), overall_scale(expected_jac)
-    for (name, p), g in zip(trainable(model), plain):
+    for (name, p), g in zip(trainable(model), plain, strict=True):
         assert_close(p.grad_batch, expected[name], dtype, f"p.grad_batch of {name}", scale)
         assert_close(p.jacobian, expected_jac[name], dtype, f"p.jacobian of {name}", scale_jac)
         assert_close(p.grad, g, dtype, f"p.grad of {name}", scale)

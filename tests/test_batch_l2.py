@@ -38,8 +38,12 @@ def test_linear_over_sequences(t, dtype):
 
 @pytest.mark.parametrize(
     "conv,size",
-    [(nn.Conv1d(4, 6, 3, groups=2), (9,)), (nn.Conv2d(4, 2, 3, padding=1, stride=2), (5, 6)), (nn.Conv2d(2, 64, 2), (3, 3)),
-     (nn.Conv3d(2, 2, 2, dilation=2, padding_mode="circular", padding=1), (4, 4, 3))],
+    [
+        (nn.Conv1d(4, 6, 3, groups=2), (9,)),
+        (nn.Conv2d(4, 2, 3, padding=1, stride=2), (5, 6)),
+        (nn.Conv2d(2, 64, 2), (3, 3)),
+        (nn.Conv3d(2, 2, 2, dilation=2, padding_mode="circular", padding=1), (4, 4, 3)),
+    ],
     ids=["1d_groups", "2d_stride", "2d_wide", "3d"],
 )
 def test_convolutions(conv, size, dtype):
@@ -49,7 +53,9 @@ def test_convolutions(conv, size, dtype):
     check_l2(model, nn.MSELoss(), torch.randn(3, 3, dtype=dtype), x)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(padding_idx=0), dict(scale_grad_by_freq=True)], ids=["plain", "padding", "freq"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(padding_idx=0), dict(scale_grad_by_freq=True)], ids=["plain", "padding", "freq"]
+)
 def test_embedding(options, dtype):
     class Bag(nn.Module):
         def __init__(self):
@@ -73,24 +79,30 @@ def test_shared_module_and_layers_without_norm_rule(dtype):
             h = self.lin(torch.tanh(self.lin(x)))
             return self.head(self.norm(h), x)
 
-    check_l2(Shared().to(dtype), nn.MSELoss(reduction="sum"), torch.randn(4, 2, dtype=dtype), torch.randn(4, 3, dtype=dtype))
+    check_l2(
+        Shared().to(dtype), nn.MSELoss(reduction="sum"), torch.randn(4, 2, dtype=dtype), torch.randn(4, 3, dtype=dtype)
+    )
 
 
 def test_together_with_batch_grad_and_jacobian(dtype):
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
-    check_l2(model, nn.CrossEntropyLoss(), torch.tensor([0, 1, 1]), torch.randn(3, 3, dtype=dtype), with_grad_batch=True)
+    check_l2(
+        model, nn.CrossEntropyLoss(), torch.tensor([0, 1, 1]), torch.randn(3, 3, dtype=dtype), with_grad_batch=True
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_agrees_with_backpack():
     import backpack.extensions as bpext
 
-    model = jacext.extend(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).double(), backpack=True)
+    model = jacext.extend(
+        nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)).double(), backpack=True
+    )
     x, y = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
     with backpack(bpext.BatchL2Grad()):
         nn.CrossEntropyLoss()(model(x), y).backward()
     theirs = [p.batch_l2.clone() for p in model.parameters()]
     with backpack(jacext.BatchL2Grad()):
         nn.CrossEntropyLoss()(model(x), y).backward()
-    for p, t in zip(model.parameters(), theirs):
+    for p, t in zip(model.parameters(), theirs, strict=True):
         assert_close(p.batch_l2, t, torch.float64)

@@ -12,5 +12,7 @@ def test_every_registered_class_is_exercised_by_a_rule_test():
     from jacext.rules import LAYERS
 
     tests = "".join(p.read_text() for p in (Path(__file__).resolve().parent / "rules").glob("test_*.py"))
-    missing = [cls.__name__ for cls, layer in LAYERS.items() if layer.rule is not None and f"nn.{cls.__name__}" not in tests]
+    missing = [
+        cls.__name__ for cls, layer in LAYERS.items() if layer.rule is not None and f"nn.{cls.__name__}" not in tests
+    ]
     assert not missing, f"registered without a test: {missing}"

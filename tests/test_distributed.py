@@ -16,6 +16,7 @@ import datetime
 import os
 import socket
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -51,7 +52,11 @@ def _worker(rank: int, task, port: int, folder: str) -> None:
     """Child process: join the gloo group, run ``task(rank, **kwargs)`` for every case, save."""
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
     )
     try:
         cases = torch.load(os.path.join(folder, "cases.pt"))
@@ -82,7 +87,9 @@ class Net(nn.Module):
 
     def __init__(self, unused: bool = False):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+        self.body = nn.Sequential(
+            nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+        )
         self.unused = nn.Linear(3, 3) if unused else None
 
     def forward(self, x):
@@ -106,7 +113,7 @@ def full_gradient(model, lossfunc, x, y):
     """{name: d loss / d p}, zeros where the loss does not reach p."""
     params = trainable(model)
     grads = torch.autograd.grad(lossfunc(model(x), y), [p for _, p in params], allow_unused=True)
-    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params, grads)}
+    return {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params, grads, strict=True)}
 
 
 def assert_all_close(actual: dict, expected: dict, what: str) -> None:
@@ -159,7 +166,10 @@ BATCHES = [make_batch(8, seed=1), make_batch(8, seed=2)]
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    cases = {v: dict(state=make_net(unused=c["unused"]).state_dict(), batches=BATCHES, lr=LR, **c) for v, c in VARIANTS.items()}
+    cases = {
+        v: dict(state=make_net(unused=c["unused"]).state_dict(), batches=BATCHES, lr=LR, **c)
+        for v, c in VARIANTS.items()
+    }
     return run_ranks(_ddp_task, tmp_path_factory.mktemp("ddp"), cases)
 
 
@@ -169,7 +179,7 @@ def _ddp_references(net, batches, lr):
     net, lossfunc = copy.deepcopy(net), nn.CrossEntropyLoss()
     expected = []
     for x, y in batches:
-        halves = list(zip(x.chunk(WORLD), y.chunk(WORLD)))
+        halves = list(zip(x.chunk(WORLD), y.chunk(WORLD), strict=True))
         full = full_gradient(net, lossfunc, x, y)
         expected.append({
             "grad_batch": [loop_grad_batch(net, lossfunc, yh, xh) for xh, yh in halves],
@@ -227,7 +237,14 @@ def _dp_task(rank, state, x, y, sizes, max_norm, lr, sigma, seed, reduction, opt
             p.grad.mul_(WORLD)  # DDP averages over ranks; ClipGrad and DPSGD work with the sum
         found[f"synced{step}"] = {name: p.grad.clone() for name, p in params}
         generator = torch.Generator().manual_seed(seed)
-        DPSGD(model.parameters(), lr=lr, noise_multiplier=noise, max_grad_norm=max_norm, expected_batch_size=sum(sizes), generator=generator).step()
+        DPSGD(
+            model.parameters(),
+            lr=lr,
+            noise_multiplier=noise,
+            max_grad_norm=max_norm,
+            expected_batch_size=sum(sizes),
+            generator=generator,
+        ).step()
         found[f"params{step}"] = {name: p.detach().clone() for name, p in params}
     return found
 
@@ -243,7 +260,7 @@ def _clipped_sum(net, x, y, max_norm):
     return {k: torch.einsum("n,n...->...", w, g) for k, g in per_sample.items()}, sq, w
 
 
-DP = dict(max_norm=3.0, lr=0.3, sigma=1.0, seed=7)
+DP: dict[str, Any] = dict(max_norm=3.0, lr=0.3, sigma=1.0, seed=7)
 DP_CASES = {  # loss reduction, shard sizes (unequal, as Poisson sampling gives), DDP's options
     "sum": dict(reduction="sum", sizes=(4, 3), options={}),
     "mean-find_unused_parameters": dict(reduction="mean", sizes=(4, 3), options=dict(find_unused_parameters=True)),
@@ -272,7 +289,7 @@ def test_dpsgd_under_ddp_equals_single_process(case, dp_runs):
     sizes, (x, y), net, found = DP_CASES[case]["sizes"], _dp_batch(DP_CASES[case]["sizes"]), make_net(), dp_runs[case]
     max_norm, lr, sigma, seed = DP["max_norm"], DP["lr"], DP["sigma"], DP["seed"]
 
-    shards = list(zip(x.split(sizes), y.split(sizes)))
+    shards = list(zip(x.split(sizes), y.split(sizes), strict=True))
     _, _, w = _clipped_sum(net, x, y, max_norm)
     assert (w < 1).any() and (w == 1).any(), "the data should clip some samples and not others"
     locals_ = []
@@ -290,7 +307,16 @@ def test_dpsgd_under_ddp_equals_single_process(case, dp_runs):
             p.grad = expected[name].clone()
         before = {name: p.detach().clone() for name, p in trainable(reference)}
         generator = torch.Generator().manual_seed(seed)
-        DPSGD(reference.parameters(), lr=lr, noise_multiplier=noise, max_grad_norm=max_norm, expected_batch_size=len(x), generator=generator).step()
+        optimizer = DPSGD(
+            reference.parameters(),
+            lr=lr,
+            noise_multiplier=noise,
+            max_grad_norm=max_norm,
+            expected_batch_size=len(x),
+            generator=generator,
+        )
+        optimizer.privatise()  # what step() does after refusing gradients not clipped (set by hand here)
+        torch.optim.SGD.step(optimizer)
         after = {name: p.detach().clone() for name, p in trainable(reference)}
         if noise:
             noiseless = {k: before[k] - lr * expected[k] / len(x) for k in before}
@@ -355,7 +381,9 @@ def test_syncbatchnorm_with_batch_statistics_is_refused_or_exact():
     """Outside a process group SyncBatchNorm is BatchNorm; jacext must refuse it like BatchNorm
     (default batchnorm='error') or differentiate it exactly, never return other numbers."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv1d(2, 3, 2), nn.SyncBatchNorm(3, track_running_stats=False), nn.Flatten(), nn.Linear(9, 2)).to(F64)
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.SyncBatchNorm(3, track_running_stats=False), nn.Flatten(), nn.Linear(9, 2)
+    ).to(F64)
     x = torch.randn(5, 2, 4, dtype=F64)
     expected = loop_jacobian(net, x)
     jacext.extend(net)

@@ -13,24 +13,35 @@ def mlp(dtype, out=3):
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("n", [1, 5])
 def test_cross_entropy(reduction, n, dtype):
-    check_grad_batch(mlp(dtype), nn.CrossEntropyLoss(reduction=reduction), torch.randint(0, 3, (n,)), torch.randn(n, 4, dtype=dtype))
+    check_grad_batch(
+        mlp(dtype), nn.CrossEntropyLoss(reduction=reduction), torch.randint(0, 3, (n,)), torch.randn(n, 4, dtype=dtype)
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_cross_entropy_weighted_label_smoothing(reduction, dtype):
-    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=dtype), label_smoothing=0.1, reduction=reduction)
+    loss = nn.CrossEntropyLoss(
+        weight=torch.tensor([1.0, 2.0, 0.5], dtype=dtype), label_smoothing=0.1, reduction=reduction
+    )
     check_grad_batch(mlp(dtype), loss, torch.randint(0, 3, (5,)), torch.randn(5, 4, dtype=dtype))
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_nll(reduction, dtype):
     model = nn.Sequential(mlp(dtype), nn.LogSoftmax(dim=1))
-    check_grad_batch(model, nn.NLLLoss(reduction=reduction, ignore_index=1), torch.randint(0, 3, (6,)), torch.randn(6, 4, dtype=dtype))
+    check_grad_batch(
+        model,
+        nn.NLLLoss(reduction=reduction, ignore_index=1),
+        torch.randint(0, 3, (6,)),
+        torch.randn(6, 4, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_mse(reduction, dtype):
-    check_grad_batch(mlp(dtype), nn.MSELoss(reduction=reduction), torch.randn(4, 3, dtype=dtype), torch.randn(4, 4, dtype=dtype))
+    check_grad_batch(
+        mlp(dtype), nn.MSELoss(reduction=reduction), torch.randn(4, 3, dtype=dtype), torch.randn(4, 4, dtype=dtype)
+    )
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

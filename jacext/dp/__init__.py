@@ -1,7 +1,23 @@
-"""Differential privacy on jacext: per-sample clipping inside the backward pass (``ClipGrad``),
-a noisy optimizer (``DPSGD``), and Opacus's accountants and optimizers on top (``to_opacus``)."""
+"""Differential privacy on jacext: per-sample clipping inside the backward pass (``ClipGrad``,
+``PerLayerClipGrad``), a noisy optimizer (``DPSGD``, ``DPOptimizer`` around any torch
+optimizer), Opacus's ``PrivacyEngine`` interface on top (``PrivacyEngine``, ``PrivateModule``,
+``BatchMemoryManager``), and Opacus's accountants and optimizers (``to_opacus``)."""
 
-from jacext.dp.clip import ClipGrad
+from jacext.dp.clip import ClipGrad, PerLayerClipGrad
+from jacext.dp.data import BatchMemoryManager
+from jacext.dp.engine import PrivacyEngine
+from jacext.dp.module import PrivateModule
+from jacext.dp.optimizer import DPOptimizer
 from jacext.dp.sgd import DPSGD, epsilon, to_opacus
 
-__all__ = ["ClipGrad", "DPSGD", "epsilon", "to_opacus"]
+__all__ = [
+    "ClipGrad",
+    "PerLayerClipGrad",
+    "DPSGD",
+    "DPOptimizer",
+    "PrivacyEngine",
+    "PrivateModule",
+    "BatchMemoryManager",
+    "epsilon",
+    "to_opacus",
+]

@@ -79,7 +79,7 @@ class FusedCall:
 
     def _summed_rule(self, x: Tensor, g: Tensor):
         if g.shape[0] == 0:  # rules need a sample
-            return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params)}
+            return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params, strict=True)}
         rule: Any = layer_of(self.module).rule  # fused calls have a hand-written rule
         training, self.module.training = self.module.training, self.training
         try:

@@ -13,6 +13,7 @@ A process-wide forward pre-hook (:func:`guard`, installed when this module is im
 models that run inside a context with jacext extensions without having been extended.
 """
 
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
@@ -22,13 +23,15 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.modules.module import _global_forward_hooks
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from jacext.engine import backpack_ctx
+from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
-from jacext.engine.plan import choose_plan
+from jacext.engine.plan import Inline, choose_plan
 from jacext.engine.record import Tape
 from jacext.errors import JacextError
-from jacext.extensions import JacextExtension
+from jacext.extensions import JacextExtension, Seeds
 from jacext.rules import layer_of
 from jacext.state import ensure_state, state_of
 
@@ -84,7 +87,7 @@ def hook_recorders(root: nn.Module) -> None:
             )
 
 
-def open_tape(root: nn.Module, args) -> None:
+def open_tape(root: nn.Module, args, kwargs) -> None:
     if _recording.get() is not None or not torch.is_grad_enabled():
         return
     exts = backpack_ctx.active_extensions()
@@ -98,7 +101,17 @@ def open_tape(root: nn.Module, args) -> None:
     ours = tuple(e for e in exts if isinstance(e, JacextExtension))
     if ours:
         hook_recorders(root)  # modules added after extend()
-        tape = Tape(root, Demand(ours, backpack=state.backpack))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        dim = state.options.get("batch_dim", 0)
+        if not inputs or inputs[0].dim() <= dim:
+            shape = tuple(inputs[0].shape) if inputs else None
+            raise JacextError(
+                f"{type(root).__name__} got an input of shape {shape} without a batch dimension {dim}: jacext "
+                f"takes the samples from dimension {dim} of the extended module's first tensor input. Pass a "
+                "batch (x.unsqueeze(0) for a single sample)."
+            )
+        tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
+        tape.batch.seed(inputs, dim)
         _recording.set(tape)
         tape.uses.__enter__()
 
@@ -107,6 +120,9 @@ def enter(module: nn.Module, args) -> None:
     tape = _recording.get()
     if tape is not None:
         tape.uses.enter(module)
+        batch_dim = layer_of(module).batch_dim
+        if batch_dim is not None and args and isinstance(args[0], Tensor):
+            tape.batch.declare(args[0], batch_dim(module))
 
 
 def record(module: nn.Module, args, kwargs, output):
@@ -159,13 +175,7 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     tape.uses.__exit__(None, None, None)
     if output is None:  # the forward pass raised
         return None
-    if not isinstance(output, Tensor):
-        raise JacextError(
-            f"jacext differentiates the output of the extended module ({type(root).__name__}), which "
-            f"returned {type(output).__name__}, not a tensor. Extend a wrapper module that returns "
-            "the tensor of shape (N, ...) to differentiate."
-        )
-    if output.dim() == 0:
+    if isinstance(output, Tensor) and output.dim() == 0:
         raise JacextError(
             f"the extended module ({type(root).__name__}) returned an output of shape () without a batch "
             "dimension; jacext needs its output per sample, of shape (N, ...). Extend the model, not "
@@ -174,15 +184,69 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     captured = _captured.get()
     if captured is not None:
         captured.append(tape)
-    if not output.requires_grad:
+    leaves, spec = tree_flatten(output)
+    at = _per_sample_leaves(tape, root, output, leaves)
+    for i in at:
+        # The hook (which holds the tape, which holds the records' autograd edges) lives on the
+        # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
+        # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
+        # frees. An alias of the output has its own node, which no record references.
+        original = leaves[i]
+        alias = original.view_as(original)
+        alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
+        leaves[i] = alias
+        if not isinstance(output, Tensor):
+            # a loss computed inside the forward (HuggingFace's labels=) uses the original: a
+            # hook there holds the tape weakly; the loss's own node holds it (below)
+            inside = partial(_inside, weakref.ref(tape), original.shape, original.output_nr, i, len(at) > 1)
+            original.register_hook(inside)
+    if not at:
         return None
-    # The hook (which holds the tape, which holds the records' autograd edges) lives on the
-    # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
-    # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
-    # frees. An alias of the output has its own node, which no record references.
-    output = output.view_as(output)
-    output.register_hook(partial(on_root_grad, tape, output.shape, output.output_nr))
-    return output
+    if isinstance(output, Tensor):
+        return leaves[0]
+    for o in leaves:
+        if isinstance(o, Tensor) and o.requires_grad and o.dim() == 0:
+            o.register_hook(partial(_keep, tape))
+    return tree_unflatten(leaves, spec)
+
+
+def _keep(tape: Tape, grad: Tensor) -> None:
+    """On a loss in the output: keeps the tape alive while that loss can be differentiated."""
+
+
+def _inside(tape: "weakref.ref[Tape]", shape, output_nr: int, leaf: int, several: bool, grad: Tensor):
+    t = tape()
+    if t is None or (t.served == torch._C._current_graph_task_id() and leaf in t.served_leaves):
+        return None  # the tape is gone, or the returned alias of this leaf started the plan
+    return on_root_grad(t, shape, output_nr, leaf, several, grad)
+
+
+def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> List[int]:
+    """Which output leaves the backward's plan starts from: the tensor output, or, in a tuple,
+    dict or ``ModelOutput``, every leaf with a gradient that holds the samples in its first
+    dimension (a loss computed inside the forward reaches the results through them)."""
+    if isinstance(output, Tensor):
+        if output.requires_grad and tape.free_parameters and tape.batch.tag(output) is None:
+            raise JacextError(
+                f"the output of the extended module ({type(root).__name__}) does not depend on its input's "
+                "batch, but on layers called without it (such as positional embeddings): it has no "
+                "per-sample derivatives. Check the input's batch dimension (jacext.extend(model, batch_dim=...))."
+            )
+        return [0] if output.requires_grad else []
+    at = [
+        i
+        for i, o in enumerate(leaves)
+        if isinstance(o, Tensor) and o.requires_grad and o.dim() > 0 and tape.batch.tag(o) == Layout(0)
+    ]
+    if not at and any(isinstance(o, Tensor) and o.requires_grad for o in leaves):
+        raise JacextError(
+            f"the extended module ({type(root).__name__}) returned a {type(output).__name__} without a "
+            "tensor that holds the samples in its first dimension; jacext needs an output per sample, "
+            "of shape (N, ...), to differentiate (a loss computed inside the forward may come with it)."
+        )
+    if len(at) > 1 and any(e.seeds is not Seeds.COTANGENT for e in tape.extensions):
+        at = at[:1]  # BatchJacobian differentiates the first per-sample output
+    return at
 
 
 def _refuse_without_tape(grad: Tensor) -> None:
@@ -197,13 +261,28 @@ def _refuse_without_tape(grad: Tensor) -> None:
 
 
 @torch.compiler.disable
-def on_root_grad(tape: Tape, shape: torch.Size, output_nr: int, grad: Tensor) -> Optional[Tensor]:
+def on_root_grad(
+    tape: Tape, shape: torch.Size, output_nr: int, leaf: int, several: bool, grad: Tensor
+) -> Optional[Tensor]:
     """Runs when the backward pass reaches the root output, before the model's own backward:
     chooses the plan (jacext.engine.plan) and starts it. Returns the cotangent the model's own
-    backward continues with: unchanged, or rescaled per sample (``jacext.dp.ClipGrad``)."""
+    backward continues with: unchanged, or rescaled per sample (``jacext.dp.ClipGrad``).
+    ``several``: the output has several per-sample leaves, each with this hook."""
     if tape.pulling:  # the engine's own batched backward passes through here too
         return None
+    task = torch._C._current_graph_task_id()
+    if tape.served == task:  # a second per-sample leaf of the same output
+        tape.served_leaves.add(leaf)
+        if tape.plan is not None and isinstance(tape.plan, Inline):
+            return None  # the inline plan catches what flows through every leaf
+        tape.drop_results()
+        raise JacextError(
+            f"the backward pass reaches several per-sample outputs of the extended module "
+            f"({type(tape.root).__name__}), and the extensions need it to start from one. Return the output "
+            "to differentiate alone (or first, for BatchJacobian), or compute the loss from one output."
+        )
     _one_tape_per_backward(tape)
+    tape.served, tape.served_leaves = task, {leaf}
     if len(tape.demand.rescalers) > 1 or (tape.demand.rescalers and tape.coupled):
         raise JacextError(
             "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "

@@ -183,13 +183,15 @@ class Inline(Plan):
         caught: Dict[Record, List[Tensor]] = {}
         for rec in tape.records:
             got, rec.caught = rec.caught or [], None
-            caught[rec] = [c if c is not None else grad_out.new_zeros(s) for c, s in zip(got, rec.out_shapes)]
+            caught[rec] = [
+                c if c is not None else grad_out.new_zeros(s) for c, s in zip(got, rec.out_shapes, strict=True)
+            ]
         with backpack_ctx.paused():
             results = self.results or Results(tape, ONE_SEED, self.out_shape)
             with results.written_safely():
                 for rec in tape.records if self.out_shape[0] > 0 else []:
                     leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
-                    for leaf, g in zip(rec.grad_leaves, caught[rec]):
+                    for leaf, g in zip(rec.grad_leaves, caught[rec], strict=True):
                         leaf_grads[leaf] = g.unsqueeze(0)
                     results.add(rec, leaf_grads)
             return results.finished(), caught
@@ -244,25 +246,39 @@ class InlineClipping(Inline):
         return tuple(clipped.get(p) for p in tape.parameters if p.requires_grad)
 
     def clipped_sums(self, caught, results) -> Dict[nn.Parameter, Tensor]:
-        """Per parameter, the sum over its calls of the gradient for w_n G[n]."""
+        """Per parameter, the sum over its calls of the gradient for w_n G[n]. A rescaler with
+        ``parameter_weights`` (per-layer clipping, jacext.dp.PerLayerClipGrad) gives each parameter
+        its own w_n: a call's parameters with different weights get their gradients from separately
+        scaled cotangents."""
         tape, grad_out = self.tape, self.grad_out
         rescaler = tape.demand.rescaler
         assert rescaler is not None
-        i = tape.extensions.index(rescaler)
-        w = rescaler.weights(grad_out.shape[0], [values[i] for values in results.values()], grad_out)
-        w = w.to(grad_out.dtype)
+        i, n = tape.extensions.index(rescaler), grad_out.shape[0]
+        per_parameter = getattr(rescaler, "parameter_weights", None)
+        if per_parameter is not None:
+            ws = per_parameter(n, {p: values[i] for p, values in results.items()}, grad_out)
+            weight_of = {p: w.to(grad_out.dtype) for p, w in ws.items()}
+        else:
+            w = rescaler.weights(n, [values[i] for values in results.values()], grad_out).to(grad_out.dtype)
+            weight_of = {p: w for p in results}
         grads: Dict[nn.Parameter, Tensor] = {}
         for rec in tape.records:
             call = call_of(rec.edges[0].node)  # every record is fused when the tape clips inline
             g = caught[rec][0]
-            scaled = g * w.view(g.shape[0], *[1] * (g.dim() - 1))
-            for p, d in zip(call.params, call.grads(rec.args[0], scaled, dx_wanted=False, params=True)[1]):
-                grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
+            groups: Dict[int, Tuple[Tensor, List[nn.Parameter]]] = {}
+            for p in call.params:
+                groups.setdefault(id(weight_of[p]), (weight_of[p], []))[1].append(p)
+            for w, members in groups.values():
+                scaled = g * w.view(g.shape[0], *[1] * (g.dim() - 1))
+                ds = call.grads(rec.args[0], scaled, dx_wanted=False, params=True)[1]
+                for p, d in zip(call.params, ds, strict=True):
+                    if any(p is m for m in members):
+                        grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
         return grads
 
 
 def choose_plan(
-    tape: Tape, out_shape: torch.Size, will_run: Callable[[object], bool] = torch._C._will_engine_execute_node
+    tape: Tape, out_shape: torch.Size, will_run: Callable[..., bool] = torch._C._will_engine_execute_node
 ) -> Type[Plan]:
     """The plan for a backward of ``tape`` that reached the root output (of ``out_shape``).
 
@@ -273,6 +289,7 @@ def choose_plan(
     demand, records = tape.demand, tape.records
     catchable = (
         not tape.coupled
+        and not tape.meets  # their second VJP runs through the graph the ordinary backward frees
         and all(will_run(e.node) for r in records for e in r.edges)
         and all(layer_of(r.module).rule is not None for r in records)
     )

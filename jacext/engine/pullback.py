@@ -8,19 +8,20 @@ sample at a time: N V seeds.
 """
 
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from jacext.engine.meets import Meet
 from jacext.engine.memory import require_fits
 from jacext.engine.record import Record, Tape
 from jacext.errors import JacextError
 from jacext.extensions import Seeds
 
 Spans = Dict[Seeds, Tuple[int, int]]
-PerRecord = List[Tuple[Record, List[Optional[Tensor]]]]
+PerRecord = List[Tuple[Union[Record, Meet], List[Optional[Tensor]]]]
 
 
 def seeds(tape: Tape, out_shape, grad_out: Tensor) -> Tuple[Spans, Tensor]:
@@ -41,7 +42,7 @@ def seeds(tape: Tape, out_shape, grad_out: Tensor) -> Tuple[Spans, Tensor]:
 def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tensor) -> PerRecord:
     """Per record, its leaves' cotangents ``(V, *leaf)`` for ``seeds`` (zeros where a leaf did not
     reach the output; None where it does not require a gradient), after refusing G that cannot fit."""
-    records = tape.records if seeds.shape[1] > 0 else []  # an empty batch: every result is empty
+    records = tape.records + tape.meets if seeds.shape[1] > 0 else []  # an empty batch: every result is empty
     per_seed = sum(shape.numel() for rec in records for shape in rec.out_shapes) * grad_out.element_size()
     require_fits(
         seeds.shape[0] * per_seed,
@@ -54,7 +55,7 @@ def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tens
     for rec in records:
         rec.check_unmodified()
         leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
-        for leaf, g, shape in zip(rec.grad_leaves, grads[i : i + len(rec.edges)], rec.out_shapes):
+        for leaf, g, shape in zip(rec.grad_leaves, grads[i : i + len(rec.edges)], rec.out_shapes, strict=True):
             leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
         i += len(rec.edges)
         per_record.append((rec, leaf_grads))

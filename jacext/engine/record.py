@@ -9,19 +9,25 @@ do not disturb them. What the backward does with the records is its plan's (jace
 
 import weakref
 from functools import partial
-from typing import Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves, tree_map
 
+from jacext.engine.batch import BatchTracker, Placement, place
 from jacext.engine.demand import Demand
 from jacext.engine.fused import ClipGate, FusedMode, bind, fusable, fused_output
+from jacext.engine.meets import Meet
 from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
 from jacext.rules import layer_of
 from jacext.rules.util import require_batch_dim
 from jacext.state import module_label
+
+if TYPE_CHECKING:
+    from jacext.engine.plan import Plan
 
 
 def _detached(a):
@@ -44,7 +50,7 @@ class Record:
         else:
             self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
             self.inputs = [a for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
-        _require_batch_dim(module, self.inputs)
+        self.placement: Optional[Placement] = None  # where the rule finds the samples (Tape.record)
         self.versions = self._versions()
         self.named = dict(trainable)  # the trainable parameters the call covers, by name
         self.parameters = ids
@@ -97,10 +103,14 @@ class Record:
             )
 
 
-def _require_batch_dim(module: nn.Module, inputs: List[Tensor]) -> None:
+def _tensors(output) -> List[Tensor]:
+    return [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+
+
+def _require_batch_dim(module: nn.Module, inputs: List[Tensor], placement: "Placement") -> None:
     """The layer's ``min_dim`` check on the first input, at forward time."""
     min_dim = layer_of(module).min_dim
-    if min_dim is not None and inputs:
+    if min_dim is not None and inputs and not placement.move:
         require_batch_dim(module, inputs[0], min_dim(module))
 
 
@@ -110,24 +120,46 @@ def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) 
         rec.caught[j] = grad_outputs[output_nr]
 
 
+def _require_served(tape: "weakref.ref[Tape]", module: nn.Module, grad_outputs) -> None:
+    """A backward that reaches a record without having passed through the root output would
+    leave every result of the last batch in place: refuse it."""
+    t = tape()
+    if t is None or t.pulling or t.served == torch._C._current_graph_task_id():
+        return
+    t.drop_results()
+    raise JacextError(
+        f"a backward pass inside a context with jacext extensions reaches module {module_label(module)} "
+        f"without passing through an output of the extended module ({type(t.root).__name__}) that holds "
+        "the samples, so jacext computes nothing for it. Differentiate a loss computed from that output "
+        "(return the logits, or a ModelOutput with them, and compute the loss from them)."
+    )
+
+
 class Tape:
     """The records of one forward pass of an extended root module, for a set of extensions.
 
     ``plan`` is the plan of the backward in progress (None before one reaches the root output
     and after it has finished); ``pulling`` is true while the engine's own pull-back runs."""
 
-    def __init__(self, root: nn.Module, demand: Demand):
+    def __init__(self, root: nn.Module, demand: Demand, n: int):
         self.root = root
+        self.n = n  # the batch size: the extended module's first input's first dimension
         self.demand = demand
         self.extensions = demand.extensions
         self.parameters = list(root.parameters())  # looked up once: every result is per parameter
         self.records: List[Record] = []
         self.coupled = False  # samples depend on each other: seed each one separately
-        self.uses = ParameterUses(root)
+        self.batch = BatchTracker(n)
+        self.batch.on_meet = self.meet
+        self.meets: List[Meet] = []  # where tensors computed without the batch meet it
+        self.free_parameters: Dict[int, nn.Parameter] = {}  # of the layers called without the batch
+        self.uses = ParameterUses(root, self.batch)
         self.fused = False  # a record's output goes through FusedGrads
         self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
-        self.plan = None  # Optional[jacext.engine.plan.Plan]
+        self.plan: Optional["Plan"] = None
         self.pulling = False
+        self.served: Optional[int] = None  # the graph task whose backward reached the root output
+        self.served_leaves: Set[int] = set()  # through which of its leaves
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
@@ -137,25 +169,51 @@ class Tape:
         trainable, ids = self.uses.covered(module)
         if not trainable:
             return output
+        outs = _tensors(output)
+        graded = [o for o in outs if o.requires_grad]
+        flat = tree_leaves((args, kwargs))
+        placement = place(self.batch, module, module_label(module), args, flat, graded) if graded else None
+        if placement is not None and placement.free:
+            self.batch.mark_free(graded)
+            self.free_parameters.update((id(p), p) for _, p in trainable)
+            return output
         clipping = self.demand.clipping
-        fuse = self.demand.fuses and fusable(module, args, kwargs, output, clipping=clipping, own_output=own_output)
+        fuse = (placement is None or placement.plain) and self.demand.fuses
+        fuse = fuse and fusable(module, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
             if clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
-                self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params)))
+                self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
             output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
         rec = Record(module, args, kwargs, output, trainable, ids)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
+        self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on
         rec.fused = fuse
         if fuse:
             bind(output, rec, self)
             self.fused = True
-        if rec.edges:
+        if rec.edges and placement is not None:
+            rec.placement = placement
+            _require_batch_dim(module, rec.inputs, placement)
+            if placement.move:
+                rec.args = (rec.args[0].movedim(placement.in_dims[0] or 0, 0), *rec.args[1:])
             self.records.append(rec)
+            rec.edges[0].node.register_prehook(partial(_require_served, weakref.ref(self), rec.module))
             self.coupled = self.coupled or rec.coupled
             if self.demand.catches:
                 rec.catch_inline()
         return output
+
+    def meet(self, func, flat, spec, free, outputs, dims, out_dims, rows) -> None:
+        """Record an operation where free tensors meet the batch (jacext.engine.batch)."""
+        if self.coupled:
+            raise JacextError(
+                "a tensor computed without the batch (such as a positional embedding) meets the batch in a "
+                "model whose samples are coupled (batchnorm='exact'); jacext separates such tensors' "
+                "derivatives per sample only for independent samples."
+            )
+        params = list(self.free_parameters.values())
+        self.meets.append(Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params))
 
     def fused_mode(self, g: Tensor) -> FusedMode:
         """What a fused node returns for its cotangent ``g`` in the backward in progress."""
@@ -166,7 +224,7 @@ class Tape:
     def shared_parameters(self) -> Set[int]:
         """Parameters reached by more than one record: their norms need the summed contraction."""
         seen: Set[int] = set()
-        shared: Set[int] = set()
+        shared: Set[int] = set(self.free_parameters) if self.meets else set()
         for rec in self.records:
             shared |= seen & rec.parameters
             seen |= rec.parameters

@@ -7,18 +7,19 @@ results go straight into their :class:`jacext.engine.memory.ResultSlot` where on
 keeps them whole; :meth:`Results.finished` turns them into each extension's attribute.
 """
 
-from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from jacext.engine.meets import Meet
 from jacext.engine.memory import ResultSlot, require_fits, reusable
 from jacext.engine.record import Record, Tape
 from jacext.errors import JacextError
 from jacext.extensions import Seeds
 from jacext.rules import layer_of
-from jacext.rules.generic import generic
+from jacext.rules.generic import batch_dims, generic
 from jacext.rules.util import writing_into
 from jacext.state import module_label
 
@@ -39,12 +40,16 @@ class Results:
         self.blocks: PerParameter = {}  # (N, V_k, *p) per kind
         self.norms: PerParameter = {}  # (N, V_k) per kind, where not materialised
 
-    def add(self, rec: Record, leaf_grads: List[Optional[Tensor]]) -> None:
+    def add(self, rec: Union[Record, Meet], leaf_grads: List[Optional[Tensor]]) -> None:
         """One record's contributions, for its leaves' cotangents ``(V, *leaf)``."""
         tape, spans = self.tape, self.spans
+        if isinstance(rec, Meet):
+            self._add_meet(rec, leaf_grads)
+            return
         norm_rule = layer_of(rec.module).norms
         only_norms = [k for k in tape.demand.only_norms if k in spans]
-        by_norms = [] if tape.coupled or norm_rule is None or self.shared & rec.parameters else only_norms
+        plain = rec.placement is None or rec.placement.plain
+        by_norms = [] if tape.coupled or norm_rule is None or self.shared & rec.parameters or not plain else only_norms
         for kind in by_norms:
             for name, sq in apply_rule(rec, seed_slice(leaf_grads, [spans[kind]]), norm_rule).items():
                 self._require_batch_first(rec, sq)
@@ -62,14 +67,23 @@ class Results:
                 block = block.sum(0).unflatten(0, (self.out_shape[0], -1))
             self._require_batch_first(rec, block)
             parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
-            for kind, part in zip(materialised, parts):
+            for kind, part in zip(materialised, parts, strict=True):
                 _accumulate(self.blocks, rec.named[name], kind, part)
+
+    def _add_meet(self, meet: Meet, leaf_grads: List[Optional[Tensor]]) -> None:
+        """A meet's contributions (its parameters are shared: every kind is materialised)."""
+        kinds = list(self.spans)
+        ranges = [self.spans[k] for k in kinds]
+        for p, block in meet.per_sample(seed_slice(leaf_grads, ranges), self.out_shape[0]).items():
+            parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
+            for kind, part in zip(kinds, parts, strict=True):
+                _accumulate(self.blocks, p, kind, part)
 
     def destinations(self, rec: Record, materialised: Sequence[Seeds]) -> Dict[str, ResultSlot]:
         """The result slots the record's rule may write into: where it materialises one kind,
         kept whole by one extension, for parameters no other record contributes to."""
         owner = self.tape.demand.owner(materialised[0]) if len(materialised) == 1 else None
-        if not self.slots or owner is None:
+        if not self.slots or owner is None or not (rec.placement is None or rec.placement.plain):
             return {}
         slots = self.slots
         return {n: slots[(p, owner)] for n, p in rec.named.items() if (p, owner) in slots and id(p) not in self.shared}
@@ -166,9 +180,10 @@ def dropped_if_half_written(slots: Dict[tuple, ResultSlot]):
 def assign(tape: Tape, results: Dict[nn.Parameter, list]) -> None:
     """Every parameter's results as its attributes; a frozen parameter keeps none of an earlier batch."""
     for p in tape.parameters:
-        for ext, value in zip(tape.extensions, results.get(p, ())):
-            setattr(p, ext.savefield, value)
-        if p not in results:
+        if p in results:
+            for ext, value in zip(tape.extensions, results[p], strict=True):
+                setattr(p, ext.savefield, value)
+        else:
             for ext in tape.extensions:
                 vars(p).pop(ext.savefield, None)
 
@@ -187,13 +202,17 @@ def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor
 
 def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlot]] = None) -> Dict[str, Tensor]:
     """``rule`` (default: the module's hand-written rule, or the generic one), run in the
-    module's forward-time mode, with ``into`` the memory it may write its results into; a
-    failing generic rule raises an error that names the module."""
+    module's forward-time mode, with ``into`` the memory it may write its results into, on the
+    samples where the record's placement says they are (jacext.engine.batch); a failing
+    generic rule raises an error that names the module."""
     rule = rule or layer_of(rec.module).rule or generic
+    placement = rec.placement
+    if placement is not None and placement.move:
+        grads = [None if g is None else g.movedim(1 + d, 1) for g, d in zip(grads, placement.out_dims, strict=True)]
     training, rec.module.training = rec.module.training, rec.training
     try:  # results are not differentiable (as BackPACK's), also in a create_graph backward
-        with torch.no_grad(), writing_into(into or {}):
-            return rule(rec.module, rec.args, rec.kwargs, grads)
+        with torch.no_grad(), writing_into(into or {}), _dims_for(rule, placement):
+            results = rule(rec.module, rec.args, rec.kwargs, grads)
     except JacextError:
         raise
     except Exception as error:
@@ -206,3 +225,17 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
         ) from error
     finally:
         rec.module.training = training
+    if placement is None or placement.rows is None:
+        return results
+    rows, n = placement.rows, int(placement.rows.max()) + 1
+    return {
+        k: v.new_zeros(n, *v.shape[1:]).index_add_(0, rows.to(v.device), v) if v.shape[0] == rows.numel() else v
+        for k, v in results.items()
+    }
+
+
+def _dims_for(rule, placement):
+    """The generic rule's batch dimensions, from the placement."""
+    if rule is not generic or placement is None:
+        return nullcontext()
+    return batch_dims(placement.in_dims, placement.out_dims)

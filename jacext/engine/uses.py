@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from jacext.engine.batch import BatchTracker
 from jacext.errors import JacextError
 from jacext.rules import layer_of
 from jacext.state import module_label
@@ -23,9 +24,10 @@ from jacext.state import module_label
 class ParameterUses(TorchFunctionMode):
     """A torch-function mode that knows which parameterised module is running."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, batch: BatchTracker):
         super().__init__()
         self.root = root
+        self.batch = batch  # follows the batch dimension through every operation it sees
         self.stack: List[nn.Module] = []
         self._covered: Dict[int, Tuple[List[Tuple[str, nn.Parameter]], Set[int]]] = {}
         self.paused = False  # while jacext's own hooks run inside another mode (see pausing)
@@ -62,12 +64,20 @@ class ParameterUses(TorchFunctionMode):
         found = self._covered.get(id(module))
         if found is None:
             params = module.named_parameters(recurse=layer_of(module).subtree)
-            trainable = [(name, p) for name, p in params if p.requires_grad]
+            # a parameter that a submodule owns too (``self.w = self.sub.weight``) is that
+            # submodule's: its call covers it, and a second cover would count it twice
+            inner = {id(p) for child in module.children() for p in child.parameters()}
+            if layer_of(module).subtree:
+                inner = set()
+            trainable = [(name, p) for name, p in params if p.requires_grad and id(p) not in inner]
             found = self._covered[id(module)] = (trainable, {id(p) for _, p in trainable})
         return found
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        written = None if self.paused else self.batch.before(func, args, kwargs or {})
         out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            self.batch.after(func, args, kwargs or {}, out, written)
         if not self.paused and torch.is_grad_enabled():
             used = [a for a in _shallow(args, kwargs) if isinstance(a, nn.Parameter) and a.requires_grad]
             outs = [out] if isinstance(out, Tensor) else tree_leaves(out)

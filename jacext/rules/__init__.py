@@ -60,6 +60,8 @@ class Layer:
     rule: Optional[Rule] = None
     subtree: bool = False  # the rule also covers submodules' parameters (MultiheadAttention's out_proj)
     min_dim: Optional[Callable[[Any], int]] = None  # fewest dims of the first input with a batch dimension
+    batch_dim: Optional[Callable[[Any], int]] = None  # where the rule reads the batch (default 0)
+    leading: bool = False  # the rule treats all leading dims alike: the batch may be moved to dim 0
     norms: Optional[Rule] = None  # squared norms (N, V) without materialising
     backward: Optional[OwnBackward] = None
     ntk_factors: Optional[Callable[..., Dict[str, Any]]] = None
@@ -83,7 +85,11 @@ def _update(classes, **fields) -> None:
 
 
 def register(
-    *classes: Type[nn.Module], subtree: bool = False, min_dim: Optional[Callable[[Any], int]] = None
+    *classes: Type[nn.Module],
+    subtree: bool = False,
+    min_dim: Optional[Callable[[Any], int]] = None,
+    batch_dim: Optional[Callable[[Any], int]] = None,
+    leading: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
@@ -93,6 +99,10 @@ def register(
             own forward without calling them (MultiheadAttention's out_proj).
         min_dim: ``min_dim(module)``, the fewest dimensions of the first input with a leading
             batch dimension; a call with fewer is refused as the forward records it.
+        batch_dim: ``batch_dim(module)``, the dimension of the first input (and of the outputs)
+            the rule takes the samples from (default 0; ``1`` for a seq-first layer).
+        leading: the rule treats every leading dimension of the input alike (y = x W^T + b),
+            so a batch found elsewhere (a seq-first model) is moved to dimension 0 for it.
 
     Example:
         >>> import torch
@@ -115,7 +125,7 @@ def register(
         for cls in classes:
             if layer_of_class(cls).rule is not None:
                 raise ValueError(f"{cls.__name__} already has a jacext rule: {LAYERS[cls].rule}")
-        _update(classes, rule=rule, subtree=subtree, min_dim=min_dim)
+        _update(classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading)
         return rule
 
     return decorator

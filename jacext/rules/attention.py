@@ -11,15 +11,16 @@ The batch dimension of query/key/value is 1 unless batch_first; a 3-d attn_mask 
 
 import inspect
 
-from torch import nn
+from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
 
 from jacext.errors import JacextError
 from jacext.rules import register
 from jacext.rules.generic import per_sample_vjp
 
 
-@register(nn.MultiheadAttention, subtree=True, min_dim=lambda m: 3)
+@register(nn.MultiheadAttention, subtree=True, min_dim=lambda m: 3, batch_dim=lambda m: 0 if m.batch_first else 1)
 def multihead_attention(module, args, kwargs, grads):
     if module.training and module.dropout > 0:
         raise JacextError(
@@ -45,6 +46,6 @@ def multihead_attention(module, args, kwargs, grads):
         return functional_call(module, params, a, k)
 
     names = [name for name, p in module.named_parameters() if p.requires_grad]
-    return per_sample_vjp(
-        module, names, (), dict(call), grads, in_dims=lambda t: dims.get(id(t)), out_dims=[batch, 0], forward=forward
-    )
+    flat = tree_flatten(((), dict(call)))[0]
+    in_dims = [dims.get(id(t)) if isinstance(t, Tensor) else None for t in flat]
+    return per_sample_vjp(module, names, (), dict(call), grads, in_dims=in_dims, out_dims=[batch, 0], forward=forward)

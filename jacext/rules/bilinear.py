@@ -9,7 +9,7 @@ from torch import nn
 from jacext.rules import register, trainable
 
 
-@register(nn.Bilinear, min_dim=lambda m: 2)
+@register(nn.Bilinear, min_dim=lambda m: 2, leading=True)
 def bilinear(module, args, kwargs, grads):
     x1, x2 = args[:2]
     (g,) = grads

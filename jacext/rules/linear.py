@@ -51,7 +51,7 @@ def _constant_over_positions(g: Tensor) -> bool:
     return torch.equal(first, g[:, :, 1:2]) and torch.equal(g, first.expand_as(g))
 
 
-@register(nn.Linear, min_dim=lambda m: 2)
+@register(nn.Linear, min_dim=lambda m: 2, leading=True)
 def linear(module: nn.Linear, args, kwargs, grads):
     x, g, xw, gw = _positions(module, args[0], grads[0])
     out = {}

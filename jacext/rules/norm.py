@@ -19,7 +19,7 @@ from jacext.rules import register
 from jacext.rules.util import affine_jacobians, running_stats_xhat
 
 
-@register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1)
+@register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1, leading=True)
 def trailing_norm(module, args, kwargs, grads):
     x, (g,) = args[0], grads
     if type(module) is nn.LayerNorm:

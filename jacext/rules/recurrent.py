@@ -93,11 +93,11 @@ def _jacobians(module: nn.Module, outputs, cotangents, affines: List[_Affine], v
     """Pull the folded ``cotangents`` of the recomputed, tiled ``outputs`` back to every affine
     map with a trainable parameter (one ordinary backward) and contract with the map's inputs."""
     wanted = [m for m in affines if trainable(module, m.weight) or (m.bias and trainable(module, m.bias))]
-    pairs = [(o, g) for o, g in zip(outputs, cotangents) if g is not None]
+    pairs = [(o, g) for o, g in zip(outputs, cotangents, strict=True) if g is not None]
     if not wanted or not pairs:
         return {}
     ys = [y for m in wanted for y in m.outputs]
-    outputs, cotangents = zip(*pairs)
+    outputs, cotangents = zip(*pairs, strict=True)
     grads = torch.autograd.grad(outputs, ys, cotangents, allow_unused=True, materialize_grads=True)
     out, i = {}, 0
     for m in wanted:
@@ -173,7 +173,7 @@ def _run(module: nn.RNNBase, x: Any, h0: Any, c0: Any, mask: Any):
     return layer_input, [torch.stack(h_n)] + ([torch.stack(c_n)] if lstm else []), affines
 
 
-@register(nn.RNN, nn.LSTM, nn.GRU)
+@register(nn.RNN, nn.LSTM, nn.GRU, batch_dim=lambda m: 0 if m.batch_first else 1)
 def recurrent(module: nn.RNNBase, args, kwargs, grads):
     if module.training and module.dropout > 0 and module.num_layers > 1:
         raise JacextError(

@@ -104,7 +104,7 @@ def patches(x: Tensor, kernel_size, stride, dilation) -> Tensor:
     """
     d = len(kernel_size)
     first = x.dim() - d
-    for j, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
+    for j, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation, strict=True)):
         x = x.unfold(first + j, dil * (k - 1) + 1, s)[..., ::dil]
     return x
 

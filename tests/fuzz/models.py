@@ -12,7 +12,7 @@ unused parameters. Model strategies put a stem, random blocks and a head togethe
 import math
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Tuple
 
 import pytest
 import torch
@@ -378,15 +378,15 @@ def conv(draw, shape, same):
     padding = "same" if same else draw(st.sampled_from(["int", "int", "same", "valid"]))
     if padding == "same":
         picks = [draw(st.sampled_from(same_options(size, mode))) for size in shape[1:]]
-        kernel, dilation = zip(*picks)
+        kernel, dilation = zip(*picks, strict=True)
         stride = (1,) * d
     elif padding == "valid":
         valid = [[o for o in conv_options(size, "zeros", cap) if o[3] == 0] for size in shape[1:]]
         picks = [draw(st.sampled_from(options)) for options in valid]
-        kernel, stride, dilation, _ = zip(*picks)
+        kernel, stride, dilation, _ = zip(*picks, strict=True)
     else:
         picks = [draw(st.sampled_from(conv_options(size, mode, cap))) for size in shape[1:]]
-        kernel, stride, dilation, padding = zip(*picks)
+        kernel, stride, dilation, padding = zip(*picks, strict=True)
     cout, groups = channels(draw, shape[0], same)
     layer = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1](
         shape[0], cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -399,7 +399,7 @@ def conv(draw, shape, same):
 def conv_transpose(draw, shape, same):
     """ConvTranspose1d/2d/3d with per-dim kernel, stride, dilation, padding and output_padding."""
     picks = [draw(st.sampled_from(conv_transpose_options(size, side_cap(shape)))) for size in shape[1:]]
-    kernel, stride, dilation, padding, output_padding = zip(*picks)
+    kernel, stride, dilation, padding, output_padding = zip(*picks, strict=True)
     cout, groups = channels(draw, shape[0], same=False)
     return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[len(shape) - 2](
         shape[0], cout, kernel, stride=stride, padding=padding, output_padding=output_padding,
@@ -497,7 +497,7 @@ def pool(draw, shape, same):
     """Pooling or padding over the spatial dims (1-, 2- or 3-d)."""
     d = len(shape) - 2
     adaptive = (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)[d]
-    options = [lambda: adaptive(1)]
+    options: list[Callable[[], nn.Module]] = [lambda: adaptive(1)]
     if min(shape[1:]) >= 2:
         options += [lambda: (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[d](2)]
         options += [lambda: (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[d](2)]
@@ -532,6 +532,7 @@ def recurrent(draw, shape, same, empty):
         num_layers=draw(st.integers(1, 2)),
         bidirectional=draw(st.booleans()), batch_first=draw(st.booleans()), bias=draw(st.booleans()),
     )
+    rnn: nn.RNNBase
     if kind == "lstm":
         rnn = nn.LSTM(shape[-1], proj_size=draw(st.integers(0, options["hidden_size"] - 1)), **options)
     elif kind == "gru":
@@ -800,7 +801,7 @@ def randomize(model):
 
 def plain_grads(model, loss):
     gs = torch.autograd.grad(loss, [p for _, p in trainable(model)], allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.to_dense() for g, (_, p) in zip(gs, trainable(model))]
+    return [torch.zeros_like(p) if g is None else g.to_dense() for g, (_, p) in zip(gs, trainable(model), strict=True)]
 
 
 def loss_for(out, reduction):
@@ -864,7 +865,7 @@ class Oracle:
 
     def check(self, model, extensions, dtype, grad=True):
         """The attributes the jacext extensions among ``extensions`` stored, and (``grad``) p.grad."""
-        for (name, p), g in zip(trainable(model), self.plain):
+        for (name, p), g in zip(trainable(model), self.plain, strict=True):
             for e in extensions:
                 if isinstance(e, JACEXT_EXTENSIONS) and e.savefield in self.fields:
                     what = f"{extensions}: p.{e.savefield} of {name}"

@@ -100,7 +100,7 @@ def statistics(model):
 
 def assert_same_statistics(got, expected, dtype):
     assert len(got) == len(expected)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert (a is None) == (b is None), "running statistics appeared or vanished"
         if a is not None:
             torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -177,11 +177,10 @@ class MixParent(nn.Module):
         return self.mix(x, self.basis)
 
 
-@pytest.mark.xfail(strict=True, reason="jacext bug: the generic rule splits a shared argument per sample")
 def test_generic_rule_with_a_shared_argument_whose_first_dim_is_n():
-    """The generic rule (per_sample_vjp's default in_dims) vmaps every tensor argument whose first
-    dim equals N over samples: with N = 3 = basis.shape[0], sample n sees the row basis[n] instead
-    of basis, and mix.W's Jacobian is silently wrong (with N = 2 it is right)."""
+    """A buffer whose first dim happens to equal N (basis, 3 x 3, with N = 3) is shared by all
+    samples: the batch tracker knows it does not depend on the batch, so the generic rule does not
+    split it per sample (it once did, from the sizes alone: mix.W's Jacobian was silently wrong)."""
     model = MixParent()
     x = torch.randn(3, 3, dtype=torch.float64)
     expected = loop_jacobian(model, x)

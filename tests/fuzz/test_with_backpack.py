@@ -12,6 +12,7 @@ loops of ``tests/reference.py``; p.grad that of a backward pass without either.
 
 import copy
 import math
+from typing import Callable
 
 import backpack.extensions as bpext
 import pytest
@@ -78,7 +79,9 @@ def layer(draw, shape, extension, dtype):
     1.7 limits: ConvTranspose without output_padding; RNN and LSTM with one layer, one direction,
     batch_first, followed by BackPACK's ReduceTuple, which takes the output sequence)."""
     d = len(shape) - 1
-    options = [lambda: nn.Linear(shape[-1], draw(st.integers(1, MAX_WIDTH)), bias=draw(st.booleans()))]
+    options: list[Callable[[], nn.Module]] = [
+        lambda: nn.Linear(shape[-1], draw(st.integers(1, MAX_WIDTH)), bias=draw(st.booleans()))
+    ]
     options += [lambda: draw(st.sampled_from(ACTIVATIONS))()]
     if len(shape) <= 4:
         options.append(lambda: BATCHNORM_FOR[len(shape)](shape[0], eps=draw(EPS), affine=draw(st.booleans())).eval())
@@ -87,7 +90,7 @@ def layer(draw, shape, extension, dtype):
 
         def conv():
             picks = [draw(st.sampled_from(conv_options(size, "zeros", cap))) for size in shape[1:]]
-            kernel, stride, dilation, padding = zip(*picks)
+            kernel, stride, dilation, padding = zip(*picks, strict=True)
             cout, groups = channels(draw, shape[0], same=False)
             return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[d - 1](
                 shape[0], cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -97,7 +100,7 @@ def layer(draw, shape, extension, dtype):
         def conv_transpose():
             valid = [[o for o in conv_transpose_options(size, cap) if o[4] == 0] for size in shape[1:]]
             picks = [draw(st.sampled_from(choices)) for choices in valid]
-            kernel, stride, dilation, padding, output_padding = zip(*picks)
+            kernel, stride, dilation, padding, output_padding = zip(*picks, strict=True)
             cout, groups = channels(draw, shape[0], same=False)
             return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[d - 1](
                 shape[0], cout, kernel, stride=stride, padding=padding, output_padding=output_padding,

@@ -1,32 +1,12 @@
+from typing import Any
+
 import pytest
 import torch
-from backpack import backpack
+from common_models import Attend
 from reference import check_grad_batch, check_jacobian
 from torch import nn
 
-import jacext
-
-
-class Attend(nn.Module):
-    """Self- or cross-attention returning a batch-first tensor."""
-
-    def __init__(self, mha, cross=False, **call):
-        super().__init__()
-        self.mha, self.cross, self.call = mha, cross, call
-
-    def forward(self, x):
-        q = x if self.mha.batch_first else x.transpose(0, 1)
-        kv = q.flip(-2) if self.cross else q
-        if self.mha.kdim != self.mha.embed_dim:
-            kv = kv[..., : self.mha.kdim]
-        out, weights = self.mha(q, kv, kv, **self.call)
-        out = out if self.mha.batch_first else out.transpose(0, 1)
-        if weights is not None and weights.dim() == 4:  # per head: (N, H, L, S) -> (N, L, H * S)
-            weights = weights.transpose(1, 2).flatten(2)
-        return out if weights is None else torch.cat([out, weights], dim=-1)
-
-
-CASES = {
+CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "plain": (dict(), dict()),
     "seq_first": (dict(batch_first=False), dict()),
     "kdim_vdim": (dict(kdim=2, vdim=2), dict(need_weights=False)),
@@ -76,9 +56,3 @@ def test_transformer(dtype):
             return self.t(x, x[:, :2]).flatten(1)
 
     check_jacobian(Wrap(), torch.randn(2, 3, 4, dtype=dtype))
-
-
-def test_dropout_in_train_mode_is_a_clear_error():
-    model = jacext.extend(Attend(nn.MultiheadAttention(4, 1, dropout=0.1, batch_first=True)))
-    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match="dropout"):
-        model(torch.randn(2, 3, 4)).sum().backward()

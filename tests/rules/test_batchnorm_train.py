@@ -53,15 +53,6 @@ def test_eval_choice_uses_running_statistics_while_recording(dtype):
     assert not torch.equal(bn.running_mean, before)
 
 
-def test_default_is_a_clear_error_naming_the_choices():
-    model, x = net(torch.float32), inputs(torch.float32)
-    model(x)
-    jacext.extend(model)
-    with backpack(jacext.BatchGrad()):
-        with pytest.raises(jacext.JacextError, match="'1'.*batchnorm='eval'.*batchnorm='exact'"):
-            model(x)  # refused as the forward records it, before anything is computed
-
-
 @pytest.mark.parametrize("choice", ["error", "exact"])
 def test_batchnorm_without_parameters_is_seen(choice, dtype):
     """An affine=False BatchNorm in train mode couples the samples of the layers before it; it
@@ -81,14 +72,11 @@ def test_batchnorm_without_parameters_is_seen(choice, dtype):
         assert_close(p.jacobian, expected[name], dtype, name, overall_scale(expected))
 
 
-def test_unknown_choice():
-    with pytest.raises(ValueError, match="batchnorm"):
-        jacext.extend(nn.BatchNorm1d(2), batchnorm="running")
-
-
 def test_sync_batchnorm_outside_a_process_group_is_batchnorm(dtype):
     """nn.SyncBatchNorm (what convert_sync_batchnorm gives DDP models) follows the same choices."""
-    model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.SyncBatchNorm(3, track_running_stats=False), nn.Flatten(), nn.Linear(9, 2))
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 2), nn.SyncBatchNorm(3, track_running_stats=False), nn.Flatten(), nn.Linear(9, 2)
+    )
     model = model.to(dtype)
     x = inputs(dtype, d=1, n=5)[..., :4]
     expected = loop_jacobian(model, x)

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch
 from reference import check_jacobian
@@ -5,7 +7,7 @@ from torch import nn
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: (9,), 2: (6, 7), 3: (5, 6, 5)}
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "default": dict(),
     "stride": dict(stride=2),
     "padding": dict(padding=1),

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 import torch
 from reference import check_jacobian
@@ -5,7 +7,7 @@ from torch import nn
 
 CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 SIZE = {1: (5,), 2: (4, 3), 3: (3, 2, 3)}
-CASES = {
+CASES: dict[str, dict[str, Any]] = {
     "default": dict(),
     "stride": dict(stride=2),
     "padding": dict(padding=1),

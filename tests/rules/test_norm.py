@@ -1,10 +1,7 @@
 import pytest
 import torch
-from backpack import backpack
 from reference import check_grad_batch, check_jacobian
 from torch import nn
-
-import jacext
 
 
 def randomized(module, dtype):
@@ -52,9 +49,3 @@ def test_normalisations_in_a_cnn(dtype):
     )
     x = torch.randn(3, 2, 5, 5, dtype=dtype)
     check_grad_batch(randomized(model, dtype), nn.CrossEntropyLoss(), torch.randint(0, 3, (3,)), x)
-
-
-def test_unbatched_input_is_a_clear_error():
-    model = jacext.extend(nn.InstanceNorm1d(3, affine=True))
-    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match="batch dimension"):
-        model(torch.randn(3, 5)).sum().backward()

@@ -4,7 +4,9 @@ from reference import check_grad_batch, check_jacobian
 from torch import nn
 
 
-@pytest.mark.parametrize("num_parameters,shape", [(1, (4,)), (1, (3, 5)), (1, (2, 3, 4)), (3, (4, 3)), (3, (2, 3, 4)), (3, (2, 3, 2, 2))])
+@pytest.mark.parametrize(
+    "num_parameters,shape", [(1, (4,)), (1, (3, 5)), (1, (2, 3, 4)), (3, (4, 3)), (3, (2, 3, 4)), (3, (2, 3, 2, 2))]
+)
 def test_prelu(num_parameters, shape, dtype):
     model = nn.PReLU(num_parameters, init=0.3).to(dtype)
     check_jacobian(model, torch.randn(*shape, dtype=dtype))

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_digits_cnn_demo():
@@ -19,7 +19,11 @@ def test_digits_cnn_demo():
 
 def test_dp_digits_example():
     run = subprocess.run(
-        [sys.executable, str(EXAMPLES / "dp_digits.py"), "--epochs", "1"], capture_output=True, text=True, timeout=600, check=True
+        [sys.executable, str(EXAMPLES / "dp_digits.py"), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     line = [line for line in run.stdout.splitlines() if line.startswith("epoch 1:")][0]
     accuracy, eps = float(line.split("accuracy ")[1].split(",")[0]), float(line.split("epsilon ")[1].split(" ")[0])

@@ -33,13 +33,14 @@ def test_dropout_in_train_mode_uses_the_same_mask(dtype):
 
 
 POOLS = {
-    1: [nn.MaxPool1d(2), nn.MaxPool1d(3, stride=1, padding=1), nn.AvgPool1d(2), nn.AvgPool1d(3, padding=1, count_include_pad=False),
-        nn.AdaptiveMaxPool1d(3), nn.AdaptiveAvgPool1d(2), nn.LPPool1d(2, 2)],
+    1: [nn.MaxPool1d(2), nn.MaxPool1d(3, stride=1, padding=1), nn.AvgPool1d(2),
+        nn.AvgPool1d(3, padding=1, count_include_pad=False), nn.AdaptiveMaxPool1d(3), nn.AdaptiveAvgPool1d(2),
+        nn.LPPool1d(2, 2)],
     2: [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, dilation=1, ceil_mode=True), nn.AvgPool2d(2),
         nn.AdaptiveMaxPool2d((2, 3)), nn.AdaptiveAvgPool2d(1), nn.LPPool2d(2, 2), nn.ZeroPad2d((1, 0, 2, 1)),
         nn.ReflectionPad2d(1), nn.ReplicationPad2d(1), nn.ConstantPad2d(1, 0.5), nn.CircularPad2d(1)],
-    3: [nn.MaxPool3d(2), nn.AvgPool3d(2), nn.AdaptiveMaxPool3d(1), nn.AdaptiveAvgPool3d((1, 2, 1)), nn.ReflectionPad3d(1),
-        nn.ReplicationPad3d(1), nn.ConstantPad3d(1, 0.0)],
+    3: [nn.MaxPool3d(2), nn.AvgPool3d(2), nn.AdaptiveMaxPool3d(1), nn.AdaptiveAvgPool3d((1, 2, 1)),
+        nn.ReflectionPad3d(1), nn.ReplicationPad3d(1), nn.ConstantPad3d(1, 0.0)],
 }
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 SIZE = {1: (8,), 2: (6, 6), 3: (4, 4, 4)}

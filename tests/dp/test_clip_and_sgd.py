@@ -14,7 +14,9 @@ opacus = pytest.importorskip("opacus")
 
 def model_and_data(dtype, n=6):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(dtype)
+    model = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+    ).to(dtype)
     return model, torch.randn(n, 2, 6, dtype=dtype) * 3, torch.randint(0, 3, (n,))
 
 
@@ -40,7 +42,11 @@ def test_clipgrad_gives_the_clipped_sum_in_one_backward(reduction, dtype):
     for name, p in trainable(model):
         assert_close(p.grad, expected[name], dtype, name, max(e.abs().max().item() for e in expected.values()))
         assert_close(p.per_sample_l2, per_sample[name].flatten(1).square().sum(1), dtype, name)
-    clipped = torch.stack([(w.view(-1, *[1] * (g.dim() - 1)) * g).flatten(1).square().sum(1) for g in per_sample.values()]).sum(0).sqrt()
+    clipped = (
+        torch.stack([(w.view(-1, *[1] * (g.dim() - 1)) * g).flatten(1).square().sum(1) for g in per_sample.values()])
+        .sum(0)
+        .sqrt()
+    )
     assert (clipped <= max_norm * (1 + 1e-6)).all()
 
 
@@ -59,7 +65,14 @@ def test_noise_has_the_asked_standard_deviation():
     p = nn.Parameter(torch.zeros(100_000, dtype=torch.float64))
     p.grad = torch.zeros_like(p)
     sigma, c, batch = 1.3, 0.7, 10
-    opt = DPSGD([p], lr=1.0, noise_multiplier=sigma, max_grad_norm=c, expected_batch_size=batch, generator=torch.Generator().manual_seed(0))
+    opt = DPSGD(
+        [p],
+        lr=1.0,
+        noise_multiplier=sigma,
+        max_grad_norm=c,
+        expected_batch_size=batch,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt.privatise()
     expected = sigma * c / batch
     standard_error = expected / (2 * p.numel()) ** 0.5
@@ -72,7 +85,9 @@ def test_epsilon_is_the_accountants():
 
     ours, theirs = RDPAccountant(), RDPAccountant()
     p = nn.Parameter(torch.zeros(3))
-    opt = DPSGD([p], lr=0.1, noise_multiplier=1.1, max_grad_norm=1.0, expected_batch_size=32, sample_rate=0.05, accountant=ours)
+    opt = DPSGD(
+        [p], lr=0.1, noise_multiplier=1.1, max_grad_norm=1.0, expected_batch_size=32, sample_rate=0.05, accountant=ours
+    )
     for _ in range(20):
         p.grad = torch.zeros(3)
         opt.step()
@@ -90,10 +105,15 @@ def test_opacus_dpoptimizer_on_top_of_jacext_matches_clipgrad():
         lossfunc(model(x), y).backward()
     ours = [p.grad.clone() / x.shape[0] for p in model.parameters()]
     model.zero_grad()
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=0.5, expected_batch_size=x.shape[0])
+    opt = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=0.5,
+        expected_batch_size=x.shape[0],
+    )
     with backpack(jacext.BatchGrad()):
         lossfunc(model(x), y).backward()
     to_opacus(model)
     opt.step()
-    for p, g in zip(model.parameters(), ours):
+    for p, g in zip(model.parameters(), ours, strict=True):
         assert_close(p.grad, g, torch.float64)

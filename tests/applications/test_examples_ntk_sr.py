@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run_example(name, *args, cwd=None):
@@ -34,6 +34,7 @@ def test_vmc_sr_quick_approaches_ground_state():
     out = run_example("vmc_sr.py", "--quick")
     energies = [float(e) for e in re.findall(r"^\| \d+ \| (-?[0-9.]+) \|", out, flags=re.M)]
     summary = re.search(r"final energy (\S+), exact (\S+), relative error (\S+)", out)
+    assert summary is not None, out
     final, exact, error = (float(v) for v in summary.groups())
     assert energies[-1] == final and energies[-1] < energies[0], out
     assert exact - 1e-9 <= final and error < 5e-3, out  # variational: never below the exact energy
@@ -41,6 +42,7 @@ def test_vmc_sr_quick_approaches_ground_state():
 
 def test_vmc_local_energies_give_the_rayleigh_quotient():
     spec = importlib.util.spec_from_file_location("vmc_sr", EXAMPLES / "vmc_sr.py")
+    assert spec is not None and spec.loader is not None
     vmc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(vmc)
     spins, coupling, field = 5, 0.7, 1.3

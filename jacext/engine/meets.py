@@ -1,0 +1,191 @@
+"""Meets: where a tensor computed from parameters without the batch meets batched data.
+
+A layer called on tensors that do not depend on the batch (nanoGPT's ``wpe(arange(T))``,
+HuggingFace's position ids of shape (1, T), T5's relative-position bias) computes one value
+``f`` for all samples; the operation that combines ``f`` with batched data (``tok + pos``,
+``scores + bias``) is where the samples' contributions separate, and autograd sums them
+over the batch as it passes back through it. So jacext does not record such a call; it
+records the operation instead, as a :class:`Meet`, and in the backward computes, for the
+cotangent G of the operation's output,
+
+    G_f[v, n] = vjp(f -> op(f, x[n]), G[v, n])            (vmap over samples, then seeds)
+    J_W[n, v] = vjp(W -> f(W), G_f[v, n])                  (is_grads_batched over v and n)
+
+the second through the autograd graph of ``f`` itself, so anything between the layer and the
+meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+from torch.func import vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from jacext.errors import JacextError
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+_AUGMENTED = {"add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow", "and", "or", "xor", "matmul"}
+
+
+def in_place(func) -> bool:
+    """Whether ``func`` writes into its first argument (``add_``, ``+=``, ``x[i] = ...``)."""
+    name = _name(func)
+    if name.startswith("__"):
+        return name == "__setitem__" or (name.startswith("__i") and name[3:-2] in _AUGMENTED)
+    return name.endswith("_")
+
+
+class Meet:
+    """One operation whose inputs include tensors ``free`` (batch-free, computed from
+    parameters) and batched ones, and whose outputs carry the batch.
+
+    ``flat``/``spec``: its arguments, flattened (detached; the free ones kept apart);
+    ``dims``: each flattened argument's batch dimension (None: none); ``out_dims``: that of each
+    output leaf with a gradient; ``rows``: the sample of each index along the batch dimension
+    (None: index n is sample n)."""
+
+    def __init__(
+        self, func, flat: List, spec, free: List[int], dims, outputs: List[Tensor], out_dims, rows, parameters
+    ):
+        self.func, self.spec, self.free_at, self.dims = func, spec, free, dims
+        self.free = [flat[i] for i in free]  # kept with their graphs: the second VJP runs through them
+        self.flat = [None if i in free else (a.detach() if isinstance(a, Tensor) else a) for i, a in enumerate(flat)]
+        self.inputs = [a for a in self.flat if isinstance(a, Tensor)]
+        self.versions = [a._version for a in self.inputs]
+        self.n_leaves = len(outputs)
+        self.grad_leaves = [i for i, o in enumerate(outputs) if o.requires_grad]
+        self.edges = [get_gradient_edge(outputs[i]) for i in self.grad_leaves]
+        self.out_shapes = [outputs[i].shape for i in self.grad_leaves]
+        self.out_dims = out_dims
+        self.aligned = _aligned(flat, free, outputs, out_dims)
+        self.rows = rows
+        self.parameters = parameters  # the trainable parameters the free tensors may reach
+        self.placement = None
+        self.caught: Optional[List[Optional[Tensor]]] = None
+        self.fused = False
+        self.coupled = False
+
+    def label(self) -> str:
+        return f"operation {_name(self.func)}"
+
+    def check_unmodified(self) -> None:
+        if [a._version for a in self.inputs] != self.versions:
+            raise JacextError(
+                f"an input of {self.label()}, where a tensor computed without the batch (such as a "
+                "positional embedding) meets the batch, was modified in place afterwards; jacext needs "
+                "the values it saw. Use an out-of-place operation on that tensor."
+            )
+
+    def per_sample(self, leaf_grads: List[Optional[Tensor]], n: int) -> Dict[nn.Parameter, Tensor]:
+        """Per parameter the free tensors reach, its per-sample contraction (N, V, *p)."""
+        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (V, N, *f)
+        v = g_free[0].shape[0]
+        params = [p for p in self.parameters if p.requires_grad]
+        try:
+            grads = torch.autograd.grad(
+                self.free,
+                params,
+                [g.flatten(0, 1) for g in g_free],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as error:
+            raise JacextError(
+                f"jacext could not pull the per-sample cotangents of {self.label()} back to the parameters "
+                f"that computed its batch-free input ({error}). Expand that input to the batch (for "
+                "example position ids pos.expand(N, -1)) before the layer that computes it."
+            ) from error
+        return {p: g.unflatten(0, (v, n)).transpose(0, 1) for p, g in zip(params, grads, strict=True) if g is not None}
+
+    def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
+        """G_f (V, N, *f) per free tensor: vmap over seeds of vmap over samples (each slice
+        keeping a batch dimension of size 1) of the operation's VJP in its free inputs.
+
+        A free tensor with one entry per sample along the dimension that an elementwise
+        operation aligns with the batch (token type embeddings of ids expanded to (N, T)) is
+        sliced per sample like the batched inputs: sample n's cotangent reaches its own entry,
+        G_f[v, n] is zero elsewhere."""
+        used = [(leaf, g) for leaf, g in zip(self.grad_leaves, [leaf_grads[i] for i in self.grad_leaves], strict=True)
+                if g is not None]
+        out_dims = dict(zip(self.grad_leaves, self.out_dims, strict=True))
+        dims = list(self.dims)
+        for i, d in self.aligned.items():
+            dims[i] = d
+        batched = [i for i, d in enumerate(dims) if d is not None]
+        func, spec, free_at = self.func, self.spec, self.free_at
+        flat = list(self.flat)
+        for i, f in zip(free_at, self.free, strict=True):
+            flat[i] = f.detach()
+        inplace = in_place(func)
+
+        def one(values, gs):
+            sample = list(flat)
+            for i, x in zip(batched, values, strict=True):
+                sample[i] = x.unsqueeze(dims[i])
+            primals = [sample[i] for i in free_at]
+
+            def op(*free):
+                filled = list(sample)
+                if inplace and isinstance(filled[0], Tensor):  # written into: a copy made inside the transform
+                    filled[0] = filled[0].clone()
+                for i, f in zip(free_at, free, strict=True):
+                    filled[i] = f
+                args, kwargs = tree_unflatten(filled, spec)
+                out = func(*args, **kwargs)
+                leaves = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)] if not inplace else [args[0]]
+                return [leaves[leaf] for leaf, _ in used]
+
+            pull = vjp(op, *primals)[1]
+            def seed(cs):
+                return pull([c.unsqueeze(out_dims[leaf]) for c, (leaf, _) in zip(cs, used, strict=True)])
+
+            return vmap(seed)(gs)
+
+        per_row = vmap(one, in_dims=([dims[i] for i in batched], [1 + out_dims[leaf] for leaf, _ in used]))
+        try:
+            got = per_row([flat[i] for i in batched], [g for _, g in used])  # per free (R, V, *f)
+        except RuntimeError as error:
+            raise JacextError(
+                f"the per-sample VJP of {self.label()}, where a tensor computed without the batch meets "
+                f"the batch, failed ({error}). Expand that tensor to the batch (for example position ids "
+                "pos.expand(N, -1)) before the layer that computes it."
+            ) from error
+        out = []
+        for g, i, f in zip(got, free_at, self.free, strict=True):
+            if i in self.aligned:  # (R, V, *f with 1 at d): onto the diagonal of (R, V, *f)
+                d = self.aligned[i]
+                full = g.new_zeros(g.shape[0], g.shape[1], *f.shape)
+                torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
+                g = full
+            if self.rows is not None:
+                g = g.new_zeros(n, *g.shape[1:]).index_add_(0, self.rows.to(g.device), g)
+            out.append(g.transpose(0, 1))
+        return out
+
+
+def _aligned(flat, free: List[int], outputs: List[Tensor], out_dims) -> Dict[int, int]:
+    """Free inputs of an elementwise operation with one entry per sample along the dimension
+    that broadcasting aligns with the output's batch dimension: {flat index: that dimension}."""
+    graded = [o for o in outputs if o.requires_grad]
+    if len(graded) != 1:
+        return {}
+    out, d_out = graded[0], out_dims[0]
+    try:
+        elementwise = torch.broadcast_shapes(*[t.shape for t in flat if isinstance(t, Tensor)]) == out.shape
+    except RuntimeError:
+        elementwise = False
+    if not elementwise:
+        return {}
+    found = {}
+    for i in free:
+        d = d_out - (out.dim() - flat[i].dim())
+        if d >= 0 and flat[i].shape[d] == out.shape[d_out] > 1:
+            found[i] = d
+    return found

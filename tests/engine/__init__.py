@@ -1,0 +1,1 @@
+"""Tests of jacext.engine: the backward plans, fused calls, memory reuse, recording and hooks."""
