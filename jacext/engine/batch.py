@@ -147,7 +147,10 @@ class BatchTracker:
 
     def after(self, func, args, kwargs, out, written: Optional[Tensor] = None) -> None:
         """Tag the tensors of ``out`` from the inputs of ``func`` (``written``: see :meth:`before`)."""
-        flat, spec = tree_flatten((args, kwargs))
+        if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
+            flat = tree_flatten((args, kwargs))[0]
+        else:  # the common call, without pytree's cost
+            flat = list(args)
         tagged = [(t, self.tags.get(t)) for t in flat if isinstance(t, Tensor)]
         tagged = [(t, g) for t, g in tagged if g is not None]
         free = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t in self.free] if self.free else []
@@ -181,6 +184,7 @@ class BatchTracker:
             for o in outs:
                 self.tags[o] = tag
         if free and any(o.requires_grad for o in outs):
+            flat, spec = tree_flatten((args, kwargs))
             self._meet(func, name, flat, spec, free, outs, written)
 
     def _meet(self, func, name, flat, spec, free, outs, written) -> None:

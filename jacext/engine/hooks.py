@@ -33,10 +33,11 @@ from jacext.engine.record import Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension, Seeds
 from jacext.rules import layer_of
-from jacext.state import ensure_state, state_of
+from jacext.state import ensure_state, module_label, state_of
 
 _recording: ContextVar[Optional[Tape]] = ContextVar("jacext_recording", default=None)
 _captured: ContextVar[Optional[List[Tape]]] = ContextVar("jacext_captured", default=None)
+_serving: "weakref.WeakValueDictionary[int, Tape]" = weakref.WeakValueDictionary()  # by graph task
 
 
 def recording() -> Optional[Tape]:
@@ -59,8 +60,8 @@ def capturing() -> Iterator[List[Tape]]:
 def guard(module: nn.Module, args) -> None:
     """Catch models used with a jacext extension active but never extended (they would otherwise
     get no attributes, silently)."""
-    if not torch.is_grad_enabled() or _recording.get() is not None or is_extended(module):
-        return
+    if not torch.is_grad_enabled() or _recording.get() is not None or state_of(module) is not None:
+        return  # (a module with jacext's state is part of an extended model: recomputed by checkpointing)
     if not backpack_ctx.jacext_active():
         return
     if any(p.requires_grad for p in module.parameters()) and not any(is_extended(m) for m in module.modules()):
@@ -118,6 +119,8 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
 
 def enter(module: nn.Module, args) -> None:
     tape = _recording.get()
+    if tape is None and torch.is_grad_enabled():
+        _refuse_recomputation(module)
     if tape is not None:
         tape.uses.enter(module)
         batch_dim = layer_of(module).batch_dim
@@ -125,8 +128,26 @@ def enter(module: nn.Module, args) -> None:
             tape.batch.declare(args[0], batch_dim(module))
 
 
+def _refuse_recomputation(module: nn.Module) -> None:
+    """A call during a backward that jacext serves, of a module whose forward-time call ran
+    without gradients: reentrant activation checkpointing recomputing it. Its records would
+    come too late for the plan, which would give it zero results."""
+    task = torch._C._current_graph_task_id()
+    served = _serving.get(task) if task >= 0 else None
+    if served is None or id(module) not in served.no_grad_calls:
+        return
+    served.drop_results()
+    raise JacextError(
+        f"module {module_label(module)} is recomputed in the backward pass by reentrant activation "
+        "checkpointing (torch.utils.checkpoint with use_reentrant=True), whose forward pass ran without "
+        "gradients, so jacext recorded nothing for it. Use torch.utils.checkpoint(..., use_reentrant=False)."
+    )
+
+
 def record(module: nn.Module, args, kwargs, output):
     tape = _recording.get()
+    if tape is not None and not torch.is_grad_enabled():
+        tape.no_grad_calls.add(id(module))
     if tape is None:
         return None
     tape.uses.leave(module)
@@ -283,6 +304,7 @@ def on_root_grad(
         )
     _one_tape_per_backward(tape)
     tape.served, tape.served_leaves = task, {leaf}
+    _serving[task] = tape
     if len(tape.demand.rescalers) > 1 or (tape.demand.rescalers and tape.coupled):
         raise JacextError(
             "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "

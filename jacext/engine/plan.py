@@ -89,7 +89,10 @@ class PullBack(Plan):
     def at_root(self, out_edge: GradientEdge) -> Optional[Tensor]:
         tape = self.tape
         try:
-            results = self.results(out_edge)  # raising here, it leaves p.grad and attributes as they were
+            results = self.results(out_edge)  # raising here, it leaves p.grad as it was, and no result
+        except BaseException:
+            tape.drop_results()
+            raise
         finally:
             tape.plan = None  # the rest of the backward is the ordinary one
         assign(tape, results)

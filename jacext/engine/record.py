@@ -160,6 +160,7 @@ class Tape:
         self.pulling = False
         self.served: Optional[int] = None  # the graph task whose backward reached the root output
         self.served_leaves: Set[int] = set()  # through which of its leaves
+        self.no_grad_calls: Set[int] = set()  # ids of parameterised modules called without gradients
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
@@ -178,7 +179,10 @@ class Tape:
             self.free_parameters.update((id(p), p) for _, p in trainable)
             return output
         clipping = self.demand.clipping
-        fuse = (placement is None or placement.plain) and self.demand.fuses
+        # not under saved-tensor hooks (non-reentrant checkpointing): a fused call saves other
+        # tensors than the recomputation, which runs without a tape
+        hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        fuse = (placement is None or placement.plain) and self.demand.fuses and not hooked
         fuse = fuse and fusable(module, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
             if clipping and self.gate is None:
