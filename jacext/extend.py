@@ -23,7 +23,7 @@ from jacext.rules.batchnorm import CHOICES
 from jacext.state import ATTRIBUTE, ensure_state, state_of
 
 
-def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error", batch_dim: int = 0) -> nn.Module:
+def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error") -> nn.Module:
     """Make ``module`` ready for jacext's extensions and return it.
 
     Installs forward hooks only (jacext.engine.hooks): on ``module`` itself, which opens and
@@ -41,9 +41,6 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
             ``"eval"`` (use the running statistics in the forward passes jacext records; they
             are then not updated), ``"exact"`` (differentiate each sample's output through the
             batch statistics; N times the cost).
-        batch_dim: the dimension of the module's tensor inputs that holds the samples (1 for a
-            seq-first model called on (T, N, ...)); jacext follows it through every operation.
-            Results are always per sample first: (N, ...).
 
     A module without parameters (a loss) needs nothing and is returned as it is, so that
     BackPACK's ``lossfunc = extend(lossfunc)`` works here too.
@@ -65,15 +62,12 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
     """
     if batchnorm not in CHOICES:
         raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
-    if not isinstance(batch_dim, int) or batch_dim < 0:
-        raise ValueError(f"batch_dim must be a non-negative int, got {batch_dim!r}")
     if next(module.parameters(), None) is None:
         return bp.extend(module) if backpack else module
     root = ensure_state(module)
     if backpack:
         bp.extend(module)
         root.backpack = True
-    root.options["batch_dim"] = batch_dim
     for name, m in module.named_modules():
         state = ensure_state(m)
         state.path = name or "<root>"

@@ -574,7 +574,7 @@ def place(tracker: BatchTracker, module, label: str, args, flat_inputs: List, ou
     raise JacextError(
         f"module {label} receives the batch in dimension {lead.dim} of its input, but its rule reads it from "
         f"dimension {expected}. Call it with the batch where the layer expects it (batch_first), or "
-        "extend the model with jacext.extend(model, batch_dim=...) if its inputs are not batch-first."
+        "move the batch there (x.transpose(0, 1)) before the call."
     )
 
 

@@ -103,7 +103,7 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
     if ours:
         hook_recorders(root)  # modules added after extend()
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-        dim = state.options.get("batch_dim", 0)
+        dim = 0  # the samples: the first dimension of the first tensor input
         if not inputs or inputs[0].dim() <= dim:
             shape = tuple(inputs[0].shape) if inputs else None
             raise JacextError(
@@ -251,7 +251,7 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
             raise JacextError(
                 f"the output of the extended module ({type(root).__name__}) does not depend on its input's "
                 "batch, but on layers called without it (such as positional embeddings): it has no "
-                "per-sample derivatives. Check the input's batch dimension (jacext.extend(model, batch_dim=...))."
+                "per-sample derivatives. Give the extended module inputs whose first dimension is the batch."
             )
         return [0] if output.requires_grad else []
     at = [
