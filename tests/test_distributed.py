@@ -13,6 +13,7 @@ reducer hooks the parameters' gradient accumulators and, with ``find_unused_para
 
 import copy
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -62,6 +63,7 @@ def _worker(rank: int, task, port: int, folder: str) -> None:
         cases = torch.load(os.path.join(folder, "cases.pt"))
         results = {name: task(rank, **kwargs) for name, kwargs in cases.items()}
     finally:
+        gc.collect()  # the models, their graphs and DDP's hooks go before the process group does
         dist.destroy_process_group()
     torch.save(results, os.path.join(folder, f"result{rank}.pt"))
 
