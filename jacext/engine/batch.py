@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from jacext.engine.meets import in_place
+from jacext.engine.meets import in_place, op_name
 from jacext.errors import JacextError
 
 
@@ -86,10 +86,6 @@ _ROWS = {"linear", "embedding", "embedding_bag", "layer_norm", "rms_norm", "grou
          "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "local_response_norm", "one_hot", "cross_entropy",
          "grid_sample", "affine_grid", "max_pool2d_with_indices", "embedding_renorm_"}
 _MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm", "mv"}
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", str(func))
 
 
 class BatchTracker:
@@ -158,7 +154,7 @@ class BatchTracker:
             if free:  # computed from free tensors only: free too
                 self.mark_free([o for o in tree_flatten(out)[0] if isinstance(o, Tensor)])
             return
-        name = _name(func)
+        name = op_name(func)
         if name in {"__setitem__", "copy_"}:  # the batch written into args[0]
             out = args[0]
         outs = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]

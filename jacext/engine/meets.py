@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from jacext.errors import JacextError
 
 
-def _name(func) -> str:
+def op_name(func) -> str:
+    """The name of a torch function, as the batch tracker and the meets know operations."""
     return getattr(func, "__name__", str(func))
 
 
@@ -35,7 +36,7 @@ _AUGMENTED = {"add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow", "
 
 def in_place(func) -> bool:
     """Whether ``func`` writes into its first argument (``add_``, ``+=``, ``x[i] = ...``)."""
-    name = _name(func)
+    name = op_name(func)
     if name.startswith("__"):
         return name == "__setitem__" or (name.startswith("__i") and name[3:-2] in _AUGMENTED)
     return name.endswith("_")
@@ -66,13 +67,9 @@ class Meet:
         self.aligned = _aligned(flat, free, outputs, out_dims)
         self.rows = rows
         self.parameters = parameters  # the trainable parameters the free tensors may reach
-        self.placement = None
-        self.caught: Optional[List[Optional[Tensor]]] = None
-        self.fused = False
-        self.coupled = False
 
     def label(self) -> str:
-        return f"operation {_name(self.func)}"
+        return f"operation {op_name(self.func)}"
 
     def check_unmodified(self) -> None:
         if [a._version for a in self.inputs] != self.versions:

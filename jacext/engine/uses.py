@@ -66,9 +66,7 @@ class ParameterUses(TorchFunctionMode):
             params = module.named_parameters(recurse=layer_of(module).subtree)
             # a parameter that a submodule owns too (``self.w = self.sub.weight``) is that
             # submodule's: its call covers it, and a second cover would count it twice
-            inner = {id(p) for child in module.children() for p in child.parameters()}
-            if layer_of(module).subtree:
-                inner = set()
+            inner = set() if layer_of(module).subtree else {id(p) for c in module.children() for p in c.parameters()}
             trainable = [(name, p) for name, p in params if p.requires_grad and id(p) not in inner]
             found = self._covered[id(module)] = (trainable, {id(p) for _, p in trainable})
         return found
