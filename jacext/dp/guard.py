@@ -8,8 +8,9 @@ gradients they produced, and checks of the privacy parameters.
   the backward tasks they reach as **tainted**.
 * A :class:`GradTracker` hooks each parameter (a tensor hook, which runs before the gradient is
   accumulated, and a post-accumulate hook): it lists, per parameter, the backward tasks that
-  accumulated into ``p.grad`` since the optimizer last consumed or cleared it. An optimizer step
-  then knows whether ``p.grad`` holds exactly one clipped backward pass, of which clipping.
+  accumulated into ``p.grad`` since the optimizer last consumed or cleared it, and the tensor
+  (with its version counter) the backward left there. An optimizer step then knows whether
+  ``p.grad`` holds exactly one clipped backward pass, of which clipping, unchanged since.
 """
 
 import math
@@ -159,6 +160,28 @@ def release(params: Sequence[nn.Parameter], owner) -> None:
 
 # ---------------------------------------------------------------- the gradients' history
 
+_WRITTEN = "_jacext_dp_grad"
+
+
+def note_grad(p: Tensor) -> None:
+    """Remember the tensor, and its version, that the backward pass left in ``p.grad``."""
+    g = p.grad
+    vars(p)[_WRITTEN] = None if g is None else (weakref.ref(g), g._version)
+
+
+def grad_changed(p: Tensor) -> bool:
+    """Whether ``p.grad`` was replaced, or changed in place, since :func:`note_grad`. In-place
+    changes are not seen under torch.distributed, whose reducer writes the averaged gradients
+    into ``p.grad`` after the backward pass."""
+    noted, g = vars(p).get(_WRITTEN), p.grad
+    if noted is None or g is None:
+        return noted is not None or g is not None
+    ref, version = noted
+    if ref() is not g:
+        return True
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not distributed and g._version != version
+
 
 class GradTracker:
     """Per parameter, the backward tasks that accumulated into ``p.grad`` since :meth:`reset`.
@@ -220,6 +243,7 @@ def _make_post(tracker: "weakref.ref[GradTracker]"):
         me = tracker()
         if me is not None and id(p) in me.events:
             me.events[id(p)].append(current_task())
+            note_grad(p)
 
     return post
 
@@ -260,6 +284,14 @@ def check_single_clipped_backward(
                     "clipped. Call optimizer.zero_grad() and compute the gradients with the private model."
                 )
             continue
+        if grad_changed(p):
+            raise JacextError(
+                f"{what}: p.grad of a parameter of shape {tuple(p.shape)} was replaced or changed in place after "
+                "the clipped backward pass (by hand, clip_grad_norm_, GradScaler.unscale_, ...): it is no longer "
+                "known to be the clipped sum. Leave p.grad as the backward pass left it; under "
+                "torch.amp.GradScaler, give the scaler to make_private (grad_scaler=) and step with "
+                "scaler.step(optimizer), which lets the optimizer unscale."
+            )
         task = tasks[0]
         reason = tainted(task)
         if reason is not None:

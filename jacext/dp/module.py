@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 import jacext
 from jacext.dp.clip import ClipGrad, PerLayerClipGrad
-from jacext.dp.guard import ClipRecord, current_task, record_clip, taint
+from jacext.dp.guard import ClipRecord, current_task, note_grad, record_clip, taint
 from jacext.engine import backpack_ctx
 from jacext.engine.hooks import capturing
 from jacext.errors import JacextError
@@ -51,8 +51,8 @@ class PrivateModule(nn.Module):
     materialised (``jacext.BatchGrad``), and every later one materialises them: p.grad is set
     from them, clipped per parameter, at the end of the backward pass (not under DDP).
 
-    A call of the wrapped model that bypasses the private one marks the backward passes it
-    reaches, and the optimizer refuses their gradients. Attributes of the wrapped model are
+    A call of the wrapped model, or of one of its layers, that bypasses the private one marks the
+    backward passes it reaches, and the optimizer refuses their gradients. Attributes of the wrapped model are
     reachable on the private one; ``state_dict`` keys start with ``_module.`` (as Opacus's
     GradSampleModule).
 
@@ -87,7 +87,9 @@ class PrivateModule(nn.Module):
         self._distributed = isinstance(module, DistributedDataParallel)
         jacext.extend(inner)
         vars(inner)[_MARK] = weakref.ref(self)
-        self._direct = inner.register_forward_hook(partial(_mark_direct_call, weakref.ref(self)))
+        hook = partial(_mark_direct_call, weakref.ref(self))
+        owners = [m for m in inner.modules() if m is inner or next(m.parameters(recurse=False), None) is not None]
+        self._direct = [m.register_forward_hook(hook) for m in owners]
 
     @property
     def clip(self) -> ClipGrad:
@@ -149,8 +151,9 @@ class PrivateModule(nn.Module):
         return out
 
     def _close(self) -> None:
-        """Remove the private model's hook and mark (the model stays extended)."""
-        self._direct.remove()
+        """Remove the private model's hooks and mark (the model stays extended)."""
+        for handle in self._direct:
+            handle.remove()
         vars(unwrap(self._module)).pop(_MARK, None)
 
     def to_standard_module(self) -> nn.Module:
@@ -184,6 +187,7 @@ def _clip_at_end(private_ref, tape_ref, drop_grad_batch: bool, grad: Tensor) -> 
         clipped = clip.clip_materialised(batch)  # type: ignore[arg-type]
         for p, old in before.items():
             p.grad = clipped[p] if old is None else old + clipped[p]
+            note_grad(p)
             if drop_grad_batch:
                 vars(p).pop("grad_batch", None)
         record_clip(ClipRecord(clip, clip.bounds(), clip.loss_reduction, n, task=task))
@@ -192,11 +196,12 @@ def _clip_at_end(private_ref, tape_ref, drop_grad_batch: bool, grad: Tensor) -> 
 
 
 def _mark_direct_call(private_ref, module: nn.Module, args, output) -> None:
-    """A forward pass of the wrapped model outside the private one: the backward passes its output
-    reaches carry gradients the clipping did not see (the optimizer refuses them)."""
+    """A forward pass of the wrapped model, or of a layer of it, outside the private one: the
+    backward passes its output reaches carry gradients the clipping did not see (the optimizer
+    refuses them)."""
     private = private_ref()
-    if private is None or _inside.get() is private or not torch.is_grad_enabled():
-        return
+    if private is None or _inside.get() is private or not torch.is_grad_enabled() or current_task() >= 0:
+        return  # (inside a backward pass: activation checkpointing recomputing a layer)
     what = f"a direct call of the wrapped model ({type(module).__name__})"
     for t in tree_leaves(output):
         if isinstance(t, Tensor) and t.requires_grad:

@@ -80,6 +80,11 @@ class DPSGD(torch.optim.SGD):
             raise ValueError(f"expected_batch_size must be positive, got {expected_batch_size!r}")
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        if accountant is not None and sample_rate is None:
+            raise ValueError(
+                "an accountant needs the sample_rate (the Poisson loader's, 1 / len(loader)): without it no step "
+                "would be counted and the accountant would report epsilon = 0"
+            )
         self.expected_batch_size = expected_batch_size
         self.sample_rate = sample_rate
         self.accountant = accountant
