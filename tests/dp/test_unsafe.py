@@ -250,11 +250,6 @@ def test_a_layer_of_the_wrapped_model_called_directly_is_refused():
         opt.step()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a checkpointed layer recomputed in a backward outside the backpack context the forward ran in "
-    "is refused ('reaches module ... without passing through an output'); the private model's backward is there",
-)
 def test_a_layer_recomputed_by_activation_checkpointing_is_not_a_direct_call():
     from torch.utils.checkpoint import checkpoint
 
