@@ -21,13 +21,15 @@ own backward (:func:`register_backward`), the factors of its Jacobian for the NT
 (:func:`register_ntk_factors`) and a policy for calls that couple samples
 (:func:`register_policy`). Classes are matched exactly (no ``isinstance``), as in BackPACK: a
 subclass may change ``forward`` and needs its own registration. Adding a layer is adding one
-file to this package.
+file to this package. Classes of optional libraries (HuggingFace's ``Conv1D``, timm's
+``BatchNormAct2d``) are registered by their full name, ``"module.QualName"``, so that jacext
+imports none of them.
 """
 
 import importlib
 import pkgutil
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 from torch import Tensor, nn
 
@@ -69,11 +71,16 @@ class Layer:
 
 
 LAYERS: Dict[Type[nn.Module], Layer] = {}
+NAMED: Dict[str, Layer] = {}  # classes of optional libraries, by "module.QualName"
+
+Class = Union[Type[nn.Module], str]  # a class, or the full name of one jacext does not import
 
 
 def layer_of(module: nn.Module) -> Layer:
     """The registry's entry for ``type(module)`` (an empty one if it has none)."""
-    return LAYERS.get(type(module), _NONE)
+    cls = type(module)
+    layer = LAYERS.get(cls)
+    return layer if layer is not None else NAMED.get(f"{cls.__module__}.{cls.__qualname__}", _NONE)
 
 
 _NONE = Layer()
@@ -81,11 +88,12 @@ _NONE = Layer()
 
 def _update(classes, **fields) -> None:
     for cls in classes:
-        LAYERS[cls] = replace(LAYERS.get(cls, _NONE), **fields)
+        table: Dict[Any, Layer] = NAMED if isinstance(cls, str) else LAYERS
+        table[cls] = replace(table.get(cls, _NONE), **fields)
 
 
 def register(
-    *classes: Type[nn.Module],
+    *classes: Class,
     subtree: bool = False,
     min_dim: Optional[Callable[[Any], int]] = None,
     batch_dim: Optional[Callable[[Any], int]] = None,
@@ -94,7 +102,7 @@ def register(
     """Register ``rule`` for the given module classes (decorator).
 
     Args:
-        classes: the module classes (matched exactly).
+        classes: the module classes (matched exactly), or their full names ``"module.QualName"``.
         subtree: the rule also returns the parameters of submodules that the module uses in its
             own forward without calling them (MultiheadAttention's out_proj).
         min_dim: ``min_dim(module)``, the fewest dimensions of the first input with a leading
@@ -124,18 +132,18 @@ def register(
     def decorator(rule: Rule) -> Rule:
         for cls in classes:
             if layer_of_class(cls).rule is not None:
-                raise ValueError(f"{cls.__name__} already has a jacext rule: {LAYERS[cls].rule}")
+                raise ValueError(f"{cls} already has a jacext rule: {layer_of_class(cls).rule}")
         _update(classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading)
         return rule
 
     return decorator
 
 
-def layer_of_class(cls: Type[nn.Module]) -> Layer:
-    return LAYERS.get(cls, _NONE)
+def layer_of_class(cls: Class) -> Layer:
+    return NAMED.get(cls, _NONE) if isinstance(cls, str) else LAYERS.get(cls, _NONE)
 
 
-def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
+def register_norms(*classes: Class) -> Callable[[Rule], Rule]:
     """Register a squared-norm rule (decorator): same arguments as a rule, returns
     ``{param_name: (N, V)}``, the squared norms of the per-sample contractions, computed
     without materialising them (Gram matrices over positions). Optional: without one, norms
@@ -149,7 +157,7 @@ def register_norms(*classes: Type[nn.Module]) -> Callable[[Rule], Rule]:
 
 
 def register_backward(
-    *classes: Type[nn.Module],
+    *classes: Class,
     when: Optional[Callable[..., bool]] = None,
     reads: Tuple[str, ...] = (),
 ) -> Callable:
@@ -173,7 +181,7 @@ def register_backward(
     return decorator
 
 
-def register_ntk_factors(*classes: Type[nn.Module]) -> Callable:
+def register_ntk_factors(*classes: Class) -> Callable:
     """Register the factors of a layer's Jacobian for the NTK (decorator): ``factors(module,
     args, grads, n) -> {param_name: factor}`` with ``grads`` the cotangents (C, n, *out) of
     the C output seeds; a factor is a dense block (C, n, P) or a pair (X, G) whose Jacobian
@@ -186,7 +194,7 @@ def register_ntk_factors(*classes: Type[nn.Module]) -> Callable:
     return decorator
 
 
-def register_policy(*classes: Type[nn.Module], check, couples, mode) -> None:
+def register_policy(*classes: Class, check, couples, mode) -> None:
     """Register what the classes do about calls that couple samples (see :class:`Policy`)."""
     _update(classes, policy=Policy(check, couples, mode))
 

@@ -38,18 +38,14 @@ def _synchronised(module: nn.Module) -> bool:
 
 def couples_samples(module: nn.Module) -> bool:
     """Whether this call of ``module`` makes samples depend on each other (and "exact" was chosen)."""
-    return (
-        type(module) in BATCHNORMS
-        and uses_batch_statistics(module)
-        and option(module, "batchnorm") == "exact"
-    )
+    return uses_batch_statistics(module) and option(module, "batchnorm") == "exact"
 
 
 def require_choice(module: nn.Module) -> None:
     """Raise (as the forward records it, before any backward) if this call of a BatchNorm uses
     batch statistics and no usable choice was made ("eval" switches it to running statistics
     for the call)."""
-    if type(module) not in BATCHNORMS or not uses_batch_statistics(module):
+    if not uses_batch_statistics(module):
         return
     choice = option(module, "batchnorm", "error")
     if choice == "eval" and module.running_mean is None:
