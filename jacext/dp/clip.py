@@ -12,11 +12,16 @@ the scaled cotangents once the norms are known. Elsewhere, when the backward rea
 output, jacext pulls the cotangent back for the norms and rescales it per sample before the
 ordinary backward continues.
 
+Under ``torch.amp.GradScaler`` (``grad_scaler=``) the backward computes the gradients of the
+scaled loss S L: the norms are divided by S before they are compared with C, so that the bound is
+C on the unscaled gradients (not C / S), and ``p.grad`` is S times the clipped sum, which the
+optimizer unscales (``scaler.step(optimizer)``).
+
 Every clipping writes a record of itself under the backward pass it ran in (jacext.dp.guard), so
 that the DP optimizers can refuse a step on gradients no clipping (or another one) produced.
 """
 
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +45,9 @@ class ClipGrad(RescalingExtension):
     Args:
         max_grad_norm: the bound C, positive and finite.
         loss_reduction: ``"mean"`` or ``"sum"``, as the loss reduces over the batch.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss, if any: C then bounds the
+            unscaled per-sample gradients, ``p.per_sample_l2`` holds unscaled norms, and ``p.grad``
+            stays scaled (the scaler unscales it).
 
     Example:
         >>> import torch, jacext
@@ -53,11 +61,12 @@ class ClipGrad(RescalingExtension):
 
     savefield = "per_sample_l2"
 
-    def __init__(self, max_grad_norm: float, loss_reduction: str = "mean"):
+    def __init__(self, max_grad_norm: float, loss_reduction: str = "mean", grad_scaler=None):
         check_loss_reduction(loss_reduction)
         super().__init__()
         self.max_grad_norm = max_grad_norm
         self.loss_reduction = loss_reduction
+        self.grad_scaler = grad_scaler
 
     @property
     def max_grad_norm(self) -> float:
@@ -73,12 +82,33 @@ class ClipGrad(RescalingExtension):
     def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
         return value.squeeze(1) * self._per_loss(out_shape[0]) ** 2
 
+    def loss_scale(self) -> Optional[Tensor]:
+        """The scale of the grad scaler now (None without one, or with a disabled one)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = scaler._get_scale_async()  # a tensor: no synchronisation with the device
+        if scale is None:
+            raise JacextError(
+                "the GradScaler given to the clipping has not scaled a loss: use scaler.scale(loss).backward()"
+            )
+        return scale.detach().clone()
+
+    def unscaled(self, stored: Sequence[Tensor]) -> Optional[Tensor]:
+        """Divide the squared norms ``stored`` (in place) by the squared loss scale; the scale."""
+        scale = self.loss_scale()
+        if scale is not None:
+            for sq in stored:
+                sq.div_(scale.to(sq) ** 2)
+        return scale
+
     def weights(self, n: int, stored, like: Tensor) -> Tensor:
         """Per sample, w_n times the 'mean' factor N, from the parameters' squared norms ``stored``."""
         stored = list(stored)
+        scale = self.unscaled(stored)
         norms = torch.stack(stored).sum(0).sqrt() if stored else like.new_zeros(n)
         factors = (self.max_grad_norm / (norms + EPS)).clamp(max=1.0)
-        record_clip(ClipRecord(self, self.max_grad_norm, self.loss_reduction, n, factors.detach()), stored)
+        record_clip(ClipRecord(self, self.max_grad_norm, self.loss_reduction, n, factors.detach(), scale), stored)
         return factors * self._per_loss(n)
 
     def __repr__(self) -> str:
@@ -110,14 +140,14 @@ class PerLayerClipGrad(ClipGrad):
         True
     """
 
-    def __init__(self, max_grad_norms: Mapping[nn.Parameter, float], loss_reduction: str = "mean"):
+    def __init__(self, max_grad_norms: Mapping[nn.Parameter, float], loss_reduction: str = "mean", grad_scaler=None):
         norms = {
             p: check_max_grad_norm(c, "every max_grad_norm of per-layer clipping") for p, c in max_grad_norms.items()
         }
         if not norms:
             raise ValueError("per-layer clipping needs a bound for at least one parameter")
         self.max_grad_norms: Dict[nn.Parameter, float] = norms
-        super().__init__(sum(c * c for c in norms.values()) ** 0.5, loss_reduction)
+        super().__init__(sum(c * c for c in norms.values()) ** 0.5, loss_reduction, grad_scaler)
 
     def bounds(self) -> tuple:
         return tuple(self.max_grad_norms.values())
@@ -142,19 +172,24 @@ class PerLayerClipGrad(ClipGrad):
                 "one max_grad_norm per trainable parameter (or freeze them)"
             )
         per_loss = self._per_loss(n)
+        scale = self.unscaled(list(stored.values()))
         out = {p: (self.max_grad_norms[p] / (sq.sqrt() + EPS)).clamp(max=1.0) * per_loss for p, sq in stored.items()}
-        record_clip(ClipRecord(self, self.bounds(), self.loss_reduction, n), stored.values())
+        record_clip(ClipRecord(self, self.bounds(), self.loss_reduction, n, scale=scale), stored.values())
         return out
 
-    def clip_materialised(self, grad_batch: Mapping[nn.Parameter, Tensor]) -> Dict[nn.Parameter, Tensor]:
+    def clip_materialised(
+        self, grad_batch: Mapping[nn.Parameter, Tensor], scale: Optional[Tensor] = None
+    ) -> Dict[nn.Parameter, Tensor]:
         """The per-layer clipped sums from per-sample contributions ``grad_batch`` (BatchGrad's,
-        1/N included for a "mean" loss): the fallback where the backward cannot clip per layer."""
+        1/N included for a "mean" loss; of a loss scaled by ``scale``): the fallback where the
+        backward cannot clip per layer."""
         out = {}
         for p, g in grad_batch.items():
             if p not in self.max_grad_norms:
                 raise JacextError(f"per-layer clipping has no bound for a parameter of shape {tuple(p.shape)}")
             g = g * self._per_loss(g.shape[0])
-            w = (self.max_grad_norms[p] / (g.flatten(1).norm(dim=1) + EPS)).clamp(max=1.0)
+            norms = g.flatten(1).norm(dim=1) / (1 if scale is None else scale.to(g))
+            w = (self.max_grad_norms[p] / (norms + EPS)).clamp(max=1.0)
             out[p] = torch.einsum("n,n...->...", w.to(g.dtype), g)
         return out
 

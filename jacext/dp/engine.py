@@ -90,6 +90,7 @@ class PrivacyEngine:
         grad_sample_mode: str = "hooks",
         wrap_model: bool = True,
         rand_on_empty: bool = False,
+        grad_scaler=None,
         **kwargs,
     ):
         """The private model, optimizer and data loader (and ``criterion``, unchanged, for
@@ -115,6 +116,9 @@ class PrivacyEngine:
             grad_sample_mode: accepted for compatibility; jacext always clips inside the backward.
             wrap_model: only True.
             rand_on_empty: Opacus's DPDataLoader option.
+            grad_scaler: the ``torch.amp.GradScaler`` that will scale the loss (jacext only): the
+                clipping bounds the unscaled per-sample gradients by C, and ``scaler.step(optimizer)``
+                lets the optimizer unscale the clipped sum before the noise.
 
         Returns:
             ``(model, optimizer, data_loader)``, or ``(model, optimizer, criterion, data_loader)``
@@ -188,11 +192,11 @@ class PrivacyEngine:
                     "per-layer clipping needs the optimizer to hold every trainable parameter of the model "
                     "(one bound each): freeze the others (requires_grad_(False))"
                 )
-            clip: ClipGrad = PerLayerClipGrad(per_parameter_bounds(params, max_grad_norm), loss_reduction)
+            clip: ClipGrad = PerLayerClipGrad(per_parameter_bounds(params, max_grad_norm), loss_reduction, grad_scaler)
         else:
             if not isinstance(max_grad_norm, (int, float)):
                 raise ValueError(f"{clipping} clipping needs one number as max_grad_norm, got {max_grad_norm!r}")
-            clip = ClipGrad(check_max_grad_norm(max_grad_norm), loss_reduction)
+            clip = ClipGrad(check_max_grad_norm(max_grad_norm), loss_reduction, grad_scaler)
         adaptive = {k: kwargs[k] for k in ADAPTIVE_KEYS if k in kwargs} if clipping == "adaptive" else None
 
         generator = self.secure_rng if self.secure_mode else noise_generator

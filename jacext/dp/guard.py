@@ -33,13 +33,15 @@ _LEDGER_SIZE = 256
 class ClipRecord:
     """One backward pass's clipping: by which extension, with which bound, for how many samples.
 
-    ``factors``: per sample, min(1, C / (||g_n|| + 1e-6)) (flat clipping; None for per-layer)."""
+    ``factors``: per sample, min(1, C / (||g_n|| + 1e-6)) (flat clipping; None for per-layer).
+    ``scale``: the GradScaler's loss scale the norms were divided by (None: no scaler)."""
 
     clip: Any
     max_grad_norm: Union[float, tuple]
     loss_reduction: str
     n: int
     factors: Optional[Tensor] = None
+    scale: Optional[Tensor] = None
     task: int = -1
     consumed: bool = field(default=False)
 

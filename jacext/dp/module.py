@@ -184,13 +184,14 @@ def _clip_at_end(private_ref, tape_ref, drop_grad_batch: bool, grad: Tensor) -> 
         missing = [tuple(p.shape) for p, g in batch.items() if g is None]
         if missing:
             raise JacextError(f"per-layer clipping found no per-sample gradients for parameters of shapes {missing}")
-        clipped = clip.clip_materialised(batch)  # type: ignore[arg-type]
+        scale = clip.loss_scale()
+        clipped = clip.clip_materialised(batch, scale)  # type: ignore[arg-type]
         for p, old in before.items():
             p.grad = clipped[p] if old is None else old + clipped[p]
             note_grad(p)
             if drop_grad_batch:
                 vars(p).pop("grad_batch", None)
-        record_clip(ClipRecord(clip, clip.bounds(), clip.loss_reduction, n, task=task))
+        record_clip(ClipRecord(clip, clip.bounds(), clip.loss_reduction, n, scale=scale, task=task))
 
     torch.autograd.Variable._execution_engine.queue_callback(finish)  # type: ignore[attr-defined]
 

@@ -127,11 +127,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self._step_skip_queue: List[bool] = []
         self._is_last_step_skipped = False
         self._summed: Dict[int, Tensor] = {}
+        self._overflow = False
         self._samples = 0
         self._unclipped = 0.0
         self.adaptive = _check_adaptive(adaptive, self.noise_multiplier) if adaptive is not None else None
         claim(self.params, self)
         self.tracker = GradTracker(self.params)
+
+    _step_supports_amp_scaling = True  # GradScaler.step hands over grad_scale and found_inf (see step)
 
     # ------------------------------------------------------------ Opacus's interface
 
@@ -228,14 +231,39 @@ class DPOptimizer(torch.optim.Optimizer):
             return f"it clipped with max_grad_norm {record.max_grad_norm}, the optimizer's is now {bound}"
         return None
 
-    def _take_gradients(self) -> None:
-        """Check p.grad and add it to the logical batch's clipped sums; p.grad becomes None."""
+    def _take_gradients(self, via_scaler: bool, scale: Optional[Tensor]) -> None:
+        """Check p.grad and add it, unscaled, to the logical batch's clipped sums; p.grad becomes None.
+        ``via_scaler``: a GradScaler steps this optimizer; ``scale``: the scale it asks to undo."""
         params = self.params
         record = check_single_clipped_backward(self.tracker, params, self._accepts, "DPOptimizer.step")
+        if record is not None and via_scaler and record.scale is None:
+            raise JacextError(
+                "DPOptimizer.step: a GradScaler steps this optimizer, but the clipping did not know the scaler, so it "
+                "clipped the scaled per-sample gradients at C (C / scale unscaled). Pass grad_scaler=scaler to "
+                "make_private (or to ClipGrad)."
+            )
+        if record is not None and record.scale is not None:
+            if not via_scaler:
+                raise JacextError(
+                    "DPOptimizer.step: the gradients are of a loss scaled by the GradScaler: step with "
+                    "scaler.step(optimizer), which lets the optimizer unscale them, not optimizer.step()"
+                )
+            if scale is None:
+                raise JacextError(
+                    "DPOptimizer.step: the gradients were unscaled before the step (scaler.unscale_(optimizer)); "
+                    "leave it to scaler.step(optimizer): the optimizer unscales the clipped sums itself"
+                )
+            if not torch.equal(scale.to(record.scale), record.scale):
+                raise JacextError(
+                    f"DPOptimizer.step: the clipping divided the norms by the loss scale {record.scale.item()}, the "
+                    f"GradScaler now asks to unscale by {scale.item()}: call scaler.update() only after "
+                    "scaler.step(optimizer)"
+                )
+        factor = self.world_size / scale.double().item() if scale is not None else self.world_size
         for p in params:
             g = p.grad
             if g is not None:
-                g = g.detach() * self.world_size if self.world_size != 1 else g.detach()
+                g = g.detach() * factor if factor != 1 else g.detach()
                 if g.is_sparse:
                     g = g.to_dense()
                 have = self._summed.get(id(p))
@@ -285,11 +313,19 @@ class DPOptimizer(torch.optim.Optimizer):
         )
         self.clip.max_grad_norm = min(max(c, ada["min_clipbound"]), ada["max_clipbound"])
 
-    def pre_step(self) -> bool:
+    def pre_step(self, via_scaler: bool = False, scale: Optional[Tensor] = None, overflow: bool = False) -> bool:
         """Take the gradients; at the end of a logical batch, noise and scale them: True if the
-        wrapped optimizer should step now."""
-        self._take_gradients()
+        wrapped optimizer should step now. A logical batch one of whose backward passes
+        overflowed (``overflow``: the GradScaler found inf or NaN) is dropped, as GradScaler skips
+        a step: no noise, no step, no accounting."""
+        self._take_gradients(via_scaler, scale)
+        self._overflow = self._overflow or overflow
         if self._step_skip_queue and self._step_skip_queue.pop(0):
+            self._is_last_step_skipped = True
+            return False
+        if self._overflow:
+            self._summed.clear()
+            self._samples, self._unclipped, self._overflow = 0, 0.0, False
             self._is_last_step_skipped = True
             return False
         self.add_noise()
@@ -302,11 +338,16 @@ class DPOptimizer(torch.optim.Optimizer):
         return True
 
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
-        """One DP step (or, after ``signal_skip_step()``, one physical batch's accumulation)."""
+        """One DP step (or, after ``signal_skip_step()``, one physical batch's accumulation).
+        Under ``scaler.step(optimizer)``, the GradScaler hands over its scale and whether it found
+        inf or NaN (``grad_scale``, ``found_inf``: the optimizer unscales the clipped sums itself)."""
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        if not self.pre_step():
+        found_inf: Optional[Tensor] = getattr(self, "found_inf", None)
+        via_scaler = found_inf is not None
+        overflow = via_scaler and bool(found_inf.sum() > 0)  # type: ignore[union-attr]
+        if not self.pre_step(via_scaler, getattr(self, "grad_scale", None), overflow):
             return None
         result = self.original_optimizer.step()
         self.tracker.reset(stepped=True)

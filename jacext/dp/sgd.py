@@ -114,6 +114,8 @@ class DPSGD(torch.optim.SGD):
                 p.grad.add_(noise).div_(self.expected_batch_size)
 
     def _accepts(self, record: ClipRecord) -> Optional[str]:
+        if record.scale is not None:
+            return "it clipped under a GradScaler, whose scale DPSGD does not undo: use jacext.dp.PrivacyEngine"
         if record.max_grad_norm != self.max_grad_norm:
             return (
                 f"a ClipGrad with max_grad_norm {record.max_grad_norm} ran, DPSGD's max_grad_norm is "
