@@ -304,6 +304,8 @@ def check_single_clipped_backward(
             )
         record = clip_of(task)
         problem = "no jacext ClipGrad ran in it" if record is None else accepts(record)
+        if record is None and p.grad is not None and p.grad.requires_grad:
+            problem += " (a backward(create_graph=True) the engine did not clip: see docs/dp.md)"
         if problem:
             raise JacextError(
                 f"{what}: the backward pass that produced p.grad was not clipped by this optimizer's "

@@ -102,3 +102,28 @@ def test_grad_batch_next_to_the_clipping_is_unclipped():
     for k, p in model.named_parameters():
         assert_close(p.grad_batch, expected[k] / N, F64, f"grad_batch {k}")
         assert_close(p.grad, sums[0][k], F64, f"p.grad {k}")
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+@pytest.mark.parametrize("name", ["mlp", "lstm"])
+def test_clipping_in_a_backward_with_create_graph_equals_the_oracle(name):
+    """backward(create_graph=True) (a gradient penalty, a meta-learning step): p.grad is still the
+    clipped sum, and the step the oracle's."""
+    data = dataset(name)
+    x, y = data.tensors[0][:N], data.tensors[1][:N]
+    bound = median_bounds(make_model(name), x, y, "flat")
+    model = make_model(name)
+    private, opt, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR), data_loader=fixed_loader(data),
+        noise_multiplier=SIGMA, max_grad_norm=bound, poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(SEED),
+    )
+    expected, sums, _ = reference_steps(make_model(name), [(x, y)], clipping="flat", bound=bound, reduction="mean",
+                                        sigma=SIGMA, lr=LR, seed=SEED, expected=N)
+    opt.zero_grad()
+    nn.CrossEntropyLoss()(private(x), y).backward(create_graph=True)
+    for k, p in model.named_parameters():
+        assert_close(p.grad, sums[0][k], F64, f"clipped sum of {k}", overall_scale(sums[0]))
+    opt.step()
+    for k, p in model.named_parameters():
+        assert_close(p.detach(), expected[k], F64, f"parameter {k}", overall_scale(expected))
