@@ -26,7 +26,7 @@ from typing import Dict, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from jacext.dp.guard import ClipRecord, check_loss_reduction, check_max_grad_norm, record_clip
+from jacext.dp.guard import ClipRecord, check_loss_reduction, check_max_grad_norm, record_clip, stamp_of
 from jacext.errors import JacextError
 from jacext.extensions import RescalingExtension
 
@@ -209,3 +209,36 @@ def per_parameter_bounds(params: Sequence[nn.Parameter], max_grad_norm) -> Dict[
             f"{len(params)} parameters, {len(bounds)} bounds"
         )
     return dict(zip(params, bounds, strict=True))
+
+
+def clipped_grad_batch(p: Tensor) -> Tensor:
+    """The per-sample gradients of ``p`` as the last clipping scaled them: (N, *p.shape), sample n's
+    w_n g_n, with g_n the gradient of sample n's own loss (unscaled under a GradScaler), so that
+    their sum is the clipped sum in ``p.grad``. Needs ``jacext.BatchGrad`` in the same backward
+    pass as the clipping: ``p.grad_batch`` itself stays BatchGrad's unclipped contributions
+    (BackPACK's semantics: 1/N included for a "mean" loss).
+
+    Example:
+        >>> import torch, jacext
+        >>> from backpack import backpack
+        >>> model = jacext.extend(torch.nn.Linear(3, 2))
+        >>> with backpack(ClipGrad(0.1, loss_reduction="sum"), jacext.BatchGrad()):
+        ...     model(torch.randn(5, 3)).square().sum().backward()
+        >>> torch.allclose(clipped_grad_batch(model.weight).sum(0), model.weight.grad)
+        True
+    """
+    record, g = stamp_of(p), vars(p).get("grad_batch")  # type: ignore[arg-type]
+    if record is None or g is None or g.shape[0] != record.n:
+        raise JacextError(
+            "clipped_grad_batch needs p.grad_batch and p.per_sample_l2 of one clipped backward pass: run it "
+            "with jacext.BatchGrad() active next to the clipping (backpack(jacext.BatchGrad()) around the "
+            "private model's forward pass)"
+        )
+    clip = record.clip
+    g = g * clip._per_loss(record.n)
+    if record.scale is not None:
+        g = g / record.scale.to(g)
+    w = record.factors
+    if w is None:  # per-layer: p's own norms (per_sample_l2 is unscaled)
+        w = (clip.max_grad_norms[p] / (vars(p)["per_sample_l2"].sqrt() + EPS)).clamp(max=1.0)
+    return w.to(g).view(-1, *[1] * (g.dim() - 1)) * g

@@ -20,7 +20,7 @@ from reference import assert_close, overall_scale
 from torch import nn
 
 import jacext
-from jacext.dp import PrivacyEngine
+from jacext.dp import PrivacyEngine, clipped_grad_batch
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
 pytest.importorskip("opacus")
@@ -79,29 +79,33 @@ def test_private_training_equals_the_oracle(name, clipping, reduction):
     assert sum(steps for _, _, steps in engine.accountant.history) == len(batches)
 
 
-def test_grad_batch_next_to_the_clipping_is_unclipped():
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_grad_batch_next_to_the_clipping_is_unclipped_and_clipped_grad_batch_is_clipped(clipping):
     """With backpack(jacext.BatchGrad()) around the private model, p.grad_batch holds the unclipped
-    per-sample gradients (BackPACK's semantics: 1/N for a mean loss); p.grad the clipped sum."""
+    per-sample gradients (BackPACK's semantics: 1/N for a mean loss), clipped_grad_batch(p) the
+    clipped ones of the individual losses, p.grad their sum."""
     from backpack import backpack
-    from dp_cases import per_sample_gradients
+    from dp_cases import clip_factors, per_sample_gradients
 
     data = dataset("mlp")
     x, y = data.tensors[0][:N], data.tensors[1][:N]
-    bound = median_bounds(make_model("mlp"), x, y, "flat")
+    bound = median_bounds(make_model("mlp"), x, y, clipping)
     model = make_model("mlp")
-    engine = PrivacyEngine(accountant="rdp")
-    private, opt, _ = engine.make_private(
+    max_grad_norm = [bound[k] for k, _ in model.named_parameters()] if clipping == "per_layer" else bound
+    private, opt, _ = PrivacyEngine(accountant="rdp").make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=fixed_loader(data),
-        noise_multiplier=1.0, max_grad_norm=bound, poisson_sampling=False,
+        noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False, clipping=clipping,
     )
-    expected = per_sample_gradients(make_model("mlp"), x, y, "mean")
-    _, sums, _ = reference_steps(make_model("mlp"), [(x, y)], clipping="flat", bound=bound, reduction="mean",
-                                 sigma=0.0, lr=0.0, seed=0, expected=N)
+    grads = per_sample_gradients(make_model("mlp"), x, y, "mean")
+    w = clip_factors(grads, clipping, bound)
+    assert all((f < 1).any() and (f == 1).any() for f in w.values())
     with backpack(jacext.BatchGrad()):
         nn.CrossEntropyLoss()(private(x), y).backward()
     for k, p in model.named_parameters():
-        assert_close(p.grad_batch, expected[k] / N, F64, f"grad_batch {k}")
-        assert_close(p.grad, sums[0][k], F64, f"p.grad {k}")
+        clipped = w[k].view(-1, *[1] * p.dim()) * grads[k]
+        assert_close(p.grad_batch, grads[k] / N, F64, f"grad_batch {k}")
+        assert_close(clipped_grad_batch(p), clipped, F64, f"clipped_grad_batch {k}")
+        assert_close(p.grad, clipped.sum(0), F64, f"p.grad {k}")
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
