@@ -95,6 +95,19 @@ def test_same_epsilon_from_each_accountant(digits, accountant):
     assert ours.get_epsilon(1e-5) == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-9)
 
 
+def test_adaptive_clipping_is_accounted_as_opacus_accounts_it(digits):
+    """Both account adaptive clipping's steps with the noise multiplier as given (Andrew et al.'s
+    Theorem 1: the gradient noise sigma_eff and the count's noise together spend what sigma would).
+    The trajectories differ on purpose: Opacus divides the noisy unclipped count by the batch's
+    actual size, which Poisson sampling keeps private; jacext by the expected size."""
+    from dp_cases import ADAPTIVE
+
+    _, ours = script(jacext.dp.PrivacyEngine, digits, steps=5, clipping="adaptive", **ADAPTIVE)
+    _, theirs = script(opacus.PrivacyEngine, digits, steps=5, clipping="adaptive", **ADAPTIVE)
+    assert ours.accountant.history == theirs.accountant.history == [(1.1, 1 / 19, 5)]
+    assert ours.get_epsilon(1e-5) == theirs.get_epsilon(1e-5)
+
+
 def test_make_private_with_epsilon_picks_opacus_noise(digits):
     args = dict(target_epsilon=3.0, target_delta=1e-5, epochs=2, max_grad_norm=1.0)
     found = []
