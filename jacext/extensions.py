@@ -29,7 +29,7 @@ Example, a new extension (one class, nothing else to change):
 """
 
 import enum
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Set
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
@@ -68,6 +68,17 @@ class JacextExtension(BackpropExtension):
 
     def expects_backpropagation_quantities(self) -> bool:
         return False
+
+    @staticmethod
+    def savefields() -> Set[str]:
+        """The attributes of every jacext extension class defined so far."""
+        found, todo = set(), list(JacextExtension.__subclasses__())
+        while todo:
+            cls = todo.pop()
+            todo += cls.__subclasses__()
+            if isinstance(vars(cls).get("savefield"), str):
+                found.add(cls.savefield)
+        return found
 
     def finish(self, value: Tensor, out_shape: torch.Size) -> Tensor:
         """Turn ``(N, V, *p.shape)`` (or ``(N, V)`` norms) into the stored attribute."""

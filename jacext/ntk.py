@@ -35,7 +35,6 @@ from jacext.engine.plan import PullBack
 from jacext.engine.results import apply_rule
 from jacext.extend import recorded
 from jacext.extensions import BatchJacobian
-from jacext.rules import layer_of
 
 MODES = ("full", "trace", "diagonal")
 
@@ -289,7 +288,7 @@ def _jacobian_blocks(model: nn.Module, args: Tuple) -> Tuple[Blocks, bool]:
                 blocks[name] = dense_block if name not in blocks else _dense(blocks[name]) + dense_block
             continue
         module = rec.module
-        factors = layer_of(module).ntk_factors
+        factors = rec.layer.ntk_factors
         if factors is not None and not (shared & rec.parameters) and not tape.coupled:
             per_name = factors(module, rec.args, grads, n)
         else:

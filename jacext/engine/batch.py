@@ -528,19 +528,18 @@ class Placement:
     free: bool = False  # called without the batch: not recorded (see jacext.engine.meets)
 
 
-def place(tracker: BatchTracker, module, label: str, args, flat_inputs: List, outputs: List[Tensor]) -> Placement:
-    """The :class:`Placement` of a call of ``module`` on ``args`` (``flat_inputs``: every tensor
-    of its arguments) returning ``outputs`` (those with a gradient), or a :class:`JacextError`
-    that names the module and what to do.
+def place(
+    tracker: BatchTracker, module, layer, label: str, args, flat_inputs: List, outputs: List[Tensor]
+) -> Placement:
+    """The :class:`Placement` of a call of ``module`` (what jacext knows of it: ``layer``) on
+    ``args`` (``flat_inputs``: every tensor of its arguments) returning ``outputs`` (those with
+    a gradient), or a :class:`JacextError` that names the module and what to do.
 
     The layout a call departs from (the batch leading, one row per sample) only where the
     tracker is sure: no input depends on the batch (``free``), the samples moved to another
     dimension (``move``, or an error for layers with a layout flag), or folded with another
     dimension in order (``rows``). An input whose batch the tracker cannot follow but that
     mixes no samples leaves the rule to read its leading dimension, as it always has."""
-    from jacext.rules import layer_of  # the registry imports nothing of the engine
-
-    layer = layer_of(module)
     plain = Placement([None] * len(flat_inputs), [0] * len(outputs), plain=True)
     if layer.rule is not None and args and not isinstance(args[0], Tensor):  # PackedSequence: the rule's own
         return plain

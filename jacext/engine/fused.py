@@ -89,7 +89,7 @@ class FusedCall:
         return {name: j.sum(0)[0] for name, j in per_sample.items()}
 
 
-def fusable(module: nn.Module, args, kwargs, output, *, clipping: bool, own_output: bool) -> bool:
+def fusable(module: nn.Module, layer, args, kwargs, output, *, clipping: bool, own_output: bool) -> bool:
     """Whether the call's output should hang from a :class:`FusedGrads` node: for ClipGrad,
     every call with a hand-written rule, one tensor input and one output tensor; for BatchGrad,
     calls of layers with their own backward that say it pays. One input: autograd's gradient
@@ -100,7 +100,6 @@ def fusable(module: nn.Module, args, kwargs, output, *, clipping: bool, own_outp
         return False
     if len(args) != 1 or not isinstance(args[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
         return False
-    layer = layer_of(module)
     if clipping:
         return layer.rule is not None
     own = layer.backward

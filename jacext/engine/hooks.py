@@ -13,10 +13,12 @@ A process-wide forward pre-hook (:func:`guard`, installed when this module is im
 models that run inside a context with jacext extensions without having been extended.
 """
 
+import sys
 import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
+from types import FrameType
 from typing import Iterator, List, Optional
 
 import torch
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.modules.module import _global_forward_hooks
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from jacext.engine import backpack_ctx
 from jacext.engine.batch import Layout
@@ -38,6 +41,8 @@ from jacext.state import ensure_state, module_label, state_of
 _recording: ContextVar[Optional[Tape]] = ContextVar("jacext_recording", default=None)
 _captured: ContextVar[Optional[List[Tape]]] = ContextVar("jacext_captured", default=None)
 _serving: "weakref.WeakValueDictionary[int, Tape]" = weakref.WeakValueDictionary()  # by graph task
+_abandoned: List = []  # the modes of tapes whose forward ended without closing them
+_last_tape = WeakIdKeyDictionary()  # parameter -> a weak reference to the tape that last recorded it
 
 
 def recording() -> Optional[Tape]:
@@ -60,6 +65,8 @@ def capturing() -> Iterator[List[Tape]]:
 def guard(module: nn.Module, args) -> None:
     """Catch models used with a jacext extension active but never extended (they would otherwise
     get no attributes, silently)."""
+    if _abandoned:
+        _sweep()
     if not torch.is_grad_enabled() or _recording.get() is not None or state_of(module) is not None:
         return  # (a module with jacext's state is part of an extended model: recomputed by checkpointing)
     if not backpack_ctx.jacext_active():
@@ -78,19 +85,71 @@ def is_extended(module: nn.Module) -> bool:
 
 
 def hook_recorders(root: nn.Module) -> None:
-    """Recording hooks on every module of ``root`` that owns parameters and has none yet."""
+    """Recording hooks on every module of ``root`` that owns parameters and has none yet, and
+    a gradient hook on each of those parameters (:func:`on_parameter_grad`)."""
     for m in root.modules():
         state = ensure_state(m)
-        if "record" not in state.handles and any(True for _ in m.parameters(recurse=False)):
+        own = list(m.parameters(recurse=False))
+        if "record" not in state.handles and own:
             state.handles["record"] = (
                 m.register_forward_pre_hook(enter),
                 m.register_forward_hook(record, with_kwargs=True, prepend=True, always_call=True),
             )
+            hooked = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad and p not in _last_tape]
+            for _, p in hooked:
+                _last_tape[p] = _no_tape
+            state.handles["grads"] = tuple(
+                p.register_hook(partial(on_parameter_grad, weakref.ref(p), f"'{state.path}.{n}'")) for n, p in hooked
+            )
+
+
+def _no_tape() -> None:
+    return None
+
+
+def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tensor) -> None:
+    """On every parameter of an extended model, as a backward computes its gradient: refuse a
+    backward that would leave results that are not this backward's. Inside a jacext context, a
+    backward must have passed through the output of the forward pass that last recorded the
+    parameter (else: ``module.forward(x)`` called directly, a forward outside the context, a loss
+    of parameters alone: the attributes would hold an earlier batch). And no backward that
+    jacext serves may also run through a graph that an earlier ``create_graph=True`` backward
+    built (a gradient penalty, a Hessian-vector product): its terms would reach ``p.grad``
+    through no recorded call, so the per-sample results would miss them."""
+    p = param()
+    if p is None or not backpack_ctx.jacext_active():
+        return
+    tape = _last_tape.get(p, _no_tape)()
+    task = torch._C._current_graph_task_id()
+    if tape is not None and tape.served == task:
+        if tape.built_graph not in (None, task):
+            tape.drop_results()
+            raise JacextError(
+                "this backward pass runs through the graph of an earlier backward(create_graph=True) "
+                "(a gradient penalty, a Hessian-vector product) as well as through the extended model's "
+                f"output ({type(tape.root).__name__}); jacext's per-sample results would miss the terms of "
+                "that graph. Run that earlier backward outside the backpack context and without "
+                "create_graph where its result is only needed as a value, or compute the penalty's "
+                "per-sample gradients with torch.func."
+            )
+        return
+    if tape is not None and tape.pulling:
+        return
+    if tape is not None:
+        tape.drop_results()
+    raise JacextError(
+        f"a backward pass inside a context with jacext extensions reaches parameter {name} of an extended "
+        "model without passing through the output of a forward pass jacext recorded in this context, so "
+        "there are no per-sample results for it. Run the forward pass inside the same `with backpack(...)` "
+        "block, call the model (model(x), not model.forward(x)), and differentiate a loss computed from "
+        "its output."
+    )
 
 
 def open_tape(root: nn.Module, args, kwargs) -> None:
-    if _recording.get() is not None or not torch.is_grad_enabled():
-        return
+    open_ = _recording.get()
+    if not torch.is_grad_enabled() or open_ is not None and not abandon_if_stale(open_):
+        return  # (an extended module inside an extended model: the outer tape records it)
     exts = backpack_ctx.active_extensions()
     others = [e for e in exts if not isinstance(e, JacextExtension)]
     state = ensure_state(root)
@@ -112,9 +171,42 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
                 "batch (x.unsqueeze(0) for a single sample)."
             )
         tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
+        tape.foreign_fields = {e.savefield for e in others}
         tape.batch.seed(inputs, dim)
+        ref = weakref.ref(tape)
+        for p in tape.parameters:
+            _last_tape[p] = ref
+        tape.frame = sys._getframe(1)  # the root's call, running until close_tape
+        tape.uses.stale = partial(abandon_if_stale, tape)
         _recording.set(tape)
         tape.uses.__enter__()
+
+
+def abandon_if_stale(tape: Tape) -> bool:
+    """Whether ``tape``'s forward pass ended without closing it (a KeyboardInterrupt, or any
+    BaseException, which skips the hooks that close it); if so, stop recording: torch's mode
+    stack and this thread's state are left as they were before that forward pass."""
+    frame: Optional[FrameType] = sys._getframe()
+    while frame is not None:
+        if frame is tape.frame:
+            return False
+        frame = frame.f_back
+    tape.frame = None
+    if _recording.get() is tape:
+        _recording.set(None)
+    tape.uses.paused = True  # inert from now on; off the stack once no operation of it runs
+    _abandoned.append(tape.uses)
+    _sweep()
+    return True
+
+
+def _sweep() -> None:
+    """Take the modes of abandoned tapes off the top of torch's mode stack (not possible while
+    one of them handles an operation: it is back on the stack after that)."""
+    depth = torch._C._len_torch_function_stack()
+    while depth and _abandoned and torch._C._get_function_stack_at(depth - 1) in _abandoned:
+        _abandoned.remove(torch._C._pop_torch_function_stack())
+        depth -= 1
 
 
 def enter(module: nn.Module, args) -> None:
@@ -193,6 +285,7 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     if tape.root is not root:
         return None
     _recording.set(None)
+    tape.frame = None
     tape.uses.__exit__(None, None, None)
     if output is None:  # the forward pass raised
         return None
@@ -213,7 +306,7 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
         # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
         # frees. An alias of the output has its own node, which no record references.
         original = leaves[i]
-        alias = original.view_as(original)
+        alias = _RootOutput.apply(original)
         alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
         leaves[i] = alias
         if not isinstance(output, Tensor):
@@ -229,6 +322,27 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
         if isinstance(o, Tensor) and o.requires_grad and o.dim() == 0:
             o.register_hook(partial(_keep, tape))
     return tree_unflatten(leaves, spec)
+
+
+class _RootOutput(torch.autograd.Function):
+    """The identity, as the node the root output's hook sits on. Not a view: an in-place
+    operation on the returned output (``out /= T``, ``out[:, 0] = 0``) then builds on this node,
+    so the hook still sees the cotangent of the output the model computed (a view's node would
+    be replaced, and the plan never run)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
 
 
 def _keep(tape: Tape, grad: Tensor) -> None:
@@ -253,6 +367,7 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
                 "batch, but on layers called without it (such as positional embeddings): it has no "
                 "per-sample derivatives. Give the extended module inputs whose first dimension is the batch."
             )
+        _refuse_complex_jacobian(tape, root, [output])
         return [0] if output.requires_grad else []
     at = [
         i
@@ -267,7 +382,18 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
         )
     if len(at) > 1 and any(e.seeds is not Seeds.COTANGENT for e in tape.extensions):
         at = at[:1]  # BatchJacobian differentiates the first per-sample output
+    _refuse_complex_jacobian(tape, root, [leaves[i] for i in at])
     return at
+
+
+def _refuse_complex_jacobian(tape: Tape, root: nn.Module, outputs: List[Tensor]) -> None:
+    """Real one-hot seeds at a complex output pull back the real part of its Jacobian only."""
+    if any(o.is_complex() for o in outputs) and any(e.seeds is not Seeds.COTANGENT for e in tape.extensions):
+        raise JacextError(
+            f"the output of the extended module ({type(root).__name__}) is complex; BatchJacobian differentiates "
+            "real outputs. Return torch.view_as_real(output): p.jacobian then has shape (N, *out, 2, *p.shape), "
+            "the real and imaginary parts of the Jacobian at index 0 and 1 of the dimension after the output's."
+        )
 
 
 def _refuse_without_tape(grad: Tensor) -> None:
@@ -304,6 +430,8 @@ def on_root_grad(
         )
     _one_tape_per_backward(tape)
     tape.served, tape.served_leaves = task, {leaf}
+    if torch.is_grad_enabled():  # backward(create_graph=True): it builds a graph a later backward may run through
+        tape.built_graph = task
     _serving[task] = tape
     if len(tape.demand.rescalers) > 1 or (tape.demand.rescalers and tape.coupled):
         raise JacextError(

@@ -38,15 +38,17 @@ def _unreferenced(p: Tensor, field: str, shape, dtype: torch.dtype) -> Optional[
     ):
         return None
     # references: the attribute, ``old`` here and getrefcount's argument; storage: ``old`` and
-    # the storage object made to ask
-    if sys.getrefcount(old) != 3 or torch._C._storage_Use_Count(old.untyped_storage()._cdata) != 2:
+    # the storage object made to ask, which Python holds here, as getrefcount's argument and
+    # through the storage itself (a storage object the user kept is that same object: one more)
+    storage = old.untyped_storage()
+    if sys.getrefcount(old) != 3 or torch._C._storage_Use_Count(storage._cdata) != 2 or sys.getrefcount(storage) != 3:
         return None
     return old
 
 
 def _counts_behave() -> bool:
     """The self-check: on this interpreter, a result that nothing else holds is found free, and
-    one held by another name or by a view is found held. CPython does not promise stable
+    one held by another name, a view or its storage object is found held. CPython does not promise stable
     reference counts across versions; where they differ, results go to fresh memory."""
     p = torch.zeros(1)
     vars(p)["_probe"] = torch.zeros(4)
@@ -57,7 +59,11 @@ def _counts_behave() -> bool:
     view = vars(p)["_probe"][:2]
     held_by_view = _unreferenced(p, "_probe", (4,), torch.float32) is None
     del view
-    return free and held_by_name and held_by_view
+    storage = vars(p)["_probe"].untyped_storage()
+    held_by_storage = _unreferenced(p, "_probe", (4,), torch.float32) is None
+    del storage
+    free_again = _unreferenced(p, "_probe", (4,), torch.float32) is not None
+    return free and held_by_name and held_by_view and held_by_storage and free_again
 
 
 REUSE: bool = _counts_behave()  # whether previous results may be overwritten at all

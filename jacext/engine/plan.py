@@ -33,7 +33,6 @@ from jacext.engine.pullback import PerRecord, Spans, cotangents, seeds
 from jacext.engine.record import Record, Tape
 from jacext.engine.results import Results, apply_rule, assign, dropped_if_half_written
 from jacext.extensions import Seeds
-from jacext.rules import layer_of
 
 ONE_SEED: Spans = {Seeds.COTANGENT: (0, 1)}
 
@@ -288,18 +287,19 @@ def choose_plan(
     Inline plans need independent samples, every record's node to run in this backward
     (``will_run``; not where ``backward(inputs=...)`` prunes one, or an output does not reach
     the loss), and a hand-written rule for every record (the generic rule's errors must come
-    before the model's own backward)."""
+    before the model's own backward). Under ``create_graph=True``, ClipGrad pulls back first and
+    rescales the cotangent the differentiable backward continues with (the weights as constants)."""
     demand, records = tape.demand, tape.records
     catchable = (
         not tape.coupled
         and not tape.meets  # their second VJP runs through the graph the ordinary backward frees
         and all(will_run(e.node) for r in records for e in r.edges)
-        and all(layer_of(r.module).rule is not None for r in records)
+        and all(r.layer.rule is not None for r in records)
     )
     if catchable and demand.one_cotangent:
         return InlineFused if tape.fused and out_shape[0] > 0 else Inline
-    if catchable and demand.clipping and all(r.fused for r in records):
-        return InlineClipping
+    if catchable and demand.clipping and all(r.fused for r in records) and not torch.is_grad_enabled():
+        return InlineClipping  # (create_graph=True: the gate's clipped sums would not be differentiable)
     n_seeds = sum(1 if kind is Seeds.COTANGENT else out_shape[1:].numel() for kind in demand.seed_kinds())
     if demand.chunk_size is not None and demand.chunk_size < n_seeds and not tape.coupled:
         return ChunkedPullBack

@@ -8,7 +8,9 @@ do not disturb them. What the backward does with the records is its plan's (jace
 """
 
 import weakref
+from dataclasses import replace
 from functools import partial
+from types import FrameType
 from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -22,7 +24,8 @@ from jacext.engine.fused import ClipGate, FusedMode, bind, fusable, fused_output
 from jacext.engine.meets import Meet
 from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
-from jacext.rules import layer_of
+from jacext.extensions import JacextExtension
+from jacext.rules import Layer, layer_of
 from jacext.rules.util import require_batch_dim
 from jacext.state import module_label
 
@@ -38,11 +41,19 @@ class Record:
     """One call of a parameterised module."""
 
     def __init__(
-        self, module: nn.Module, args, kwargs, output, trainable: List[Tuple[str, nn.Parameter]], ids: Set[int]
+        self,
+        module: nn.Module,
+        args,
+        kwargs,
+        output,
+        trainable: List[Tuple[str, nn.Parameter]],
+        ids: Set[int],
+        layer: Layer,
     ):
         self.module = module
+        self.layer = layer  # what jacext knows of this call (its class's entry, or the generic rule)
         self.training = module.training  # rules run with the module in its forward-time mode
-        policy = layer_of(module).policy
+        policy = layer.policy
         self.coupled = policy is not None and policy.couples(module)
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # the common call, without pytree's cost
             self.args, self.kwargs = tuple(a.detach() for a in args), {}
@@ -107,11 +118,44 @@ def _tensors(output) -> List[Tensor]:
     return [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
 
 
-def _require_batch_dim(module: nn.Module, inputs: List[Tensor], placement: "Placement") -> None:
+def _require_batch_dim(module: nn.Module, layer: Layer, inputs: List[Tensor], placement: "Placement") -> None:
     """The layer's ``min_dim`` check on the first input, at forward time."""
-    min_dim = layer_of(module).min_dim
+    min_dim = layer.min_dim
     if min_dim is not None and inputs and not placement.move:
         require_batch_dim(module, inputs[0], min_dim(module))
+
+
+_GENERIC = Layer()  # a call that only the generic rule differentiates
+
+
+def _layer_of_call(module: nn.Module, outputs: List[Tensor], ids: Set[int], param_ops) -> Layer:
+    """The registry's entry for the module's class where this call is what its hand-written rule
+    assumes: one operation used all its trainable parameters and returned the module's output
+    (or what the output views); else the generic rule, which differentiates whatever the call
+    did. A forward patched on the instance (``2 * F.linear(...)``) or a parameter added to a
+    registered layer (LoRA on an ``nn.Linear``) is then exact, not silently wrong."""
+    layer = layer_of(module)
+    if layer.rule is None or not param_ops:  # no operation seen (the layer's own kernel): as registered
+        return layer
+    (out, used), *more = param_ops
+    fits = not more and used == ids
+    if fits and isinstance(out, Tensor):
+        fits = all(_base(o) is _base(out) for o in outputs)
+    return layer if fits else replace(_GENERIC, subtree=layer.subtree, policy=layer.policy)
+
+
+def _refuse_complex(module: nn.Module, trainable) -> None:
+    name = next((name for name, p in trainable if p.is_complex()), None)
+    if name is not None:
+        raise JacextError(
+            f"parameter '{name}' of module {module_label(module)} is complex; jacext's per-sample results are "
+            "defined for real parameters only. Keep the real and imaginary parts as two real parameters "
+            "(torch.view_as_real, torch.complex(re, im) in the forward), or freeze it."
+        )
+
+
+def _base(t: Tensor) -> Tensor:
+    return t if t._base is None else t._base
 
 
 def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
@@ -160,7 +204,10 @@ class Tape:
         self.pulling = False
         self.served: Optional[int] = None  # the graph task whose backward reached the root output
         self.served_leaves: Set[int] = set()  # through which of its leaves
+        self.frame: Optional[FrameType] = None  # the root's call while it runs (jacext.engine.hooks)
+        self.built_graph: Optional[int] = None  # the graph task of a create_graph=True backward it served
         self.no_grad_calls: Set[int] = set()  # ids of parameterised modules called without gradients
+        self.foreign_fields: Set[str] = set()  # the attributes BackPACK's own active extensions write
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
@@ -168,12 +215,15 @@ class Tape:
         node). ``own_output``: the module's output as its forward returned it (no forward hook
         ran before)."""
         trainable, ids = self.uses.covered(module)
+        outs = _tensors(output)
+        self.uses.owns_outputs(outs)
         if not trainable:
             return output
-        outs = _tensors(output)
+        _refuse_complex(module, trainable)
         graded = [o for o in outs if o.requires_grad]
+        layer = _layer_of_call(module, graded, ids, self.uses.take_param_ops(module))
         flat = tree_leaves((args, kwargs))
-        placement = place(self.batch, module, module_label(module), args, flat, graded) if graded else None
+        placement = place(self.batch, module, layer, module_label(module), args, flat, graded) if graded else None
         if placement is not None and placement.free:
             self.batch.mark_free(graded)
             self.free_parameters.update((id(p), p) for _, p in trainable)
@@ -183,22 +233,23 @@ class Tape:
         # tensors than the recomputation, which runs without a tape
         hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
         fuse = (placement is None or placement.plain) and self.demand.fuses and not hooked
-        fuse = fuse and fusable(module, args, kwargs, output, clipping=clipping, own_output=own_output)
+        fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
             if clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
             output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
-        rec = Record(module, args, kwargs, output, trainable, ids)
+        rec = Record(module, args, kwargs, output, trainable, ids, layer)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on
+        self.uses.owns_outputs(_tensors(output))  # (a fused output comes from an autograd.Function)
         rec.fused = fuse
         if fuse:
             bind(output, rec, self)
             self.fused = True
         if rec.edges and placement is not None:
             rec.placement = placement
-            _require_batch_dim(module, rec.inputs, placement)
+            _require_batch_dim(module, layer, rec.inputs, placement)
             if placement.move:
                 rec.args = (rec.args[0].movedim(placement.in_dims[0] or 0, 0), *rec.args[1:])
             self.records.append(rec)
@@ -235,7 +286,8 @@ class Tape:
         return shared
 
     def drop_results(self) -> None:
-        """No parameter keeps a result for these extensions."""
+        """No parameter keeps a result of any jacext extension."""
+        fields = JacextExtension.savefields() - self.foreign_fields
         for p in self.parameters:
-            for ext in self.extensions:
-                vars(p).pop(ext.savefield, None)
+            for field in fields:
+                vars(p).pop(field, None)

@@ -17,8 +17,7 @@ from jacext.engine.meets import Meet
 from jacext.engine.memory import ResultSlot, require_fits, reusable
 from jacext.engine.record import Record, Tape
 from jacext.errors import JacextError
-from jacext.extensions import Seeds
-from jacext.rules import layer_of
+from jacext.extensions import JacextExtension, Seeds
 from jacext.rules.generic import batch_dims, generic
 from jacext.rules.util import writing_into
 from jacext.state import module_label
@@ -46,7 +45,7 @@ class Results:
         if isinstance(rec, Meet):
             self._add_meet(rec, leaf_grads)
             return
-        norm_rule = layer_of(rec.module).norms
+        norm_rule = rec.layer.norms
         only_norms = [k for k in tape.demand.only_norms if k in spans]
         plain = rec.placement is None or rec.placement.plain
         by_norms = [] if tape.coupled or norm_rule is None or self.shared & rec.parameters or not plain else only_norms
@@ -178,8 +177,12 @@ def dropped_if_half_written(slots: Dict[tuple, ResultSlot]):
 
 
 def assign(tape: Tape, results: Dict[nn.Parameter, list]) -> None:
-    """Every parameter's results as its attributes; a frozen parameter keeps none of an earlier batch."""
+    """Every parameter's results as its attributes; neither a frozen parameter nor another jacext
+    extension's attribute keeps anything of an earlier batch."""
+    others = JacextExtension.savefields() - {ext.savefield for ext in tape.extensions} - tape.foreign_fields
     for p in tape.parameters:
+        for field in others:
+            vars(p).pop(field, None)
         if p in results:
             for ext, value in zip(tape.extensions, results[p], strict=True):
                 setattr(p, ext.savefield, value)
@@ -205,13 +208,13 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
     module's forward-time mode, with ``into`` the memory it may write its results into, on the
     samples where the record's placement says they are (jacext.engine.batch); a failing
     generic rule raises an error that names the module."""
-    rule = rule or layer_of(rec.module).rule or generic
+    rule = rule or rec.layer.rule or generic
     placement = rec.placement
     if placement is not None and placement.move:
         grads = [None if g is None else g.movedim(1 + d, 1) for g, d in zip(grads, placement.out_dims, strict=True)]
     training, rec.module.training = rec.module.training, rec.training
     try:  # results are not differentiable (as BackPACK's), also in a create_graph backward
-        with torch.no_grad(), writing_into(into or {}), _dims_for(rule, placement):
+        with torch.no_grad(), writing_into(into or {}), _dims_for(rule, placement), _attributes_kept(rule, rec.module):
             results = rule(rec.module, rec.args, rec.kwargs, grads)
     except JacextError:
         raise
@@ -232,6 +235,24 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
         k: v.new_zeros(n, *v.shape[1:]).index_add_(0, rows.to(v.device), v) if v.shape[0] == rows.numel() else v
         for k, v in results.items()
     }
+
+
+@contextmanager
+def _attributes_kept(rule, module: nn.Module):
+    """The generic rule runs the module's forward again: what that forward writes on its modules
+    (``self.attn_map = ...``, a call counter) is put back as the forward pass left it. Side
+    effects outside the modules (a print, a global list) happen again."""
+    if rule is not generic:
+        yield
+        return
+    saved = [(vars(m), dict(vars(m))) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for attributes, before in saved:
+            for name in [k for k in attributes if k not in before]:
+                del attributes[name]
+            attributes.update(before)
 
 
 def _dims_for(rule, placement):

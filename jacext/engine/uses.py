@@ -8,10 +8,11 @@ tape records, this torch-function mode checks every differentiable use and raise
 """
 
 from contextlib import contextmanager
-from typing import Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -31,6 +32,9 @@ class ParameterUses(TorchFunctionMode):
         self.stack: List[nn.Module] = []
         self._covered: Dict[int, Tuple[List[Tuple[str, nn.Parameter]], Set[int]]] = {}
         self.paused = False  # while jacext's own hooks run inside another mode (see pausing)
+        self._functions: Dict[int, object] = {}  # autograd.Function nodes already attributed
+        self.stale: Callable[[], bool] = lambda: False  # the forward ended without closing the tape (and stopped it)
+        self.param_ops: Dict[int, List[Tuple[object, Set[int]]]] = {}  # per running module: outputs, parameters
 
     @contextmanager
     def pausing(self):
@@ -77,14 +81,44 @@ class ParameterUses(TorchFunctionMode):
         if not self.paused:
             self.batch.after(func, args, kwargs or {}, out, written)
         if not self.paused and torch.is_grad_enabled():
-            used = [a for a in _shallow(args, kwargs) if isinstance(a, nn.Parameter) and a.requires_grad]
+            used = []
+            for a in _shallow(args, kwargs):
+                if isinstance(a, nn.Parameter):
+                    if a.requires_grad:
+                        used.append(a)
+                elif isinstance(a, Tensor) and a.requires_grad and isinstance(a.grad_fn, BackwardCFunction):
+                    used += self._through_function(a.grad_fn)
             outs = [out] if isinstance(out, Tensor) else tree_leaves(out)
             if used and any(isinstance(o, Tensor) and o.requires_grad for o in outs):
                 inside = self.stack[-1] if self.stack else None
                 for p in used:
                     if inside is None or id(p) not in self.covered(inside)[1]:
+                        if self.stale():  # interrupted: this is code after that forward pass
+                            return out
                         self._raise(p, inside)
+                self.param_ops.setdefault(id(inside), []).append((out, {id(p) for p in used}))
         return out
+
+    def _through_function(self, node) -> List[nn.Parameter]:
+        """The parameters an ``autograd.Function`` output (``node``: its grad_fn) was computed from
+        directly, the first time this mode sees it: inside ``Function.forward`` gradients are off,
+        so this mode saw those uses as none."""
+        if id(node) in self._functions:
+            return []
+        self._functions[id(node)] = node
+        found = (getattr(n, "variable", None) for n, _ in node.next_functions if n is not None)
+        return [v for v in found if isinstance(v, nn.Parameter) and v.requires_grad]
+
+    def owns_outputs(self, outputs) -> None:
+        """A recorded call's outputs: ``autograd.Function`` outputs among them are that call's."""
+        for o in outputs:
+            if isinstance(o.grad_fn, BackwardCFunction):
+                self._functions[id(o.grad_fn)] = o.grad_fn
+
+    def take_param_ops(self, module: nn.Module) -> List[Tuple[object, Set[int]]]:
+        """The operations of the call of ``module`` that just ended that used its parameters
+        (each with its output and the ids of those parameters)."""
+        return self.param_ops.pop(id(module), [])
 
     def _raise(self, p: nn.Parameter, inside) -> None:
         name = next((n for n, q in self.root.named_parameters() if q is p), "?")

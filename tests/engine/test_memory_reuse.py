@@ -121,3 +121,14 @@ def test_memory_is_flat_over_many_steps():
 
     warm = steps(200)
     assert steps(2000) - warm < 4 * 1024, "peak memory grew by more than 4 MiB over 2000 steps"
+
+
+def test_a_result_kept_only_through_its_storage_is_not_overwritten():
+    model = jacext.extend(nn.Linear(3, 2).double())
+    with backpack(jacext.BatchGrad()):
+        model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    storage = model.weight.grad_batch.untyped_storage()
+    kept = torch.empty(0, dtype=torch.float64).set_(storage).clone()
+    with backpack(jacext.BatchGrad()):
+        model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    assert torch.equal(torch.empty(0, dtype=torch.float64).set_(storage), kept)

@@ -96,12 +96,14 @@ def test_single_sample(net):
     jacext.extend(model, **options)
     with backpack(jacext.BatchJacobian(), jacext.BatchGrad()):
         mse_sum(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected_jac[name], torch.float64, f"jacobian of {name}")
+        assert_close(p.grad_batch, expected[name], torch.float64, f"grad_batch of {name}")
     model.zero_grad()
     with backpack(jacext.BatchL2Grad()):
         mse_sum(model(x), y).backward()
     for name, p in model.named_parameters():
-        assert_close(p.jacobian, expected_jac[name], torch.float64, f"jacobian of {name}")
-        assert_close(p.grad_batch, expected[name], torch.float64, f"grad_batch of {name}")
+        assert not hasattr(p, "grad_batch") and not hasattr(p, "jacobian")  # another batch's
         assert_close(p.batch_l2, expected[name].flatten(1).square().sum(1), torch.float64, f"batch_l2 of {name}")
     if options:  # ClipGrad refuses coupled samples (test_clip_grad_it_cannot_serve...)
         return
