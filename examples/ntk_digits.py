@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
-from jacext.ntk import ntk, top_eigenvalues  # noqa: E402
+from jacext.kernels import ntk, top_eigenvalues  # noqa: E402
 
 
 def data(n_train, n_test):

@@ -1,11 +1,11 @@
 """jacext: per-sample Jacobians and gradients for PyTorch networks, as BackPACK extensions."""
 
-from jacext import dp, natural_gradient, optim
+from jacext import dp, kernels, natural_gradient, optim
 from jacext.errors import JacextError
-from jacext.extend import backward_plan, extend, unextend
+from jacext.extending import backward_plan, extend, unextend
 from jacext.extensions import BatchGrad, BatchJacobian, BatchL2Grad
 from jacext.functional import jacobian
-from jacext.ntk import ntk, ntk_vp
+from jacext.kernels import ntk, ntk_vp, top_eigenvalues
 
 __all__ = [
     "extend",
@@ -17,6 +17,8 @@ __all__ = [
     "jacobian",
     "ntk",
     "ntk_vp",
+    "top_eigenvalues",
+    "kernels",
     "natural_gradient",
     "dp",
     "optim",

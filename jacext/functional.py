@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 from jacext.engine.plan import PullBack
-from jacext.extend import recorded
+from jacext.extending import recorded
 from jacext.extensions import BatchJacobian
 
 

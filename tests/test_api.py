@@ -82,3 +82,15 @@ def test_reference_catches_a_wrong_rule(monkeypatch):
         nn.CrossEntropyLoss()(model(x), y).backward()
     with pytest.raises(AssertionError):
         assert_close(model[0].weight.grad_batch, expected["0.weight"], torch.float64)
+
+
+def test_public_modules_are_attributes_and_no_function_hides_one():
+    import types
+
+    assert isinstance(jacext.dp, types.ModuleType) and jacext.dp.ClipGrad is not None
+    assert isinstance(jacext.optim, types.ModuleType) and jacext.optim.DPSGD is not None
+    assert isinstance(jacext.kernels, types.ModuleType)
+    assert jacext.kernels.top_eigenvalues is jacext.top_eigenvalues and jacext.kernels.ntk is jacext.ntk
+    for name in jacext.__all__:
+        value = getattr(jacext, name)
+        assert not (callable(value) and f"jacext.{name}" in __import__("sys").modules), name

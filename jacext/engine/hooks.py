@@ -32,7 +32,7 @@ from jacext.engine import backpack_ctx
 from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
-from jacext.engine.record import Tape
+from jacext.engine.record import Alias, Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension, Seeds
 from jacext.rules import layer_of
@@ -304,9 +304,10 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
         # The hook (which holds the tape, which holds the records' autograd edges) lives on the
         # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
         # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
-        # frees. An alias of the output has its own node, which no record references.
+        # frees. An alias of the output has its own node, which no record references; not a
+        # view, so that an in-place operation on the returned output (out /= T) builds on it.
         original = leaves[i]
-        alias = _RootOutput.apply(original)
+        alias = Alias.apply(original)
         alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
         leaves[i] = alias
         if not isinstance(output, Tensor):
@@ -322,27 +323,6 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
         if isinstance(o, Tensor) and o.requires_grad and o.dim() == 0:
             o.register_hook(partial(_keep, tape))
     return tree_unflatten(leaves, spec)
-
-
-class _RootOutput(torch.autograd.Function):
-    """The identity, as the node the root output's hook sits on. Not a view: an in-place
-    operation on the returned output (``out /= T``, ``out[:, 0] = 0``) then builds on this node,
-    so the hook still sees the cotangent of the output the model computed (a view's node would
-    be replaced, and the plan never run)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.detach()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return g
 
 
 def _keep(tape: Tape, grad: Tensor) -> None:

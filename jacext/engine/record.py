@@ -37,6 +37,25 @@ def _detached(a):
     return a.detach() if isinstance(a, Tensor) else a
 
 
+class Alias(torch.autograd.Function):
+    """The identity, as an autograd node of its own that is not a view: an in-place operation
+    on its output builds on this node (a view's node would be replaced by the in-place op)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
 class Record:
     """One call of a parameterised module."""
 
@@ -68,17 +87,17 @@ class Record:
         leaves = [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
         self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
         self.n_leaves = len(leaves)
-        if len(self.grad_leaves) > 1:
-            # One output may be computed from another inside the module (LSTMCell's h' from c'):
-            # the edge of c' itself would also collect what flows back through h'. Hand out
-            # aliases, whose edges see only what comes from outside the module.
-            output = tree_map(lambda o: o.view_as(o) if isinstance(o, Tensor) and o.requires_grad else o, output)
+        several = len(self.grad_leaves) > 1
+        if several or any(leaves[i]._is_view() for i in self.grad_leaves):
+            # Hand out aliases (nodes of their own, not views) where one output may be computed
+            # from another inside the module (LSTMCell's h' from c': the edge of c' itself would
+            # also collect what flows back through h'), and for outputs that are views: changed
+            # in place later (Linear on (N, T, D), then ReLU(inplace=True)), a view gets a new
+            # grad_fn and the edge taken here would fall off the path; an alias's node stays on it.
+            aliased = lambda o: isinstance(o, Tensor) and o.requires_grad and (several or o._is_view())  # noqa: E731
+            output = tree_map(lambda o: Alias.apply(o) if aliased(o) else o, output)
             leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
-        # An output that is a view and is later changed in place gets a new grad_fn: the edge
-        # taken here would fall off the path from the root output. Watch those to refuse it.
-        self.views = [leaves[i] for i in self.grad_leaves if leaves[i]._is_view()]
         self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
-        self.view_versions = self._view_versions()
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
@@ -96,16 +115,7 @@ class Record:
     def _versions(self) -> List[int]:
         return [a._version for a in self.inputs]
 
-    def _view_versions(self) -> List[int]:
-        return [a._version for a in self.views]
-
     def check_unmodified(self) -> None:
-        if self._view_versions() != self.view_versions:
-            raise JacextError(
-                f"An output of module {module_label(self.module)} that is a view (of another output, "
-                "or of an internal tensor) was modified in place; that moves it off the autograd path "
-                "jacext recorded. Use an out-of-place operation on it (x = x.relu(), not x.relu_())."
-            )
         if self._versions() != self.versions:
             raise JacextError(
                 f"An input of module {module_label(self.module)} was modified in place after the "

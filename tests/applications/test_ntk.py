@@ -8,7 +8,7 @@ from reference import assert_close, loop_jacobian
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from jacext.ntk import ntk, ntk_vp, top_eigenvalues
+from jacext.kernels import ntk, ntk_vp, top_eigenvalues
 
 MODES = ["full", "trace", "diagonal"]
 

@@ -8,8 +8,8 @@ from common_models import backward_with_jacobian, regression
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from jacext.kernels import ntk, top_eigenvalues
 from jacext.natural_gradient import SR, minsr_step, sr_step
-from jacext.ntk import ntk, top_eigenvalues
 
 
 def mlp():

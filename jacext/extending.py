@@ -99,7 +99,7 @@ def unextend(module: nn.Module) -> nn.Module:
 
     Example:
         >>> import torch, jacext
-        >>> from jacext.extend import is_extended
+        >>> from jacext.extending import is_extended
         >>> model = jacext.extend(torch.nn.Linear(3, 2))
         >>> is_extended(jacext.unextend(model))
         False
@@ -124,7 +124,7 @@ def is_extended(module: nn.Module) -> bool:
 
     Example:
         >>> import torch, jacext
-        >>> from jacext.extend import is_extended
+        >>> from jacext.extending import is_extended
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
         >>> is_extended(model)
         False
@@ -180,7 +180,7 @@ def temporarily_extended(module: nn.Module) -> Iterator[nn.Module]:
 
     Example:
         >>> import torch
-        >>> from jacext.extend import is_extended, temporarily_extended
+        >>> from jacext.extending import is_extended, temporarily_extended
         >>> model = torch.nn.Linear(3, 2)
         >>> with temporarily_extended(model):
         ...     print(is_extended(model))

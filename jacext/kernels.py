@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from jacext.engine.meets import Meet
 from jacext.engine.plan import PullBack
 from jacext.engine.results import apply_rule
-from jacext.extend import recorded
+from jacext.extending import recorded
 from jacext.extensions import BatchJacobian
 
 MODES = ("full", "trace", "diagonal")
@@ -191,7 +191,7 @@ def top_eigenvalues(
 
     Example:
         >>> import torch
-        >>> from jacext.ntk import top_eigenvalues
+        >>> from jacext.kernels import top_eigenvalues
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> top = top_eigenvalues(model, torch.randn(5, 3), k=3)
