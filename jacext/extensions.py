@@ -29,11 +29,13 @@ Example, a new extension (one class, nothing else to change):
 """
 
 import enum
-from typing import Optional, Sequence, Set
+from typing import Callable, Optional, Sequence, Set, Union
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor
+
+from jacext.errors import JacextError
 
 
 class Seeds(enum.Enum):
@@ -121,6 +123,10 @@ class BatchJacobian(JacextExtension):
         chunk_size: pull the outputs back this many at a time (default: all C at once).
             Bounds the cotangents held during the backward (C x the model's activations
             without it); the result itself is as large either way.
+        output: which tensor of a structured output (tuple, dict, ``ModelOutput``) to
+            differentiate: a key or an index (``output="logits"``), or a function of the output
+            that returns one of its tensors. Default: its only tensor of shape (N, ...) with a
+            gradient (an error lists them where there are several).
 
     Example:
         >>> import torch, jacext
@@ -135,11 +141,22 @@ class BatchJacobian(JacextExtension):
     savefield = "jacobian"
     seeds = Seeds.OUTPUTS
 
-    def __init__(self, chunk_size: Optional[int] = None):
+    def __init__(self, chunk_size: Optional[int] = None, output: Union[str, int, Callable, None] = None):
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        if output is not None and not isinstance(output, (str, int)) and not callable(output):
+            raise ValueError(f"output must be a key, an index or a function of the output, got {output!r}")
+        self.chunk_size, self.output = chunk_size, output
         super().__init__()
+
+    def select(self, output) -> Optional[Tensor]:
+        """The tensor of a structured ``output`` that ``output=`` names (None: not named)."""
+        if self.output is None:
+            return None
+        chosen = self.output(output) if callable(self.output) else output[self.output]
+        if not isinstance(chosen, Tensor):
+            raise JacextError(f"BatchJacobian(output={self.output!r}) selects a {type(chosen).__name__}, not a tensor")
+        return chosen
 
     def finish(self, block: Tensor, out_shape: torch.Size) -> Tensor:
         return block.reshape(*out_shape, *block.shape[2:])

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.nn.modules.module import _global_forward_hooks
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from jacext.engine import backpack_ctx
@@ -34,7 +34,7 @@ from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
 from jacext.engine.record import Alias, Tape
 from jacext.errors import JacextError
-from jacext.extensions import JacextExtension, Seeds
+from jacext.extensions import BatchJacobian, JacextExtension, Seeds
 from jacext.rules import layer_of
 from jacext.state import ensure_state, module_label, state_of
 
@@ -360,9 +360,33 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
             "tensor that holds the samples in its first dimension; jacext needs an output per sample, "
             "of shape (N, ...), to differentiate (a loss computed inside the forward may come with it)."
         )
-    if len(at) > 1 and any(e.seeds is not Seeds.COTANGENT for e in tape.extensions):
-        at = at[:1]  # BatchJacobian differentiates the first per-sample output
+    jacobians = [e for e in tape.extensions if isinstance(e, BatchJacobian)]
+    if jacobians:
+        at = _differentiated(root, output, leaves, at, jacobians[0])
     _refuse_complex_jacobian(tape, root, [leaves[i] for i in at])
+    return at
+
+
+def _differentiated(root: nn.Module, output, leaves: List, at: List[int], ext: BatchJacobian) -> List[int]:
+    """The one leaf BatchJacobian differentiates: the one ``output=`` names, or the only one
+    with the samples in its first dimension."""
+    chosen = ext.select(output)
+    if chosen is not None:
+        found = [i for i in at if leaves[i] is chosen]
+        if not found:
+            raise JacextError(
+                f"BatchJacobian(output={ext.output!r}) selects a tensor of the output of {type(root).__name__} that "
+                f"has no gradient or does not hold the samples in its first dimension (shape {tuple(chosen.shape)})."
+            )
+        return found
+    if len(at) > 1:
+        paths = [keystr(path) for path, _ in tree_flatten_with_path(output)[0]]
+        candidates = ", ".join(f"output{paths[i]} {tuple(leaves[i].shape)}" for i in at)
+        raise JacextError(
+            f"the output of {type(root).__name__} holds several tensors with the samples in their first "
+            f"dimension ({candidates}); name the one BatchJacobian differentiates: BatchJacobian(output=key), "
+            "with a key or an index, or a function of the output."
+        )
     return at
 
 

@@ -1,6 +1,5 @@
 """jacext.ntk against J J^T built from the autograd-loop Jacobians."""
 
-import importlib
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ from reference import assert_close, loop_jacobian
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import jacext.kernels
 from jacext.kernels import ntk, ntk_vp, top_eigenvalues
 
 MODES = ["full", "trace", "diagonal"]
@@ -171,7 +171,7 @@ def test_blockwise_equals_one_shot(case, mode):
 def test_blockwise_computes_each_jacobian_once_per_block(monkeypatch):
     """x2=None: batch a's Jacobian once, then one for each block (a, b > a); x2 given: one per block."""
     calls = []
-    module = importlib.import_module("jacext.ntk")  # not jacext.ntk: the package exports the function under that name
+    module = jacext.kernels
     blocks = module._jacobian_blocks
     monkeypatch.setattr(
         module, "_jacobian_blocks", lambda model, args: calls.append(len(args[0])) or blocks(model, args)
@@ -233,7 +233,7 @@ def test_top_eigenvalues(method):
 @pytest.mark.parametrize("mode", ["full", "trace", "diagonal"])
 def test_linear_weights_use_the_structured_contraction_over_sequences(mode, monkeypatch):
     """Linear over (N, T, in): the kernel comes from Gram matrices of X and G, never J_W."""
-    module = importlib.import_module("jacext.ntk")
+    module = jacext.kernels
     dense = module._dense
     monkeypatch.setattr(
         module, "_dense", lambda f: pytest.fail("a Linear weight was densified") if isinstance(f, tuple) else dense(f)

@@ -17,7 +17,7 @@ import jacext
 from jacext.dp import ClipGrad
 from jacext.engine.record import Tape
 from tests.errors.common import nothing_left_behind
-from tests.reference import assert_close, overall_scale
+from tests.reference import assert_close, loop_jacobian, overall_scale
 
 N, IN, OUT = 5, 3, 2
 
@@ -367,3 +367,33 @@ def test_complex_output_real_parameters(dtype):
     with pytest.raises(jacext.JacextError, match="view_as_real"):
         with backpack(jacext.BatchJacobian()):
             model(x).abs().sum().backward()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(IN, 4), nn.Linear(4, OUT), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return {"logits": self.a(h), "aux": self.b(h), "loss": h.square().mean()}
+
+
+def test_batch_jacobian_of_a_named_output():
+    model = jacext.extend(TwoHeads().double())
+    x = torch.randn(N, IN, dtype=torch.float64)
+    for select in ("logits", lambda out: out["logits"]):
+        with backpack(jacext.BatchJacobian(output=select)):
+            model(x)["logits"].sum().backward()
+        expected = loop_jacobian(nn.Sequential(model.body, nn.Tanh(), model.a), x)
+        for name, p in [("0.weight", model.body.weight), ("2.weight", model.a.weight)]:
+            assert_close(p.jacobian, expected[name], torch.float64, name)
+        assert all(p.jacobian.shape == (N, OUT, *p.shape) and not p.jacobian.any() for p in model.b.parameters())
+        model.zero_grad()
+
+
+def test_batch_jacobian_of_an_ambiguous_output_lists_the_candidates():
+    model = jacext.extend(TwoHeads().double())
+    with pytest.raises(jacext.JacextError, match=r"output\['logits'\] \(5, 2\), output\['aux'\] \(5, 3\)"):
+        with backpack(jacext.BatchJacobian()):
+            model(torch.randn(N, IN, dtype=torch.float64))
