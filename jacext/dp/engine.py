@@ -411,6 +411,12 @@ def _secure_generator() -> torch.Generator:
 
         return torchcsprng.create_random_device_generator("/dev/urandom")
     except ImportError:
+        warnings.warn(
+            "secure_mode without torchcsprng: torch has no cryptographically secure generator, so the noise and "
+            "the sampling come from torch's generator seeded from os.urandom (an unpredictable seed, not a "
+            "secure stream); see docs/dp.md",
+            stacklevel=3,
+        )
         return urandom_generator()
 
 

@@ -1,5 +1,6 @@
 """Every state that would lose the privacy guarantee is refused, with an error that says what to do."""
 
+import importlib.util
 import math
 
 import pytest
@@ -297,3 +298,15 @@ def test_an_accountant_without_sample_rate_is_refused():
     with pytest.raises(ValueError, match="needs the sample_rate"):
         DPSGD(make_model("mlp").parameters(), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
               accountant=RDPAccountant())
+
+
+def test_secure_mode_says_what_it_is_and_refuses_a_seeded_generator():
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng installed")
+    with pytest.warns(UserWarning, match="torch has no cryptographically secure generator"):
+        engine = PrivacyEngine(accountant="rdp", secure_mode=True)
+    model = make_model("mlp")
+    with pytest.raises(ValueError, match="prohibited in secure mode"):
+        engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                            data_loader=fixed_loader(dataset("mlp")), noise_multiplier=1.0, max_grad_norm=1.0,
+                            noise_generator=torch.Generator().manual_seed(0))
