@@ -11,6 +11,7 @@ of jacext's draw the same masks. Nothing here uses jacext but :func:`check_exten
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from backpack import backpack
 from torch import nn
 
@@ -143,3 +144,20 @@ def check_extensions(model, forward, loss, n, *, user_loss=None, jacobian=False,
             out = forward()
             out.backward(torch.ones_like(out))
         assert_per_sample(model, jac, "jacobian", rtol=rtol)
+
+
+def check_causal_lm(model, ids, loss):
+    """A HuggingFace causal LM, next-token loss computed inside the forward (``loss="labels"``: HF's
+    loss, upcast to float32, which the loop then takes from the logits too) or outside."""
+    vocab = model.config.vocab_size
+
+    def forward():
+        return model(input_ids=ids, use_cache=False).logits
+
+    if loss == "labels":
+        check_extensions(model, forward, lambda out: model.loss_function(out, ids, vocab_size=vocab), ids.shape[0],
+                         user_loss=lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    else:
+        shifted = ids[:, 1:].reshape(-1)
+        check_extensions(model, forward, lambda out: F.cross_entropy(out[:, :-1].reshape(-1, vocab), shifted),
+                         ids.shape[0])

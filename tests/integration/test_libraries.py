@@ -9,7 +9,7 @@ from torch import nn
 
 import jacext
 
-from .common import assert_per_sample, per_sample_reference, run_extensions
+from .common import assert_per_sample, check_causal_lm, per_sample_reference, run_extensions
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,18 +46,14 @@ def test_bert_model_output_and_labels():
            lambda: model(input_ids=x, labels=y).loss)
 
 
-def test_gpt2_lm():
+@pytest.mark.parametrize("loss", ["labels", "outside"])
+def test_gpt2_lm(loss):
+    """Conv1D layers (jacext.rules.transformers_conv1d), wpe from (1, T) position ids, in train mode
+    with dropout (seeded masks); ClipGrad too."""
     config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config)
-    x = torch.randint(0, V, (N, T))
-
-    def shifted(logits):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V), x[:, 1:].reshape(-1))
-
-    # HF's causal-LM loss computes in float32: the loss is taken from the ModelOutput's logits
-    _check(model, lambda: model(input_ids=x, use_cache=False).logits, shifted,
-           lambda: shifted(model(input_ids=x).logits))
+    model = transformers.GPT2LMHeadModel(config).train()
+    check_causal_lm(model, torch.randint(0, V, (N, T)), loss)
 
 
 def test_t5_encoder_relative_bias():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import jacext
 
-from .common import check_extensions
+from .common import check_causal_lm, check_extensions
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,21 +74,12 @@ def _llama(**config):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("loss", ["labels", "outside"])
 def test_llama_causal_lm(loss, checkpointing):
-    """RoPE from (1, T) position ids, RMSNorm, grouped-query attention, SwiGLU. With labels= HF's
-    loss (upcast to float32), which the loop then takes from the logits too."""
+    """RoPE from (1, T) position ids, RMSNorm (in float32), grouped-query attention, SwiGLU,
+    attention dropout."""
     model = _llama()
     if checkpointing:
         model.gradient_checkpointing_enable()
-    x = torch.randint(3, V, (N, T))
-
-    def forward():
-        return model(input_ids=x, use_cache=False).logits
-
-    if loss == "labels":
-        check_extensions(model, forward, lambda out: model.loss_function(out, x, vocab_size=V), N,
-                         user_loss=lambda: model(input_ids=x, labels=x, use_cache=False).loss)
-    else:
-        check_extensions(model, forward, lambda out: _token_loss(out[:, :-1], x[:, 1:]), N)
+    check_causal_lm(model, torch.randint(3, V, (N, T)), loss)
 
 
 @pytest.mark.parametrize("train", [
