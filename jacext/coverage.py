@@ -10,14 +10,17 @@ from collections import defaultdict
 from types import ModuleType
 from typing import Dict, List
 
-from jacext.rules import LAYERS
+from jacext.rules import LAYERS, NAMED
 
 
 def table() -> str:
-    by_file: Dict[ModuleType, List[type]] = defaultdict(list)
+    by_file: Dict[ModuleType, List[str]] = defaultdict(list)
     for cls, layer in LAYERS.items():
         if layer.rule is not None:
-            by_file[sys.modules[layer.rule.__module__]].append(cls)
+            by_file[sys.modules[layer.rule.__module__]].append(f"nn.{cls.__name__}")
+    for name, layer in NAMED.items():  # classes of optional libraries, matched by their full name
+        if layer.rule is not None:
+            by_file[sys.modules[layer.rule.__module__]].append(name)
     lines = [
         "# Supported layers",
         "",
@@ -32,7 +35,7 @@ def table() -> str:
     ]
     files = sorted(by_file, key=lambda m: m.__name__)
     for module in files:
-        names = ", ".join(f"`nn.{c.__name__}`" for c in by_file[module])
+        names = ", ".join(f"`{c}`" for c in by_file[module])
         summary = " ".join((module.__doc__ or "").strip().split("\n\n")[0].split())
         lines.append(f"| {names} | `{module.__name__}` | {summary.replace('|', '/')} |")
     lines += [
