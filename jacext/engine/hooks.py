@@ -34,7 +34,7 @@ from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
 from jacext.engine.record import Alias, Tape
 from jacext.errors import JacextError
-from jacext.extensions import BatchJacobian, JacextExtension, Seeds
+from jacext.extensions import BatchJacobian, JacextExtension
 from jacext.rules import layer_of
 from jacext.state import ensure_state, module_label, state_of
 
@@ -89,13 +89,13 @@ def hook_recorders(root: nn.Module) -> None:
     a gradient hook on each of those parameters (:func:`on_parameter_grad`)."""
     for m in root.modules():
         state = ensure_state(m)
-        own = list(m.parameters(recurse=False))
+        own = list(m.named_parameters(recurse=False))
         if "record" not in state.handles and own:
             state.handles["record"] = (
                 m.register_forward_pre_hook(enter),
                 m.register_forward_hook(record, with_kwargs=True, prepend=True, always_call=True),
             )
-            hooked = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad and p not in _last_tape]
+            hooked = [(n, p) for n, p in own if p.requires_grad and p not in _last_tape]  # (a tied one: once)
             for _, p in hooked:
                 _last_tape[p] = _no_tape
             state.handles["grads"] = tuple(
@@ -392,7 +392,7 @@ def _differentiated(root: nn.Module, output, leaves: List, at: List[int], ext: B
 
 def _refuse_complex_jacobian(tape: Tape, root: nn.Module, outputs: List[Tensor]) -> None:
     """Real one-hot seeds at a complex output pull back the real part of its Jacobian only."""
-    if any(o.is_complex() for o in outputs) and any(e.seeds is not Seeds.COTANGENT for e in tape.extensions):
+    if any(o.is_complex() for o in outputs) and any(isinstance(e, BatchJacobian) for e in tape.extensions):
         raise JacextError(
             f"the output of the extended module ({type(root).__name__}) is complex; BatchJacobian differentiates "
             "real outputs. Return torch.view_as_real(output): p.jacobian then has shape (N, *out, 2, *p.shape), "
