@@ -24,13 +24,15 @@ products and the layer functions are known by name. An operation outside all thr
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from jacext.engine.meets import LAYER_FUNCTIONS as _ROWS
+from jacext.engine.meets import MATMULS as _MATMULS
 from jacext.engine.meets import in_place, op_name
 from jacext.errors import JacextError
 
@@ -78,14 +80,6 @@ _REDUCES = {"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var", "
             "nanmean", "argmax", "argmin", "any", "all", "median", "count_nonzero", "std_mean", "var_mean"}
 _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "sort", "argsort", "topk",
           "logcumsumexp", "normalize", "glu"}
-_ROWS = {"linear", "embedding", "embedding_bag", "layer_norm", "rms_norm", "group_norm", "instance_norm",
-         "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
-         "scaled_dot_product_attention", "bilinear", "prelu", "interpolate", "upsample", "avg_pool1d",
-         "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d",
-         "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-         "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "local_response_norm", "one_hot", "cross_entropy",
-         "grid_sample", "affine_grid", "max_pool2d_with_indices", "embedding_renorm_"}
-_MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm", "mv"}
 
 
 class BatchTracker:
@@ -100,6 +94,7 @@ class BatchTracker:
         # tensors computed by layers without the batch (their calls not recorded), and what
         # they were computed from: where one meets the batch, on_meet records the operation
         self.free: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.free_parameters: Dict[int, Tensor] = {}  # the trainable parameters free tensors are computed from
         self.on_meet: Optional[Callable] = None
 
     def seed(self, tensors, dim: int) -> None:
@@ -131,25 +126,34 @@ class BatchTracker:
             if o.requires_grad:
                 self.free[o] = True
 
-    def before(self, func, args, kwargs) -> Optional[Tensor]:
+    def _is_free(self, t, loose: AbstractSet[int]) -> bool:
+        return isinstance(t, Tensor) and (id(t) in loose or (bool(self.free) and t in self.free))
+
+    def before(self, func, args, kwargs, loose: AbstractSet[int] = frozenset()) -> Optional[Tensor]:
         """Before an in-place ``func`` that writes a free tensor into a batched one: a copy of
-        the tensor written into (the meet needs the values it had)."""
-        if not self.free or not args or not isinstance(args[0], Tensor) or not in_place(func):
+        the tensor written into (the meet needs the values it had). ``loose``: the ids of the
+        parameters that are free in this operation (jacext.engine.uses)."""
+        if not (self.free or loose) or not args or not isinstance(args[0], Tensor) or not in_place(func):
             return None
         flat = tree_flatten((args, kwargs))[0]
-        if any(isinstance(t, Tensor) and t in self.free for t in flat):
+        if any(self._is_free(t, loose) for t in flat):
             return args[0].detach().clone()
         return None
 
-    def after(self, func, args, kwargs, out, written: Optional[Tensor] = None) -> None:
-        """Tag the tensors of ``out`` from the inputs of ``func`` (``written``: see :meth:`before`)."""
+    def after(
+        self, func, args, kwargs, out, written: Optional[Tensor] = None, loose: AbstractSet[int] = frozenset()
+    ) -> None:
+        """Tag the tensors of ``out`` from the inputs of ``func`` (``written``, ``loose``: see
+        :meth:`before`)."""
         if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
             flat = tree_flatten((args, kwargs))[0]
         else:  # the common call, without pytree's cost
             flat = list(args)
         tagged = [(t, self.tags.get(t)) for t in flat if isinstance(t, Tensor)]
         tagged = [(t, g) for t, g in tagged if g is not None]
-        free = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t in self.free] if self.free else []
+        free = [i for i, t in enumerate(flat) if self._is_free(t, loose)] if self.free or loose else []
+        if loose:
+            self.free_parameters.update((id(t), t) for t in flat if id(t) in loose)
         if not tagged:
             if free:  # computed from free tensors only: free too
                 self.mark_free([o for o in tree_flatten(out)[0] if isinstance(o, Tensor)])

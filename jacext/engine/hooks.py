@@ -132,6 +132,16 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
                 "create_graph where its result is only needed as a value, or compute the penalty's "
                 "per-sample gradients with torch.func."
             )
+        # (zeros: a parameter that ClipGrad's gate hands on without a use)
+        if not tape.reaches(p) and grad is not None and bool(grad.ne(0).any()):
+            tape.drop_results()
+            raise JacextError(
+                f"parameter {name} gets a gradient in this backward pass through a use that jacext did not "
+                f"see in the forward pass of {type(tape.root).__name__} (not an operation of torch that it "
+                "watches, nor a call of a module with a rule), so its per-sample results would be missing. "
+                "Use the parameter through an operation of torch (F.linear, a product) or a module, or "
+                "register a rule for the module that uses it (jacext.rules.register)."
+            )
         return
     if tape is not None and tape.pulling:
         return
@@ -341,7 +351,7 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
     dict or ``ModelOutput``, every leaf with a gradient that holds the samples in its first
     dimension (a loss computed inside the forward reaches the results through them)."""
     if isinstance(output, Tensor):
-        if output.requires_grad and tape.free_parameters and tape.batch.tag(output) is None:
+        if output.requires_grad and tape.batch.free_parameters and tape.batch.tag(output) is None:
             raise JacextError(
                 f"the output of the extended module ({type(root).__name__}) does not depend on its input's "
                 "batch, but on layers called without it (such as positional embeddings): it has no "

@@ -31,6 +31,16 @@ def op_name(func) -> str:
     return getattr(func, "__name__", str(func))
 
 
+MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm", "mv"}
+LAYER_FUNCTIONS = {
+    "linear", "embedding", "embedding_bag", "layer_norm", "rms_norm", "group_norm", "instance_norm", "conv1d",
+    "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "batch_norm",
+    "scaled_dot_product_attention", "bilinear", "prelu", "interpolate", "upsample", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d",
+    "lp_pool2d", "local_response_norm", "one_hot", "cross_entropy", "grid_sample", "affine_grid",
+    "max_pool2d_with_indices", "embedding_renorm_",
+}  # known by name: they keep the batch in the rows of their first input
 _AUGMENTED = {"add", "sub", "mul", "truediv", "div", "floordiv", "mod", "pow", "and", "or", "xor", "matmul"}
 
 
@@ -64,9 +74,11 @@ class Meet:
         self.edges = [get_gradient_edge(outputs[i]) for i in self.grad_leaves]
         self.out_shapes = [outputs[i].shape for i in self.grad_leaves]
         self.out_dims = out_dims
-        self.aligned = _aligned(flat, free, outputs, out_dims)
+        self.aligned = _aligned(op_name(func), flat, free, outputs, out_dims)
         self.rows = rows
         self.parameters = parameters  # the trainable parameters the free tensors may reach
+        # inline plans: {} while armed, then the contributions computed as the backward passed
+        self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"
@@ -167,22 +179,28 @@ class Meet:
         return out
 
 
-def _aligned(flat, free: List[int], outputs: List[Tensor], out_dims) -> Dict[int, int]:
-    """Free inputs of an elementwise operation with one entry per sample along the dimension
-    that broadcasting aligns with the output's batch dimension: {flat index: that dimension}."""
+def _aligned(name: str, flat, free: List[int], outputs: List[Tensor], out_dims) -> Dict[int, int]:
+    """Free inputs with one entry per sample along the dimension that the operation aligns with
+    the output's batch dimension: {flat index: that dimension}. Two kinds: inputs of an
+    elementwise operation, aligned by broadcasting (token type embeddings of ids expanded to
+    (N, T)); and inputs expanded to the batch along the output's batch dimension (stride 0:
+    ``cls_token.expand(N, -1, -1)`` in a ``cat``), whose entries are one value, so that sample
+    n's operation may take any of them: the expansion's backward sums them."""
     graded = [o for o in outputs if o.requires_grad]
     if len(graded) != 1:
         return {}
     out, d_out = graded[0], out_dims[0]
     try:
-        elementwise = torch.broadcast_shapes(*[t.shape for t in flat if isinstance(t, Tensor)]) == out.shape
+        broadcast = torch.broadcast_shapes(*[t.shape for t in flat if isinstance(t, Tensor)]) == out.shape
     except RuntimeError:
-        elementwise = False
-    if not elementwise:
-        return {}
+        broadcast = False
+    elementwise = broadcast and name not in MATMULS | LAYER_FUNCTIONS | {"einsum"}  # (square factors broadcast too)
     found = {}
     for i in free:
-        d = d_out - (out.dim() - flat[i].dim())
-        if d >= 0 and flat[i].shape[d] == out.shape[d_out] > 1:
+        f = flat[i]
+        d = d_out - (out.dim() - f.dim()) if elementwise else d_out
+        if not 0 <= d < f.dim() or not f.shape[d] == out.shape[d_out] > 1:
+            continue
+        if elementwise or (f.dim() == out.dim() and f.stride(d) == 0):
             found[i] = d
     return found

@@ -153,6 +153,8 @@ class Inline(Plan):
         for rec in self.tape.records:
             rec.check_unmodified()
             rec.caught = [None] * len(rec.edges)
+        for meet in self.tape.meets:
+            meet.caught = {}  # armed: the meet's hook computes its contributions as the backward passes
         self.prepare()
         torch.autograd.Variable._execution_engine.queue_callback(self.at_end)  # type: ignore[attr-defined]
         return None
@@ -196,6 +198,9 @@ class Inline(Plan):
                     for leaf, g in zip(rec.grad_leaves, caught[rec], strict=True):
                         leaf_grads[leaf] = g.unsqueeze(0)
                     results.add(rec, leaf_grads)
+                for meet in tape.meets:
+                    blocks, meet.caught = meet.caught or {}, None
+                    results.add_blocks(blocks)
             return results.finished(), caught
 
 
@@ -284,21 +289,25 @@ def choose_plan(
 ) -> Type[Plan]:
     """The plan for a backward of ``tape`` that reached the root output (of ``out_shape``).
 
-    Inline plans need independent samples, every record's node to run in this backward
-    (``will_run``; not where ``backward(inputs=...)`` prunes one, or an output does not reach
-    the loss), and a hand-written rule for every record (the generic rule's errors must come
-    before the model's own backward). Under ``create_graph=True``, ClipGrad pulls back first and
-    rescales the cotangent the differentiable backward continues with (the weights as constants)."""
+    Inline plans need independent samples, every record's and meet's node to run in this
+    backward (``will_run``; not where ``backward(inputs=...)`` prunes one, or an output does not
+    reach the loss), meets with one output (each computes its contributions as the backward
+    reaches it), and a hand-written rule for every record (the generic rule's errors must come
+    before the model's own backward); ClipGrad's inline plan, fused calls and no meets. Under
+    ``create_graph=True``, ClipGrad pulls back first and rescales the cotangent the
+    differentiable backward continues with (the weights as constants)."""
     demand, records = tape.demand, tape.records
     catchable = (
         not tape.coupled
-        and not tape.meets  # their second VJP runs through the graph the ordinary backward frees
+        and all(len(m.edges) == 1 for m in tape.meets)  # (caught whole, as the backward passes)
         and all(will_run(e.node) for r in records for e in r.edges)
+        and all(will_run(e.node) for m in tape.meets for e in m.edges)
         and all(r.layer.rule is not None for r in records)
     )
     if catchable and demand.one_cotangent:
         return InlineFused if tape.fused and out_shape[0] > 0 else Inline
-    if catchable and demand.clipping and all(r.fused for r in records) and not torch.is_grad_enabled():
+    fused = all(r.fused for r in records) and not tape.meets
+    if catchable and demand.clipping and fused and not torch.is_grad_enabled():
         return InlineClipping  # (create_graph=True: the gate's clipped sums would not be differentiable)
     n_seeds = sum(1 if kind is Seeds.COTANGENT else out_shape[1:].numel() for kind in demand.seed_kinds())
     if demand.chunk_size is not None and demand.chunk_size < n_seeds and not tape.coupled:

@@ -7,7 +7,6 @@ samples (BatchNorm on batch statistics, ``batchnorm="exact"``) every seed is res
 sample at a time: N V seeds.
 """
 
-from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -62,20 +61,11 @@ def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tens
     return per_record
 
 
-@contextmanager
-def _pulling(tape: Tape):
-    tape.pulling = True
-    try:
-        yield
-    finally:
-        tape.pulling = False
-
-
 def _pull_back(tape: Tape, out_edge, edges, seeds: Tensor) -> List[Optional[Tensor]]:
     """Cotangents (V, N, *out) at every edge for the V seeds, in one batched backward."""
     if not edges:
         return []
-    with _pulling(tape):
+    with tape.pulling_back():
         if seeds.shape[0] == 1:
             grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
             return [None if g is None else g.unsqueeze(0) for g in grads]

@@ -8,6 +8,7 @@ do not disturb them. What the backward does with the records is its plan's (jace
 """
 
 import weakref
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from types import FrameType
@@ -174,6 +175,28 @@ def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) 
         rec.caught[j] = grad_outputs[output_nr]
 
 
+def _contract_meet(meet: "weakref.ref[Meet]", tape: "weakref.ref[Tape]", grad_outputs) -> None:
+    """In an inline plan, as the ordinary backward reaches a meet's output: its per-sample
+    contributions, now, while the graph of its batch-free inputs is still there (the ordinary
+    backward runs it next and frees it). The hooks hold meet and tape weakly (no cycle through C++)."""
+    m, t = meet(), tape()
+    if m is None or t is None or m.caught is None:
+        return
+    g = grad_outputs[m.edges[0].output_nr]
+    if g is None:
+        return
+    leaf_grads: List[Optional[Tensor]] = [None] * m.n_leaves
+    leaf_grads[m.grad_leaves[0]] = g.unsqueeze(0)
+    try:
+        m.check_unmodified()
+        with t.pulling_back(), torch.no_grad():
+            m.caught = m.per_sample(leaf_grads, t.n)
+    except BaseException:
+        t.drop_results()
+        t.plan = None
+        raise
+
+
 def _require_served(tape: "weakref.ref[Tape]", module: nn.Module, grad_outputs) -> None:
     """A backward that reaches a record without having passed through the root output would
     leave every result of the last batch in place: refuse it."""
@@ -206,7 +229,6 @@ class Tape:
         self.batch = BatchTracker(n)
         self.batch.on_meet = self.meet
         self.meets: List[Meet] = []  # where tensors computed without the batch meet it
-        self.free_parameters: Dict[int, nn.Parameter] = {}  # of the layers called without the batch
         self.uses = ParameterUses(root, self.batch)
         self.fused = False  # a record's output goes through FusedGrads
         self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
@@ -218,6 +240,7 @@ class Tape:
         self.built_graph: Optional[int] = None  # the graph task of a create_graph=True backward it served
         self.no_grad_calls: Set[int] = set()  # ids of parameterised modules called without gradients
         self.foreign_fields: Set[str] = set()  # the attributes BackPACK's own active extensions write
+        self._reached: Optional[Set[int]] = None  # see reaches
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
@@ -226,17 +249,26 @@ class Tape:
         ran before)."""
         trainable, ids = self.uses.covered(module)
         outs = _tensors(output)
-        self.uses.owns_outputs(outs)
+        through = self.uses.owns_outputs(outs) & ids
         if not trainable:
             return output
         _refuse_complex(module, trainable)
         graded = [o for o in outs if o.requires_grad]
-        layer = _layer_of_call(module, graded, ids, self.uses.take_param_ops(module))
+        ops = self.uses.take_param_ops(module)
+        if layer_of(module).rule is None:
+            # without a rule of its own, a module's uses of its parameters are loose: recorded at
+            # the operations where they meet the batch (meets); what the generic rule still
+            # differentiates is what reached the call only through an autograd.Function
+            through |= set().union(*(used for _, used in ops))
+            if not through:
+                return output
+            trainable, ids = [(name, p) for name, p in trainable if id(p) in through], through
+        layer = _layer_of_call(module, graded, ids, ops)
         flat = tree_leaves((args, kwargs))
         placement = place(self.batch, module, layer, module_label(module), args, flat, graded) if graded else None
         if placement is not None and placement.free:
             self.batch.mark_free(graded)
-            self.free_parameters.update((id(p), p) for _, p in trainable)
+            self.batch.free_parameters.update((id(p), p) for _, p in trainable)
             return output
         clipping = self.demand.clipping
         # not under saved-tensor hooks (non-reentrant checkpointing): a fused call saves other
@@ -271,14 +303,20 @@ class Tape:
 
     def meet(self, func, flat, spec, free, outputs, dims, out_dims, rows) -> None:
         """Record an operation where free tensors meet the batch (jacext.engine.batch)."""
-        if self.coupled:
-            raise JacextError(
-                "a tensor computed without the batch (such as a positional embedding) meets the batch in a "
-                "model whose samples are coupled (batchnorm='exact'); jacext separates such tensors' "
-                "derivatives per sample only for independent samples."
-            )
-        params = list(self.free_parameters.values())
-        self.meets.append(Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params))
+        params = list(self.batch.free_parameters.values())
+        meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params)
+        self.meets.append(meet)
+        if self.demand.catches and len(meet.edges) == 1:
+            meet.edges[0].node.register_prehook(partial(_contract_meet, weakref.ref(meet), weakref.ref(self)))
+
+    @contextmanager
+    def pulling_back(self):
+        """While the engine runs a backward of its own (the pull-back, a meet's second VJP)."""
+        pulling, self.pulling = self.pulling, True
+        try:
+            yield
+        finally:
+            self.pulling = pulling
 
     def fused_mode(self, g: Tensor) -> FusedMode:
         """What a fused node returns for its cotangent ``g`` in the backward in progress."""
@@ -289,11 +327,21 @@ class Tape:
     def shared_parameters(self) -> Set[int]:
         """Parameters reached by more than one record: their norms need the summed contraction."""
         seen: Set[int] = set()
-        shared: Set[int] = set(self.free_parameters) if self.meets else set()
+        shared: Set[int] = set(self.batch.free_parameters) if self.meets else set()
         for rec in self.records:
             shared |= seen & rec.parameters
             seen |= rec.parameters
         return shared
+
+    def reaches(self, p: nn.Parameter) -> bool:
+        """Whether a record or a meet of this tape differentiates ``p`` (looked up once the
+        forward pass has ended: its records are complete)."""
+        if self._reached is None or self.frame is not None:
+            reached = set(self.batch.free_parameters) if self.meets else set()
+            for rec in self.records:
+                reached |= rec.parameters
+            self._reached = reached
+        return id(p) in self._reached
 
     def drop_results(self) -> None:
         """No parameter keeps a result of any jacext extension."""

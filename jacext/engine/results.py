@@ -71,9 +71,15 @@ class Results:
 
     def _add_meet(self, meet: Meet, leaf_grads: List[Optional[Tensor]]) -> None:
         """A meet's contributions (its parameters are shared: every kind is materialised)."""
+        self.add_blocks(meet.per_sample(leaf_grads, self.out_shape[0]))  # every kind's seeds
+
+    def add_blocks(self, blocks: Dict[nn.Parameter, Tensor]) -> None:
+        """Per-sample contributions (N, V, *p) for all seeds, to be materialised."""
         kinds = list(self.spans)
         ranges = [self.spans[k] for k in kinds]
-        for p, block in meet.per_sample(seed_slice(leaf_grads, ranges), self.out_shape[0]).items():
+        for p, block in blocks.items():
+            if self.tape.coupled:  # sum over the samples m the seed reached: (N, V, *p)
+                block = block.sum(0).unflatten(0, (self.out_shape[0], -1))
             parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(kinds, parts, strict=True):
                 _accumulate(self.blocks, p, kind, part)

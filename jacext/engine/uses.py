@@ -1,14 +1,19 @@
-"""Where parameters are used: a guard against silently missing a contribution.
+"""Where parameters are used: each use attributed to a recorded call or to the operation itself.
 
-jacext attributes every use of a parameter to a recorded module call: the module that owns
-it (or, for rules that cover their submodules, such as MultiheadAttention's out_proj, an
-ancestor). A parameter used anywhere else, for example ``F.linear(h, self.emb.weight)`` in a
-parent's forward, would contribute to ``p.grad`` but not to the per-sample results. While a
-tape records, this torch-function mode checks every differentiable use and raises instead.
+A parameter used inside the call of a module with a hand-written rule that covers it (its
+owner, or an ancestor whose rule covers its submodules, such as MultiheadAttention's
+out_proj) is that call's: the record's rule differentiates it. Every other differentiable
+use (a module without a rule of its own using its raw parameters, ``x * self.gamma``,
+``torch.cat([self.cls_token.expand(N, -1, -1), x])``; a parent using a child's weight,
+``F.linear(h, self.emb.weight)``) is *loose*: the batch tracker treats the parameter as a
+tensor without the batch for that operation, and the operation where it (or what was computed
+from it) meets the batch is recorded as a meet (jacext.engine.meets), exact at that one
+operation. Parameters reached only through an ``autograd.Function`` (whose forward runs
+without gradients, so this mode sees no use there) must belong to the running module.
 """
 
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +40,7 @@ class ParameterUses(TorchFunctionMode):
         self._functions: Dict[int, object] = {}  # autograd.Function nodes already attributed
         self.stale: Callable[[], bool] = lambda: False  # the forward ended without closing the tape (and stopped it)
         self.param_ops: Dict[int, List[Tuple[object, Set[int]]]] = {}  # per running module: outputs, parameters
+        self._ruled: Dict[int, Set[int]] = {}  # per module: the ids of the parameters its hand-written rule covers
 
     @contextmanager
     def pausing(self):
@@ -75,28 +81,50 @@ class ParameterUses(TorchFunctionMode):
             found = self._covered[id(module)] = (trainable, {id(p) for _, p in trainable})
         return found
 
+    def ruled(self, module: Optional[nn.Module]) -> Set[int]:
+        """The ids of the trainable parameters that a call of ``module`` differentiates with a
+        hand-written rule (none for a module without one)."""
+        if module is None:
+            return set()
+        found = self._ruled.get(id(module))
+        if found is None:
+            found = self._ruled[id(module)] = self.covered(module)[1] if layer_of(module).rule is not None else set()
+        return found
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        written = None if self.paused else self.batch.before(func, args, kwargs or {})
-        out = func(*args, **(kwargs or {}))
-        if not self.paused:
-            self.batch.after(func, args, kwargs or {}, out, written)
-        if not self.paused and torch.is_grad_enabled():
-            used = []
+        kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
+        graded = torch.is_grad_enabled()
+        inside = self.stack[-1] if self.stack else None
+        loose: Set[int] = set()
+        used = []
+        if graded:
+            ruled = self.ruled(inside)
             for a in _shallow(args, kwargs):
                 if isinstance(a, nn.Parameter):
                     if a.requires_grad:
-                        used.append(a)
+                        if id(a) in ruled:
+                            used.append(a)
+                        else:
+                            loose.add(id(a))
                 elif isinstance(a, Tensor) and a.requires_grad and isinstance(a.grad_fn, BackwardCFunction):
                     used += self._through_function(a.grad_fn)
-            outs = [out] if isinstance(out, Tensor) else tree_leaves(out)
-            if used and any(isinstance(o, Tensor) and o.requires_grad for o in outs):
-                inside = self.stack[-1] if self.stack else None
-                for p in used:
-                    if inside is None or id(p) not in self.covered(inside)[1]:
-                        if self.stale():  # interrupted: this is code after that forward pass
-                            return out
-                        self._raise(p, inside)
-                self.param_ops.setdefault(id(inside), []).append((out, {id(p) for p in used}))
+        written = self.batch.before(func, args, kwargs, loose)
+        out = func(*args, **kwargs)
+        differentiated = bool(loose or used) and any(
+            isinstance(o, Tensor) and o.requires_grad for o in ([out] if isinstance(out, Tensor) else tree_leaves(out))
+        )
+        if loose and (not differentiated or self.stale()):  # (stale: code after an interrupted forward pass)
+            loose = set()
+        self.batch.after(func, args, kwargs, out, written, loose)
+        if used and differentiated:
+            for p in used:
+                if inside is None or id(p) not in self.covered(inside)[1]:
+                    if self.stale():  # interrupted: this is code after that forward pass
+                        return out
+                    self._raise(p, inside)
+            self.param_ops.setdefault(id(inside), []).append((out, {id(p) for p in used}))
         return out
 
     def _through_function(self, node) -> List[nn.Parameter]:
@@ -109,11 +137,15 @@ class ParameterUses(TorchFunctionMode):
         found = (getattr(n, "variable", None) for n, _ in node.next_functions if n is not None)
         return [v for v in found if isinstance(v, nn.Parameter) and v.requires_grad]
 
-    def owns_outputs(self, outputs) -> None:
-        """A recorded call's outputs: ``autograd.Function`` outputs among them are that call's."""
+    def owns_outputs(self, outputs) -> Set[int]:
+        """A recorded call's outputs: ``autograd.Function`` outputs among them are that call's.
+        Returns the ids of the parameters such outputs were computed from directly (not yet
+        attributed: a Function applied to the module's parameters inside its forward)."""
+        found: Set[int] = set()
         for o in outputs:
             if isinstance(o.grad_fn, BackwardCFunction):
-                self._functions[id(o.grad_fn)] = o.grad_fn
+                found |= {id(p) for p in self._through_function(o.grad_fn)}
+        return found
 
     def take_param_ops(self, module: nn.Module) -> List[Tuple[object, Set[int]]]:
         """The operations of the call of ``module`` that just ended that used its parameters
@@ -126,9 +158,10 @@ class ParameterUses(TorchFunctionMode):
         if inside is not None:
             where = f"the forward of {module_label(inside)}"
         raise JacextError(
-            f"parameter '{name}' is used in {where}, outside the module that owns it, so jacext "
-            "cannot attribute that use to a recorded call. Use it through its module, or share it as "
-            "a parameter of the module that uses it (for tied weights: out.weight = emb.weight)."
+            f"parameter '{name}' reaches {where} through an autograd.Function whose forward ran outside "
+            "the module that owns it, so jacext cannot attribute that use to an operation it saw. Apply "
+            "the Function inside the module that owns the parameter, or pass the parameter to an "
+            "operation of torch (F.linear, a product) where it is used."
         )
 
 

@@ -48,3 +48,29 @@ def cases(marked=None, **params):
 
 def batchnorm_net():
     return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+
+
+class _OldStyleScale(torch.autograd.Function):
+    """x * s as an old-style Function (forward with ctx): torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s = ctx.saved_tensors
+        return g * s, (g * x).sum(0)
+
+
+class Unservable(nn.Module):
+    """Its parameter reaches its output only through an autograd.Function that torch.func
+    cannot transform: the generic rule, the only one that can see that use, fails on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return _OldStyleScale.apply(x, self.scale)

@@ -13,7 +13,7 @@ from torch import nn
 import jacext
 from jacext.engine.record import Tape
 
-from .common import EXTENSIONS, cases, nothing_left_behind, untouched
+from .common import EXTENSIONS, Unservable, cases, nothing_left_behind, untouched
 
 
 class Raises(nn.Module):
@@ -94,23 +94,12 @@ def test_exception_in_forward_leaves_nothing_behind():
     assert not torch.overrides._get_current_function_mode_stack()
 
 
-class Branching(nn.Module):
-    """Data-dependent control flow: the generic rule (torch.func) cannot serve it."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-
-    def forward(self, x):
-        return x * self.scale if bool((x > 0).all()) else 2 * x * self.scale
-
-
 @pytest.mark.parametrize("make", cases(**EXTENSIONS))
 def test_rule_that_fails_in_the_backward_changes_nothing(make):
     """test_generic_rule.py checks the error's wording; here: no p.grad and no attribute afterwards."""
-    model = jacext.extend(nn.Sequential(nn.Linear(2, 3), Branching()))
+    model = jacext.extend(nn.Sequential(nn.Linear(2, 3), Unservable()))
     ext = make()
-    with backpack(ext), pytest.raises(jacext.JacextError, match=r"'1' \(Branching\)"):
+    with backpack(ext), pytest.raises(jacext.JacextError, match=r"'1' \(Unservable\)"):
         model(torch.randn(2, 2)).sum().backward()
     assert untouched(model, ext) and nothing_left_behind()
 

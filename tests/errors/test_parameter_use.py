@@ -1,5 +1,7 @@
-"""A parameter used outside its own module's forward (jacext.engine.uses): a clear error naming
-it, also under a torch-function mode of the model's own; reading its metadata is fine.
+"""A parameter used outside its own module's forward (jacext.engine.uses): exact at the operation
+that uses it, also under a torch-function mode of the model's own; a use jacext cannot see (an
+autograd.Function applied outside the owner) is a clear error naming it; reading its metadata
+is fine.
 """
 
 import pytest
@@ -13,7 +15,7 @@ import jacext
 
 
 class FunctionalTie(nn.Module):
-    """Uses the embedding matrix functionally in the parent's forward: not attributable."""
+    """Uses the embedding matrix functionally in the parent's forward: a tied output head."""
 
     def __init__(self):
         super().__init__()
@@ -33,21 +35,46 @@ class UsesChildBias(nn.Module):
         return torch.tanh(self.lin(x)) * self.lin.bias
 
 
-@pytest.mark.parametrize(
-    "model,x,where",
-    [
-        (
-            FunctionalTie(),
-            torch.tensor([[1, 2]]),
-            r"'emb\.weight' is used in the forward of a module without parameters",
-        ),
-        (nn.Sequential(UsesChildBias()), torch.randn(2, 2), r"'0\.lin\.bias' is used in"),
-    ],
-)
-def test_parameter_used_outside_its_module_is_a_clear_error(model, x, where):
-    jacext.extend(model)
-    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=where):
-        model(x)
+class ThroughFunction(nn.Module):
+    """Applies an autograd.Function to its child's weight outside the child's call."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x) * Doubled.apply(self.lin.bias)
+
+
+class Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(w):
+        return 2 * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.mark.parametrize("build", [FunctionalTie, UsesChildBias], ids=["tied head", "child bias"])
+def test_parameter_used_outside_its_module_is_exact(build, dtype):
+    """N = T = 4: the batch and the positions cannot be told apart by their sizes."""
+    torch.manual_seed(0)
+    model = build().to(dtype)
+    x = torch.randint(0, 5, (4, 4)) if build is FunctionalTie else torch.randn(4, 4, 2, dtype=dtype)
+    out = model(x)
+    y = torch.randn(out.shape, dtype=dtype)
+    check_grad_batch(model, nn.MSELoss(reduction="sum"), y, x)
+
+
+def test_parameter_through_a_function_outside_its_module_is_a_clear_error():
+    model = jacext.extend(ThroughFunction())
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=r"'lin\.bias' reaches .*autograd"):
+        model(torch.randn(3, 2))
 
 
 class CountingMode(TorchFunctionMode):
@@ -78,8 +105,8 @@ def test_a_torch_function_mode_inside_the_forward(dtype):
     model = InsideMode(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))).to(dtype)
     check_grad_batch(model, nn.MSELoss(reduction="sum"), torch.randn(5, 2, dtype=dtype), torch.randn(5, 3, dtype=dtype))
     assert model.mode.calls > 0
-    misuse = jacext.extend(InsideMode(UsesChildBias()))  # the guard still sees the body's uses
-    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=r"'body\.lin\.bias' is used in"):
+    misuse = jacext.extend(InsideMode(ThroughFunction()))  # the guard still sees the body's uses
+    with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match=r"'body\.lin\.bias' reaches"):
         misuse(torch.randn(2, 2))
 
 

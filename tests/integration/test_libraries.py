@@ -84,10 +84,9 @@ def test_opt_folded_batch():
            lambda out: F.cross_entropy(out.reshape(-1, V), x.reshape(-1)))
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over attention, in the generic rule
 def test_timm_vit():
-    """cls_token and pos_embed are the root's own parameters: the generic rule serves them (a
-    per-sample VJP of the whole forward, slow but exact)."""
+    """cls_token and pos_embed are the root's own parameters, differentiated where they meet the
+    batch: ``cat`` with ``cls_token.expand(N, -1, -1)`` and ``x + pos_embed``."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, embed_dim=16,
                               depth=2, num_heads=2, num_classes=3)

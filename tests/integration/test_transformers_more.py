@@ -83,11 +83,7 @@ def test_llama_causal_lm(loss, checkpointing):
 
 
 @pytest.mark.parametrize("train", [
-    pytest.param(True, id="train", marks=pytest.mark.xfail(
-        strict=True, raises=jacext.JacextError,
-        reason="engine: ViTEmbeddings owns cls_token and position_embeddings and applies dropout in its forward; "
-        "the generic rule re-runs it under vmap without the forward's RNG state (jacext.engine.record.Record, "
-        "jacext.rules.generic.per_sample_vjp): vmap's randomness error. /tmp/repros/generic_rule_dropout.py")),
+    pytest.param(True, id="train"),
     pytest.param(False, id="eval"),
 ])
 @pytest.mark.parametrize("loss", ["labels", "outside"])

@@ -9,22 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import jacext
-
 from .common import check_extensions
 
-GENERIC_RANDOM = pytest.mark.xfail(
-    strict=True, raises=jacext.JacextError,
-    reason="engine: a module that owns parameters and draws random numbers (DropPath, Dropout in train mode) "
-    "runs on the generic rule (jacext.rules.generic.per_sample_vjp, called from jacext.engine.results.apply_rule), "
-    "which re-runs its forward under vmap; no RNG state is saved with the record (jacext.engine.record.Record), "
-    "so vmap's randomness='error' raises. /tmp/repros/generic_rule_dropout.py")
-FUNCTIONAL_CHILD_WEIGHT = pytest.mark.xfail(
-    strict=True, raises=jacext.JacextError,
-    reason="engine: F.linear(x, self.qkv.weight, qkv_bias) in the attention block's own forward is refused as a "
-    "parameter used outside its owner (jacext.engine.uses.ParameterUses.__torch_function__ -> _raise); no "
-    "attribution of a parameter at the operation that uses it. /tmp/repros/functional_child_weight.py")
-MODES = [pytest.param(True, id="train", marks=GENERIC_RANDOM), pytest.param(False, id="eval")]
+MODES = [pytest.param(True, id="train"), pytest.param(False, id="eval")]
 
 timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision")
@@ -43,26 +30,18 @@ def _vit_kwargs(**kwargs):
                 drop_rate=0.1, drop_path_rate=0.1, **kwargs)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over attention, in the generic rule
 @pytest.mark.parametrize("train", MODES)
 def test_timm_deit3_layer_scale(train):
     """LayerScale (ls1.gamma, ls2.gamma), drop path; the root owns cls_token and pos_embed (no cls
-    position): the generic rule runs the root's whole forward."""
+    position): each differentiated at the operation where it meets the batch."""
     _check(timm.create_model("deit3_small_patch16_224", init_values=0.5, **_vit_kwargs()), train=train)
 
 
-@FUNCTIONAL_CHILD_WEIGHT
 def test_timm_beit():
     """Relative position bias tables; qkv as F.linear(x, qkv.weight, cat(q_bias, 0, v_bias))."""
     _check(timm.create_model("beit_base_patch16_224", init_values=0.5, **_vit_kwargs()))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=jacext.JacextError,
-    reason="engine: WindowAttention (owns relative_position_bias_table, no rule) is called on the batch folded "
-    "with windows; the generic rule vmaps over single rows (jacext.engine.results.apply_rule with placement.rows), "
-    "so the shifted block's attn.view(-1, num_win, ...) + mask sees one window and fails. "
-    "/tmp/repros/generic_rule_on_folded_rows.py")
 def test_timm_swin():
     """Window attention on (N windows, tokens, D); relative position bias; 8 x 8 tokens = N per row."""
     _check(timm.create_model("swin_tiny_patch4_window7_224", img_size=16, patch_size=2, window_size=4,
@@ -72,7 +51,7 @@ def test_timm_swin():
 
 @pytest.mark.parametrize("train", MODES)
 def test_timm_convnext(train):
-    """ConvNeXtBlock's gamma, a parameter of the block itself (the generic rule); drop path."""
+    """ConvNeXtBlock's gamma, a parameter of the block itself (a meet with the batch); drop path."""
     _check(timm.models.convnext.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), patch_size=2, kernel_sizes=3,
                                          ls_init_value=0.5, num_classes=CLASSES, drop_rate=0.1, drop_path_rate=0.1),
            size=32, train=train)
@@ -108,7 +87,6 @@ def test_torchvision_mobilenetv3():
     _check(tv.models.mobilenet_v3_small(num_classes=CLASSES, width_mult=0.25), batchnorm="eval")
 
 
-@FUNCTIONAL_CHILD_WEIGHT
 def test_torchvision_swin():
     """Shifted-window attention with F.linear(x, qkv.weight, qkv.bias); stochastic depth."""
     _check(tv.models.SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
