@@ -93,6 +93,8 @@ class Meet:
 
     def per_sample(self, leaf_grads: List[Optional[Tensor]], n: int) -> Dict[nn.Parameter, Tensor]:
         """Per parameter the free tensors reach, its per-sample contraction (N, V, *p)."""
+        if n == 0 or any(g is not None and g.numel() == 0 for g in leaf_grads):  # an empty batch: nothing
+            return {}
         g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (V, N, *f)
         v = g_free[0].shape[0]
         params = [p for p in self.parameters if p.requires_grad]
