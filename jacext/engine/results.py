@@ -42,8 +42,8 @@ class Results:
     def add(self, rec: Union[Record, Meet], leaf_grads: List[Optional[Tensor]]) -> None:
         """One record's contributions, for its leaves' cotangents ``(V, *leaf)``."""
         tape, spans = self.tape, self.spans
-        if isinstance(rec, Meet):
-            self._add_meet(rec, leaf_grads)
+        if isinstance(rec, Meet):  # its parameters are shared: every kind is materialised, from every kind's seeds
+            self.add_blocks(rec.per_sample(leaf_grads, self.out_shape[0]))
             return
         norm_rule = rec.layer.norms
         only_norms = [k for k in tape.demand.only_norms if k in spans]
@@ -68,10 +68,6 @@ class Results:
             parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(materialised, parts, strict=True):
                 _accumulate(self.blocks, rec.named[name], kind, part)
-
-    def _add_meet(self, meet: Meet, leaf_grads: List[Optional[Tensor]]) -> None:
-        """A meet's contributions (its parameters are shared: every kind is materialised)."""
-        self.add_blocks(meet.per_sample(leaf_grads, self.out_shape[0]))  # every kind's seeds
 
     def add_blocks(self, blocks: Dict[nn.Parameter, Tensor]) -> None:
         """Per-sample contributions (N, V, *p) for all seeds, to be materialised."""
