@@ -4,7 +4,8 @@ For V seeds (the extensions' seeds stacked, :func:`seeds`), one batched
 ``torch.autograd.grad`` (``is_grads_batched``: vmap over the model's backward) gives the
 cotangents G (V, N, *out) at every recorded output edge (:func:`cotangents`). With coupled
 samples (BatchNorm on batch statistics, ``batchnorm="exact"``) every seed is restricted to one
-sample at a time: N V seeds.
+sample at a time: N V seeds. A chunked plan makes and pulls back a range of seeds at a time;
+the memory estimate counts the seeds with their cotangents.
 """
 
 from contextlib import contextmanager
@@ -24,32 +25,64 @@ Spans = Dict[Seeds, Tuple[int, int]]
 PerRecord = List[Tuple[Union[Record, Meet], List[Optional[Tensor]]]]
 
 
-def seeds(tape: Tape, out_shape, grad_out: Tensor) -> Tuple[Spans, Tensor]:
-    """The seed ranges per kind, and the seeds ``(V, *out_shape)`` of all kinds stacked."""
-    made = {kind: kind.make(out_shape, grad_out) for kind in tape.demand.seed_kinds()}
+def seed_spans(tape: Tape, out_shape) -> Spans:
+    """Each kind's range of seeds, in the order of the extensions that need them (none allocated)."""
     spans, start = {}, 0
-    for kind, s in made.items():
-        spans[kind] = (start, start + s.shape[0])
-        start += s.shape[0]
-    stacked = torch.cat(list(made.values()))  # (V, N, ...)
+    for kind in tape.demand.seed_kinds():
+        spans[kind] = (start, start + kind.count(out_shape))
+        start = spans[kind][1]
+    return spans
+
+
+def seeds(tape: Tape, out_shape, grad_out: Tensor, a: int = 0, b: Optional[int] = None) -> Tuple[Spans, Tensor]:
+    """The seed ranges per kind, and seeds a to b (default: all) of all kinds stacked,
+    ``(b - a, *out_shape)`` (with coupled samples ``(N (b - a), *out_shape)``), after refusing
+    seeds and cotangents that cannot fit. Only these seeds are allocated: a chunk's seeds are
+    made when it is pulled back."""
+    spans = seed_spans(tape, out_shape)
+    b = max(end for _, end in spans.values()) if b is None else b
     n = out_shape[0]
+    _require_fits(tape, out_shape, grad_out, (b - a) * (n if tape.coupled else 1))
+    parts = [
+        kind.make(out_shape, grad_out, max(s, a) - s, min(e, b) - s)
+        for kind, (s, e) in spans.items()
+        if max(s, a) < min(e, b)
+    ]
+    stacked = torch.cat(parts) if len(parts) > 1 else parts[0]  # (V, N, ...)
     if tape.coupled:  # seed (n, v) is seed v restricted to sample n: (N * V, N, ...)
         only = torch.eye(n, dtype=stacked.dtype, device=stacked.device).view(n, 1, n, *[1] * (len(out_shape) - 1))
         stacked = (stacked.unsqueeze(0) * only).flatten(0, 1)
     return spans, stacked
 
 
-def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tensor) -> PerRecord:
-    """Per record, its leaves' cotangents ``(V, *leaf)`` for ``seeds`` (zeros where a leaf did not
-    reach the output; None where it does not require a gradient), after refusing G that cannot fit."""
-    records = tape.records + tape.meets if seeds.shape[1] > 0 else []  # an empty batch: every result is empty
-    per_seed = sum(shape.numel() for rec in records for shape in rec.out_shapes) * grad_out.element_size()
+def _require_fits(tape: Tape, out_shape, grad_out: Tensor, v: int) -> None:
+    """Refuse ``v`` seeds whose seeds and cotangents at every layer cannot fit, before making them."""
+    records = tape.records + tape.meets if out_shape[0] > 0 else []  # an empty batch: every result is empty
+    per_seed = out_shape.numel() + sum(shape.numel() for rec in records for shape in rec.out_shapes)
+    chunk = tape.demand.chunk_size
+    if tape.coupled:
+        advice = (
+            f"The samples are coupled (batchnorm='exact'): each seed is pulled back once per sample, "
+            f"{out_shape[0]} x {'chunk_size' if chunk else 'the outputs'} at a time. Pass a smaller chunk_size to "
+            "BatchJacobian, use fewer outputs or a smaller batch, or extend with batchnorm='eval'."
+        )
+    elif chunk is not None:
+        advice = f"Pass a smaller chunk_size to BatchJacobian (now {chunk}), or use fewer outputs."
+    else:
+        advice = "Pass chunk_size to BatchJacobian to pull the outputs back a few at a time, or use fewer outputs."
     require_fits(
-        seeds.shape[0] * per_seed,
+        v * per_seed * grad_out.element_size(),
         grad_out.device,
-        f"the cotangents of {seeds.shape[0]} seeds at every layer",
-        "Pass chunk_size to BatchJacobian to pull the outputs back a few at a time, or use fewer outputs.",
+        f"the seeds and cotangents of {v} seeds at every layer",
+        advice,
     )
+
+
+def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tensor) -> PerRecord:
+    """Per record, its leaves' cotangents ``(V, *leaf)`` for ``seeds`` (made by :func:`seeds`, which
+    refused those that cannot fit): zeros where a leaf did not reach the output, None where it
+    does not require a gradient."""
+    records = tape.records + tape.meets if seeds.shape[1] > 0 else []  # an empty batch: every result is empty
     grads = _pull_back(tape, out_edge, [e for rec in records for e in rec.edges], seeds)
     per_record, i = [], 0
     for rec in records:
