@@ -18,7 +18,6 @@ from jacext.engine import hooks
 from jacext.engine.record import Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
-from jacext.rules import layer_of
 from jacext.rules.batchnorm import CHOICES
 from jacext.state import ATTRIBUTE, ensure_state, state_of
 
@@ -40,7 +39,9 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
             do, since they make every output depend on the whole batch: ``"error"`` (raise),
             ``"eval"`` (use the running statistics in the forward passes jacext records; they
             are then not updated), ``"exact"`` (differentiate each sample's output through the
-            batch statistics; N times the cost).
+            batch statistics; N times the cost). It applies to subclasses of BatchNorm, to layers
+            added after ``extend``, and to any forward calling ``F.batch_norm(..., training=True)``
+            (there ``"eval"``, which has no layer to switch, raises).
 
     A module without parameters (a loss) needs nothing and is returned as it is, so that
     BackPACK's ``lossfunc = extend(lossfunc)`` works here too.
@@ -69,14 +70,7 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         bp.extend(module)
         root.backpack = True
     for name, m in module.named_modules():
-        state = ensure_state(m)
-        state.path = name or "<root>"
-        state.options["batchnorm"] = batchnorm
-        if layer_of(m).policy is not None and "policy" not in state.handles:  # also without parameters
-            state.handles["policy"] = (
-                m.register_forward_pre_hook(hooks.before_layer),
-                m.register_forward_hook(hooks.after_layer, always_call=True),
-            )
+        hooks.adopt(m, name or "<root>", {"batchnorm": batchnorm})
     if not root.root:
         root.root = True
         pre = module.register_forward_pre_hook(hooks.open_tape, with_kwargs=True)

@@ -36,7 +36,8 @@ from jacext.engine.record import Alias, Tape
 from jacext.errors import JacextError
 from jacext.extensions import BatchJacobian, JacextExtension
 from jacext.rules import layer_of
-from jacext.state import ensure_state, module_label, state_of
+from jacext.rules.batchnorm import at_batch_statistics
+from jacext.state import ModuleState, ensure_state, module_label, state_of
 
 _recording: ContextVar[Optional[Tape]] = ContextVar("jacext_recording", default=None)
 _captured: ContextVar[Optional[List[Tape]]] = ContextVar("jacext_captured", default=None)
@@ -84,11 +85,31 @@ def is_extended(module: nn.Module) -> bool:
     return state is not None and state.root
 
 
+def adopt(module: nn.Module, path: str, options: dict) -> ModuleState:
+    """jacext's state on a module of an extended model: its path (for messages), the options
+    chosen at ``extend``, and the hooks of its layer's policy (BatchNorm, also without
+    parameters: :func:`before_layer`)."""
+    state = ensure_state(module)
+    state.path = path
+    state.options.update(options)
+    if layer_of(module).policy is not None and "policy" not in state.handles:
+        state.handles["policy"] = (
+            module.register_forward_pre_hook(before_layer),
+            module.register_forward_hook(after_layer, always_call=True),
+        )
+    return state
+
+
 def hook_recorders(root: nn.Module) -> None:
     """Recording hooks on every module of ``root`` that owns parameters and has none yet, and
-    a gradient hook on each of those parameters (:func:`on_parameter_grad`)."""
+    a gradient hook on each of those parameters (:func:`on_parameter_grad`). A module added
+    after ``extend`` is adopted first, with the root's options."""
+    paths = None
     for m in root.modules():
-        state = ensure_state(m)
+        state = state_of(m)
+        if state is None:
+            paths = paths or {id(sub): name for name, sub in root.named_modules()}
+            state = adopt(m, paths[id(m)], ensure_state(root).options)
         own = list(m.named_parameters(recurse=False))
         if "record" not in state.handles and own:
             state.handles["record"] = (
@@ -173,6 +194,7 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
         tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
         tape.foreign_fields = {e.savefield for e in others}
         tape.batch.seed(inputs, dim)
+        tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
         ref = weakref.ref(tape)
         for p in tape.parameters:
             _last_tape[p] = ref
