@@ -107,12 +107,13 @@ def at_batch_statistics(tape, args, kwargs) -> None:
     generic = next((m for m in tape.uses.stack if layer_of(m).rule is None), None)
     if generic is not None:
         inside = "" if generic is module else f" inside module {module_label(generic)}"
+        own = isinstance(generic, nn.modules.batchnorm._BatchNorm)
         raise JacextError(
             f"F.batch_norm in {where} normalises with batch statistics (batchnorm='exact'){inside}, and that "
             "module has no hand-written jacext rule: the generic rule differentiates it one sample at a time, "
             "on that sample's statistics alone, which is not exact. Use batchnorm='eval' (running statistics), "
-            "keep BatchNorm's own forward (a BatchNorm layer or a subclass that does not override forward), "
-            "or register a rule for its class with jacext.rules.register."
+            + ("keep BatchNorm's own forward (do not override it), " if own else "")
+            + "or register a rule for its class with jacext.rules.register."
         )
     tape.coupled = True
 

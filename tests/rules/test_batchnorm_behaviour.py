@@ -47,6 +47,17 @@ class CallsBatchNormWithWeight(nn.Module):
         return F.batch_norm(x, None, None, self.w, training=True)
 
 
+class ParentOfBatchNorm(nn.Module):
+    """A parameter of its own (the generic rule) around a BatchNorm layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.bn = nn.Parameter(torch.rand(3, 1) + 0.5), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(x) * self.scale
+
+
 def net(middle, dtype):
     """(N, 2, 5) -> Conv1d -> ``middle`` -> (N, 3 * 3): N = 5 samples, 5 positions."""
     return nn.Sequential(nn.Conv1d(2, 3, 3), middle, nn.Tanh(), nn.Flatten(), nn.Linear(9, 2)).to(dtype)
@@ -139,6 +150,12 @@ def test_a_batchnorm_added_after_extend_gets_the_extend_option(choice, affine, d
         ),
         pytest.param(
             lambda: OwnForward(3), "exact", r"'1' \(OwnForward\).*no hand-written jacext rule", id="exact_own_forward"
+        ),
+        pytest.param(
+            ParentOfBatchNorm,
+            "exact",
+            r"'1.bn' \(BatchNorm1d\).*inside module '1' \(ParentOfBatchNorm\).*no hand-written",
+            id="exact_inside_generic_rule",
         ),
     ],
 )
