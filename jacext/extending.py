@@ -3,7 +3,8 @@
 Only forward hooks are installed (no module backward hooks), so in-place operations, modules
 called several times and arbitrary code between modules keep working. ``backpack=True``
 additionally applies ``backpack.extend`` for BackPACK's own extensions, with BackPACK's
-restrictions. What jacext keeps on a module is one attribute (jacext.state).
+restrictions. What jacext keeps on a module is one attribute (jacext.state), and a
+``__prepare_scriptable__`` that makes ``torch.jit.script`` refuse it with a clear error.
 """
 
 from contextlib import contextmanager
@@ -65,6 +66,7 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
     if next(module.parameters(), None) is None:
         return bp.extend(module) if backpack else module
+    hooks.refuse_scripted(module)
     root = ensure_state(module)
     if backpack:
         bp.extend(module)
@@ -103,6 +105,7 @@ def unextend(module: nn.Module) -> nn.Module:
         if state is not None:
             state.remove_hooks()
             del vars(m)[ATTRIBUTE]
+            vars(m).pop(hooks.SCRIPTING, None)
     return module
 
 
@@ -196,6 +199,7 @@ def temporarily_extended(module: nn.Module) -> Iterator[nn.Module]:
                 state.remove_hooks(keep=tuple(old.handles) if old is not None else ())
             if old is None:
                 vars(m).pop(ATTRIBUTE, None)
+                vars(m).pop(hooks.SCRIPTING, None)
             else:
                 vars(m)[ATTRIBUTE] = old
 

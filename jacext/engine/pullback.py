@@ -105,23 +105,55 @@ def _pulling(tape: Tape):
 
 
 def _pull_back(tape: Tape, out_edge, edges, seeds: Tensor) -> List[Optional[Tensor]]:
-    """Cotangents (V, N, *out) at every edge for the V seeds, in one batched backward."""
+    """Cotangents (V, N, *out) at every edge for the V seeds: in one batched backward (vmap over
+    the seeds), or one backward per seed through graphs that torch.compile made (their compiled
+    kernels take no batched tensors)."""
     if not edges:
         return []
-    with _pulling(tape):
-        if seeds.shape[0] == 1:
-            grads = torch.autograd.grad(out_edge, edges, seeds[0], retain_graph=True, allow_unused=True)
-            return [None if g is None else g.unsqueeze(0) for g in grads]
-        try:
-            return list(
-                torch.autograd.grad(out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
-            )
-        except RuntimeError as error:
-            if "atching rule" not in str(error):
-                raise
+    with _pulling(tape), _explained(seeds.shape[0]):
+        if seeds.shape[0] == 1 or _compiled(out_edge.node):
+            per_seed = [torch.autograd.grad(out_edge, edges, s, retain_graph=True, allow_unused=True) for s in seeds]
+            return [None if gs[0] is None else torch.stack(gs) for gs in zip(*per_seed, strict=True)]
+        return list(
+            torch.autograd.grad(out_edge, edges, seeds, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        )
+
+
+@contextmanager
+def _explained(v: int):
+    """The pull-back's failures that have a remedy, as a JacextError that names it."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "donated buffers" in str(error):
             raise JacextError(
-                f"the batched pull-back of {seeds.shape[0]} seeds (vmap over the model's backward) met an "
-                f"operation without a batching rule ({error}). This happens in backward graphs made by "
-                "torch.compile: compute BatchJacobian on the uncompiled model (BatchGrad, BatchL2Grad "
-                "and ClipGrad need one seed and work with compiled modules)."
+                "the model's backward was compiled by torch.compile with donated buffers, which lets it run "
+                "only once; jacext's pull-back runs it before the ordinary backward (retain_graph=True). Set "
+                "torch._functorch.config.donated_buffer = False before the model is compiled."
             ) from error
+        if "atching rule" in str(error):
+            raise JacextError(
+                f"the batched pull-back of {v} seeds (vmap over the model's backward) met an operation without "
+                f"a batching rule ({error}). Pass chunk_size=1 to BatchJacobian: it pulls the outputs back one "
+                "at a time, without vmap."
+            ) from error
+        raise
+
+
+def _compiled(root) -> bool:
+    """Whether the backward graph below ``root`` holds a node of a graph compiled by torch.compile
+    (AOTAutograd's ``CompiledFunctionBackward``); walked once per graph (the answer is kept in
+    the root node's metadata)."""
+    known = root.metadata.get("jacext_compiled")
+    if known is not None:
+        return known
+    seen, todo, found = set(), [root], False
+    while todo and not found:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found = node.name().startswith("CompiledFunction")
+        todo += [n for n, _ in node.next_functions]
+    root.metadata["jacext_compiled"] = found
+    return found

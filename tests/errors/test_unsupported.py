@@ -1,13 +1,11 @@
 """What jacext refuses up front, with an error that says what to do: a ClipGrad it cannot
-serve, BatchJacobian on a compiled module, results, seeds (all C of them, or a chunk) or
-cotangents that cannot fit in memory (pointing to fewer outputs or ``chunk_size``), a
-``chunk_size`` that is not positive.
+serve, results, seeds (all C of them, or a chunk) or cotangents that cannot fit in memory
+(pointing to fewer outputs or ``chunk_size``), a ``chunk_size`` that is not positive.
 """
 
 import pytest
 import torch
 from backpack import backpack
-from common_models import compiled_model
 from torch import nn
 
 import jacext
@@ -29,15 +27,6 @@ def test_clip_grad_it_cannot_serve_is_an_error_before_anything_is_set(exts, buil
     with backpack(*exts), pytest.raises(jacext.JacextError, match="exactly one"):
         model(torch.randn(4, 4)).sum().backward()
     assert untouched(model, exts[0]) and nothing_left_behind()
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_batch_jacobian_on_a_compiled_module_is_a_clear_error():
-    model = compiled_model()
-    with backpack(jacext.BatchJacobian()):
-        out = model(torch.randn(3, 4, dtype=torch.float64))
-        with pytest.raises(jacext.JacextError, match="torch.compile"):
-            out.sum().backward()
 
 
 def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
