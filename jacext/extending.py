@@ -3,7 +3,8 @@
 Only forward hooks are installed (no module backward hooks), so in-place operations, modules
 called several times and arbitrary code between modules keep working. ``backpack=True``
 additionally applies ``backpack.extend`` for BackPACK's own extensions, with BackPACK's
-restrictions. What jacext keeps on a module is one attribute (jacext.state).
+restrictions. What jacext keeps on a module is one attribute (jacext.state), and a
+``__prepare_scriptable__`` that makes ``torch.jit.script`` refuse it with a clear error.
 """
 
 from contextlib import contextmanager
@@ -18,7 +19,6 @@ from jacext.engine import hooks
 from jacext.engine.record import Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
-from jacext.rules import layer_of
 from jacext.rules.batchnorm import CHOICES
 from jacext.state import ATTRIBUTE, ensure_state, state_of
 
@@ -40,7 +40,9 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
             do, since they make every output depend on the whole batch: ``"error"`` (raise),
             ``"eval"`` (use the running statistics in the forward passes jacext records; they
             are then not updated), ``"exact"`` (differentiate each sample's output through the
-            batch statistics; N times the cost).
+            batch statistics; N times the cost). It applies to subclasses of BatchNorm, to layers
+            added after ``extend``, and to any forward calling ``F.batch_norm(..., training=True)``
+            (there ``"eval"``, which has no layer to switch, raises).
 
     A module without parameters (a loss) needs nothing and is returned as it is, so that
     BackPACK's ``lossfunc = extend(lossfunc)`` works here too.
@@ -64,19 +66,13 @@ def extend(module: nn.Module, *, backpack: bool = False, batchnorm: str = "error
         raise ValueError(f"batchnorm must be one of {CHOICES}, got {batchnorm!r}")
     if next(module.parameters(), None) is None:
         return bp.extend(module) if backpack else module
+    hooks.refuse_scripted(module)
     root = ensure_state(module)
     if backpack:
         bp.extend(module)
         root.backpack = True
     for name, m in module.named_modules():
-        state = ensure_state(m)
-        state.path = name or "<root>"
-        state.options["batchnorm"] = batchnorm
-        if layer_of(m).policy is not None and "policy" not in state.handles:  # also without parameters
-            state.handles["policy"] = (
-                m.register_forward_pre_hook(hooks.before_layer),
-                m.register_forward_hook(hooks.after_layer, always_call=True),
-            )
+        hooks.adopt(m, name or "<root>", {"batchnorm": batchnorm})
     if not root.root:
         root.root = True
         pre = module.register_forward_pre_hook(hooks.open_tape, with_kwargs=True)
@@ -109,6 +105,7 @@ def unextend(module: nn.Module) -> nn.Module:
         if state is not None:
             state.remove_hooks()
             del vars(m)[ATTRIBUTE]
+            vars(m).pop(hooks.SCRIPTING, None)
     return module
 
 
@@ -202,6 +199,7 @@ def temporarily_extended(module: nn.Module) -> Iterator[nn.Module]:
                 state.remove_hooks(keep=tuple(old.handles) if old is not None else ())
             if old is None:
                 vars(m).pop(ATTRIBUTE, None)
+                vars(m).pop(hooks.SCRIPTING, None)
             else:
                 vars(m)[ATTRIBUTE] = old
 

@@ -44,13 +44,20 @@ class Seeds(enum.Enum):
     COTANGENT = "cotangent"  # the backward's own cotangent: one seed
     OUTPUTS = "outputs"  # one one-hot seed per output coordinate: C seeds
 
-    def make(self, out_shape: torch.Size, grad_out: Tensor) -> Tensor:
-        """The seeds ``(V, *out_shape)``."""
+    def count(self, out_shape: torch.Size) -> int:
+        """How many seeds V: 1, or C = ``prod(out_shape[1:])``."""
+        return 1 if self is Seeds.COTANGENT else out_shape[1:].numel()
+
+    def make(self, out_shape: torch.Size, grad_out: Tensor, a: int = 0, b: Optional[int] = None) -> Tensor:
+        """Seeds a to b (default: all V) of this kind, ``(b - a, *out_shape)``; only these are
+        allocated (seed v of OUTPUTS is one at coordinate v of every sample)."""
+        b = self.count(out_shape) if b is None else b
         if self is Seeds.COTANGENT:
-            return grad_out.unsqueeze(0)
+            return grad_out.unsqueeze(0)[a:b]
         n, c = out_shape[0], out_shape[1:].numel()
-        eye = torch.eye(c, dtype=grad_out.dtype, device=grad_out.device)
-        return eye.unsqueeze(1).expand(c, n, c).reshape(c, *out_shape)
+        one_hot = grad_out.new_zeros(b - a, n, c)
+        one_hot.diagonal(offset=a, dim1=0, dim2=2).fill_(1)  # one_hot[v, :, a + v] = 1
+        return one_hot.view(b - a, *out_shape)
 
 
 class JacextExtension(BackpropExtension):
@@ -121,8 +128,9 @@ class BatchJacobian(JacextExtension):
 
     Args:
         chunk_size: pull the outputs back this many at a time (default: all C at once).
-            Bounds the cotangents held during the backward (C x the model's activations
-            without it); the result itself is as large either way.
+            Bounds the seeds and cotangents held during the backward (k N C seed entries and
+            k x the model's activations for chunks of k; N times that where BatchNorm couples
+            the samples, ``batchnorm="exact"``); the result itself is as large either way.
         output: which tensor of a structured output (tuple, dict, ``ModelOutput``) to
             differentiate: a key or an index (``output="logits"``), or a function of the output
             that returns one of its tensors. Default: its only tensor of shape (N, ...) with a

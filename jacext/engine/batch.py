@@ -96,6 +96,7 @@ class BatchTracker:
         self.free: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.free_parameters: Dict[int, Tensor] = {}  # the trainable parameters free tensors are computed from
         self.on_meet: Optional[Callable] = None
+        self.on_batch_statistics: Optional[Callable] = None  # batch_norm(training=True) on the batch: (args, kwargs)
 
     def seed(self, tensors, dim: int) -> None:
         """The extended module's inputs: those with ``n`` entries along ``dim`` are the batch."""
@@ -159,6 +160,8 @@ class BatchTracker:
                 self.mark_free([o for o in tree_flatten(out)[0] if isinstance(o, Tensor)])
             return
         name = op_name(func)
+        if name == "batch_norm" and self.on_batch_statistics is not None:
+            self.on_batch_statistics(args, kwargs)
         if name in {"__setitem__", "copy_"}:  # the batch written into args[0]
             out = args[0]
         outs = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]

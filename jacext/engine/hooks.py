@@ -36,13 +36,15 @@ from jacext.engine.record import Alias, Tape
 from jacext.errors import JacextError
 from jacext.extensions import BatchJacobian, JacextExtension
 from jacext.rules import layer_of
-from jacext.state import ensure_state, module_label, state_of
+from jacext.rules.batchnorm import at_batch_statistics
+from jacext.state import ModuleState, ensure_state, module_label, state_of
 
 _recording: ContextVar[Optional[Tape]] = ContextVar("jacext_recording", default=None)
 _captured: ContextVar[Optional[List[Tape]]] = ContextVar("jacext_captured", default=None)
 _serving: "weakref.WeakValueDictionary[int, Tape]" = weakref.WeakValueDictionary()  # by graph task
 _abandoned: List = []  # the modes of tapes whose forward ended without closing them
 _last_tape = WeakIdKeyDictionary()  # parameter -> a weak reference to the tape that last recorded it
+SCRIPTING = "__prepare_scriptable__"  # what torch.jit.script calls on every module first (see adopt)
 
 
 def recording() -> Optional[Tape]:
@@ -71,6 +73,10 @@ def guard(module: nn.Module, args) -> None:
         return  # (a module with jacext's state is part of an extended model: recomputed by checkpointing)
     if not backpack_ctx.jacext_active():
         return
+    if isinstance(module, torch.jit.ScriptModule) and any(p.requires_grad for p in module.parameters()):
+        raise JacextError(
+            _scripted(f"{type(module).__name__}, running inside a backpack context with jacext extensions,")
+        )
     if any(p.requires_grad for p in module.parameters()) and not any(is_extended(m) for m in module.modules()):
         raise JacextError(
             f"{type(module).__name__} with trainable parameters runs inside a backpack context with "
@@ -84,11 +90,58 @@ def is_extended(module: nn.Module) -> bool:
     return state is not None and state.root
 
 
+def _scripted(what: str) -> str:
+    return (
+        f"{what} is a TorchScript module (torch.jit.script or torch.jit.trace): its forward runs compiled "
+        "code that calls none of jacext's Python hooks, so jacext cannot record it. Extend and run the eager "
+        "model; for export, script or trace a copy without jacext's hooks: jacext.unextend(copy.deepcopy(model))."
+    )
+
+
+def refuse_scripted(root: nn.Module) -> None:
+    """Refuse a model that holds a TorchScript module, before anything is hooked."""
+    for name, m in root.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            raise JacextError(_scripted(f"module '{name or '<root>'}' ({type(m).__name__})"))
+
+
+def _not_scriptable(path: str) -> None:
+    """``__prepare_scriptable__`` of a module jacext extended: ``torch.jit.script`` calls it first."""
+    raise JacextError(
+        f"module '{path}' is extended by jacext, whose forward hooks are Python code that TorchScript cannot "
+        "compile or run. Script a copy without them: torch.jit.script(jacext.unextend(copy.deepcopy(model))); "
+        "train with the eager model (torch.compile works with jacext's hooks)."
+    )
+
+
+def adopt(module: nn.Module, path: str, options: dict) -> ModuleState:
+    """jacext's state on a module of an extended model: its path (for messages), the options
+    chosen at ``extend``, the hooks of its layer's policy (BatchNorm, also without parameters:
+    :func:`before_layer`), and a ``__prepare_scriptable__`` that refuses ``torch.jit.script``."""
+    state = ensure_state(module)
+    state.path = path
+    state.options.update(options)
+    vars(module)[SCRIPTING] = partial(_not_scriptable, path)
+    if layer_of(module).policy is not None and "policy" not in state.handles:
+        state.handles["policy"] = (
+            module.register_forward_pre_hook(before_layer),
+            module.register_forward_hook(after_layer, always_call=True),
+        )
+    return state
+
+
 def hook_recorders(root: nn.Module) -> None:
     """Recording hooks on every module of ``root`` that owns parameters and has none yet, and
-    a gradient hook on each of those parameters (:func:`on_parameter_grad`)."""
+    a gradient hook on each of those parameters (:func:`on_parameter_grad`). A module added
+    after ``extend`` is adopted first, with the root's options."""
+    paths = None
     for m in root.modules():
-        state = ensure_state(m)
+        state = state_of(m)
+        if state is None:
+            if paths is None:
+                refuse_scripted(root)
+            paths = paths or {id(sub): name for name, sub in root.named_modules()}
+            state = adopt(m, paths[id(m)], ensure_state(root).options)
         own = list(m.named_parameters(recurse=False))
         if "record" not in state.handles and own:
             state.handles["record"] = (
@@ -183,6 +236,7 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
         tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
         tape.foreign_fields = {e.savefield for e in others}
         tape.batch.seed(inputs, dim)
+        tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
         ref = weakref.ref(tape)
         for p in tape.parameters:
             _last_tape[p] = ref

@@ -7,7 +7,8 @@ run; the plan then owns the rest of that backward:
 * :class:`PullBack`: there and then, one batched pull-back of every seed to every record
   (jacext.engine.pullback), the rules, the results; the ordinary backward continues (with the
   cotangent rescaled per sample, for ClipGrad).
-* :class:`ChunkedPullBack`: the same, ``chunk_size`` seeds at a time (BatchJacobian).
+* :class:`ChunkedPullBack`: the same, ``chunk_size`` seeds at a time (BatchJacobian), each chunk's
+  seeds made when it runs.
 * :class:`Inline`: one seed, the backward's own cotangent, unchanged (BatchGrad, BatchL2Grad):
   hooks on the records' nodes catch G as the ordinary backward passes; the rules run in a
   callback at its end.
@@ -29,7 +30,7 @@ from torch.autograd.graph import GradientEdge
 
 from jacext.engine import backpack_ctx
 from jacext.engine.fused import FusedMode, call_of
-from jacext.engine.pullback import PerRecord, Spans, cotangents, seeds
+from jacext.engine.pullback import PerRecord, Spans, cotangents, seed_spans, seeds
 from jacext.engine.record import Record, Tape
 from jacext.engine.results import Results, apply_rule, assign, dropped_if_half_written
 from jacext.extensions import Seeds
@@ -111,15 +112,17 @@ class ChunkedPullBack(PullBack):
     def results(self, out_edge: GradientEdge) -> Dict[nn.Parameter, list]:
         tape, chunk = self.tape, self.tape.demand.chunk_size
         assert chunk is not None
-        spans, stacked = seeds(tape, self.out_shape, self.grad_out)
+        spans = seed_spans(tape, self.out_shape)
+        total = max(e for _, e in spans.values())
         with backpack_ctx.paused():
             whole = Results(tape, spans, self.out_shape)
             with whole.written_safely():
-                for a in range(0, stacked.shape[0], chunk):
-                    b = min(a + chunk, stacked.shape[0])
+                for a in range(0, total, chunk):
+                    b = min(a + chunk, total)
                     part = {k: (max(s, a) - a, min(e, b) - a) for k, (s, e) in spans.items() if max(s, a) < min(e, b)}
                     results = Results(tape, part, self.out_shape, slots={})
-                    for rec, leaf_grads in cotangents(tape, out_edge, stacked[a:b], self.grad_out):
+                    stacked = seeds(tape, self.out_shape, self.grad_out, a, b)[1]  # this chunk's seeds only
+                    for rec, leaf_grads in cotangents(tape, out_edge, stacked, self.grad_out):
                         results.add(rec, leaf_grads)
                     self._write(whole, results, a)
             return whole.finished()
@@ -310,6 +313,6 @@ def choose_plan(
     if catchable and demand.clipping and fused and not torch.is_grad_enabled():
         return InlineClipping  # (create_graph=True: the gate's clipped sums would not be differentiable)
     n_seeds = sum(1 if kind is Seeds.COTANGENT else out_shape[1:].numel() for kind in demand.seed_kinds())
-    if demand.chunk_size is not None and demand.chunk_size < n_seeds and not tape.coupled:
+    if demand.chunk_size is not None and demand.chunk_size < n_seeds:  # coupled: N x chunk_size seeds at a time
         return ChunkedPullBack
     return PullBack

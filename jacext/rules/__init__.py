@@ -20,7 +20,10 @@ add, each with its own decorator on the same class: a norm rule (:func:`register
 own backward (:func:`register_backward`), the factors of its Jacobian for the NTK
 (:func:`register_ntk_factors`) and a policy for calls that couple samples
 (:func:`register_policy`). Classes are matched exactly (no ``isinstance``), as in BackPACK: a
-subclass may change ``forward`` and needs its own registration. Adding a layer is adding one
+subclass may change ``forward`` and needs its own registration. Except for classes with a
+policy (BatchNorm), whose subclasses behave alike where it matters: a subclass without an entry
+of its own gets the policy of its nearest registered base, and the whole entry (the rule too)
+where it keeps that base's ``forward``. Adding a layer is adding one
 file to this package. Classes of optional libraries (HuggingFace's ``Conv1D``, timm's
 ``BatchNormAct2d``) are registered by their full name, ``"module.QualName"``, so that jacext
 imports none of them.
@@ -77,16 +80,36 @@ Class = Union[Type[nn.Module], str]  # a class, or the full name of one jacext d
 
 
 def layer_of(module: nn.Module) -> Layer:
-    """The registry's entry for ``type(module)`` (an empty one if it has none)."""
+    """The registry's entry for ``type(module)`` (an empty one if it has none; for a subclass of
+    a class with a policy, what it inherits: see above)."""
     cls = type(module)
     layer = LAYERS.get(cls)
-    return layer if layer is not None else NAMED.get(f"{cls.__module__}.{cls.__qualname__}", _NONE)
+    if layer is None:
+        layer = NAMED.get(f"{cls.__module__}.{cls.__qualname__}")
+    if layer is None:
+        layer = _INHERITED.get(cls)
+    if layer is None:
+        layer = _INHERITED[cls] = _inherited(cls)
+    return layer
+
+
+def _inherited(cls: type) -> Layer:
+    for base in cls.__mro__[1:]:
+        entry = LAYERS.get(base) or NAMED.get(f"{base.__module__}.{base.__qualname__}")
+        if entry is not None:
+            if entry.policy is None:
+                return _NONE
+            same_forward = getattr(cls, "forward", None) is getattr(base, "forward", None)
+            return entry if same_forward else Layer(policy=entry.policy)
+    return _NONE
 
 
 _NONE = Layer()
+_INHERITED: Dict[type, Layer] = {}  # classes without an entry of their own, looked up once
 
 
 def _update(classes, **fields) -> None:
+    _INHERITED.clear()
     for cls in classes:
         table: Dict[Any, Layer] = NAMED if isinstance(cls, str) else LAYERS
         table[cls] = replace(table.get(cls, _NONE), **fields)

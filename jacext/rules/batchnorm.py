@@ -9,13 +9,21 @@ batchnorm=...)``: ``"eval"`` runs BatchNorm on its running statistics in the for
 that jacext records (they are then not updated), ``"exact"`` differentiates each sample's
 output through the batch statistics: the tape then seeds every sample separately (N times
 the cost) and this rule's xhat uses the batch statistics. Without a choice jacext raises.
+
+The choice applies by behaviour: to subclasses (this rule too where they keep BatchNorm's
+forward), to layers added after ``extend``, and to any forward that calls
+``F.batch_norm(..., training=True)`` on the batch (:func:`at_batch_statistics`).
 """
+
+import sys
+from types import FrameType
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import nn
 
 from jacext.errors import JacextError
-from jacext.rules import register, register_policy
+from jacext.rules import layer_of, register, register_policy
 from jacext.rules.util import affine_jacobians, running_stats_xhat
 from jacext.state import module_label, option
 
@@ -31,9 +39,8 @@ def _synchronised(module: nn.Module) -> bool:
     """A SyncBatchNorm whose statistics span processes: samples of other ranks are not in reach."""
     import torch.distributed as dist
 
-    return (
-        type(module) is nn.SyncBatchNorm and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    )
+    synchronising = isinstance(module, nn.SyncBatchNorm) and dist.is_available() and dist.is_initialized()
+    return synchronising and dist.get_world_size() > 1
 
 
 def couples_samples(module: nn.Module) -> bool:
@@ -64,6 +71,64 @@ def require_choice(module: nn.Module) -> None:
             "sample's output through the batch statistics (N times the cost; not for a SyncBatchNorm "
             "synchronised across processes), or module.eval()."
         )
+
+
+def at_batch_statistics(tape, args, kwargs) -> None:
+    """While ``tape`` records, an operation on the batch that normalises with its statistics
+    (``F.batch_norm(..., training=True)``). Inside a layer with this policy (BatchNorm, its
+    subclasses, timm's BatchNormAct2d) the policy has checked the choice before the call.
+    Elsewhere (a forward that calls ``F.batch_norm`` itself) the choice of the module running it
+    applies: "error" raises, "eval" has no layer to switch to running statistics and raises,
+    "exact" couples the samples. With "exact", a running module that the generic rule will
+    differentiate is refused: that rule runs its forward one sample at a time, on that sample's
+    statistics alone."""
+    training = kwargs.get("training", args[5] if len(args) > 5 else False)
+    if not training:
+        return
+    module = _running_module()
+    where = f"the forward of {module_label(module)}" if module is not None else "the extended model's forward"
+    policed = module is not None and layer_of(module).policy is not None
+    choice = option(module, "batchnorm") if module is not None else None
+    choice = choice or option(tape.root, "batchnorm", "error")
+    if not policed and choice != "exact":
+        raise JacextError(
+            f"F.batch_norm in {where} normalises with batch statistics (training=True), so each sample's "
+            "output depends on the whole batch"
+            + (
+                "; batchnorm='eval' switches BatchNorm layers to their running statistics, but this call is "
+                "no BatchNorm layer. "
+                if choice == "eval"
+                else ". "
+            )
+            + "Choose jacext.extend(model, batchnorm='exact') for the Jacobian of each sample's output through "
+            "the batch statistics (N times the cost), or normalise with running statistics there "
+            "(training=False, or an nn.BatchNorm layer with batchnorm='eval')."
+        )
+    generic = next((m for m in tape.uses.stack if layer_of(m).rule is None), None)
+    if generic is not None:
+        inside = "" if generic is module else f" inside module {module_label(generic)}"
+        own = isinstance(generic, nn.modules.batchnorm._BatchNorm)
+        raise JacextError(
+            f"F.batch_norm in {where} normalises with batch statistics (batchnorm='exact'){inside}, and that "
+            "module has no hand-written jacext rule: the generic rule differentiates it one sample at a time, "
+            "on that sample's statistics alone, which is not exact. Use batchnorm='eval' (running statistics), "
+            + ("keep BatchNorm's own forward (do not override it), " if own else "")
+            + "or register a rule for its class with jacext.rules.register."
+        )
+    tape.coupled = True
+
+
+def _running_module() -> Optional[nn.Module]:
+    """The module whose forward (or a function it calls) is running: the innermost frame of a
+    method of an ``nn.Module``."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        if "self" in frame.f_code.co_varnames:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module):
+                return owner
+        frame = frame.f_back
+    return None
 
 
 def recording_mode(module: nn.Module):

@@ -1,13 +1,11 @@
 """What jacext refuses up front, with an error that says what to do: a ClipGrad it cannot
-serve, results or cotangents that cannot fit in memory
+serve, results, seeds (all C of them, or a chunk) or cotangents that cannot fit in memory
 (pointing to fewer outputs or ``chunk_size``), a ``chunk_size`` that is not positive.
 """
 
 import pytest
 import torch
 from backpack import backpack
-from common_models import compiled_model
-from reference import assert_close, loop_jacobian
 from torch import nn
 
 import jacext
@@ -31,18 +29,6 @@ def test_clip_grad_it_cannot_serve_is_an_error_before_anything_is_set(exts, buil
     assert untouched(model, exts[0]) and nothing_left_behind()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_batch_jacobian_on_a_compiled_module():
-    """torch.compile breaks its graph at jacext's torch-function mode: the layers run as recorded."""
-    model = compiled_model()
-    x = torch.randn(3, 4, dtype=torch.float64)
-    expected = loop_jacobian(model, x)
-    with backpack(jacext.BatchJacobian()):
-        model(x).sum().backward()
-    for name, p in model.named_parameters():
-        assert_close(p.jacobian, expected[name], torch.float64, name)
-
-
 def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
     monkeypatch.setattr(jacext.engine.memory, "available_bytes", lambda device, wanted=0: 1000)
     model = jacext.extend(nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 10)))
@@ -57,6 +43,30 @@ def test_results_that_cannot_fit_are_refused_before_allocating(monkeypatch):
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="chunk_size"):
         jacext.BatchJacobian(chunk_size=0)
+
+
+class Wide(nn.Module):
+    """C = ``c`` outputs per sample from four parameters: out[n, i] = w_i lin(x_n)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+        self.register_buffer("w", torch.linspace(-1, 1, c))
+
+    def forward(self, x):
+        return self.lin(x) * self.w
+
+
+@pytest.mark.parametrize("chunk", [None, 30_000], ids=["unchunked", "chunk_too_large"])
+def test_seeds_that_cannot_fit_are_jacexts_error_naming_chunk_size(chunk):
+    """C = 60000 outputs of 64 samples: all seeds are 60000 x 64 x 60000 floats (860 GiB), half
+    of them 430 GiB; refused with their size before anything is allocated or written."""
+    model = jacext.extend(Wide(60_000))
+    ext = jacext.BatchJacobian(chunk_size=chunk)
+    advice = "Pass chunk_size" if chunk is None else r"smaller chunk_size to BatchJacobian \(now 30000\)"
+    with backpack(ext), pytest.raises(jacext.JacextError, match=rf"seeds .* GiB on cpu.*{advice}"):
+        model(torch.randn(64, 3)).sum().backward()
+    assert untouched(model, ext) and nothing_left_behind()
 
 
 def test_cotangents_that_cannot_fit_point_to_chunk_size(monkeypatch):
