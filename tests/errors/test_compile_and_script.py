@@ -94,15 +94,24 @@ def test_inductor_gives_the_loops_numbers(build):
 
 
 @pytest.mark.skipif(not inductor_available(), reason="inductor needs a C++ compiler")
-def test_a_backward_compiled_with_donated_buffers_is_a_clear_error():
-    """Inductor lets a backward whose saved tensors it can reuse run only once (the MLP's, here);
-    the pull-back runs it before the ordinary backward."""
+def test_a_backward_compiled_with_donated_buffers_is_exact_or_a_clear_error():
+    """Inductor lets a backward whose saved tensors it can reuse run only once; the pull-back runs
+    it before the ordinary backward. Whether inductor donates them depends on where the graph
+    breaks: either the loop's numbers or the error naming the option, never a crash."""
     model = jacext.extend(mlp().double())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    expected = loop_jacobian(model, x)
     model.compile()
     ext = jacext.BatchJacobian()
-    with backpack(ext), pytest.raises(jacext.JacextError, match=r"donated_buffer = False"):
-        model(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
-    assert untouched(model, ext) and nothing_left_behind()
+    try:
+        with backpack(ext):
+            model(x).sum().backward()
+    except jacext.JacextError as error:
+        assert "donated_buffer = False" in str(error)
+        assert untouched(model, ext) and nothing_left_behind()
+        return
+    for name, p in model.named_parameters():
+        assert_close(p.jacobian, expected[name], torch.float64, name)
 
 
 def test_scripting_an_extended_model_says_what_to_do():
