@@ -18,7 +18,8 @@ How an operation moves the batch is read off the operation itself, in three ways
 elementwise operations (the output's shape is the broadcast of the inputs') keep it,
 aligned from the right; operations that move values (views, permutations, indexing,
 concatenation) are run once more on a probe whose values are each element's sample + 1,
-and the output's probe says where every sample went (cached per signature); reductions,
+and the output's probe says where every sample went (cached per signature of shapes, unless
+indices or masks, whose values decide it, are among the arguments); reductions,
 products and the layer functions are known by name. An operation outside all three gets
 :class:`Opaque`; a layer called on such a tensor raises, naming the operation.
 """
@@ -268,7 +269,9 @@ class BatchTracker:
         each output's samples went."""
         flat, spec = tree_flatten((args, kwargs))
         key = (func, tuple(_signature(a, self.tags.get(a) if isinstance(a, Tensor) else None) for a in flat))
-        cacheable = all(not isinstance(a, Tensor) or a.dim() > 0 or a.numel() == 1 for a in flat)
+        # the signature holds shapes, not values: integer and boolean tensors beside the data
+        # (indices, masks, the lengths of packed sequences) move the batch by their values
+        cacheable = all(not isinstance(a, Tensor) or i == 0 or _probed_by_sample(a) for i, a in enumerate(flat))
         try:
             hash(key)
         except TypeError:
@@ -298,7 +301,7 @@ class BatchTracker:
         """``t``'s probe; integer and boolean tensors that are not the operation's data (indices,
         masks) stay as they are, and may not depend on the batch."""
         g = self.tags.get(t)
-        floating = t.is_floating_point() or t.is_complex()
+        floating = _probed_by_sample(t)
         if not (floating or data):  # indices and masks move the probe as they move the data
             return t
         dtype = torch.float64 if floating else torch.int64
@@ -361,6 +364,12 @@ def _permuted(name, args, kwargs, g: Layout, ndim: int, out_ndim: int) -> Option
     if len(order) != ndim:
         return None
     return Layout(order.index(g.dim), g.rows)
+
+
+def _probed_by_sample(t: Tensor) -> bool:
+    """Whether a tensor beside an operation's data gets a probe (floating point: values), rather
+    than moving the probe by its own values (integers and booleans: indices, masks)."""
+    return t.is_floating_point() or t.is_complex()
 
 
 class _Stale(Exception):
