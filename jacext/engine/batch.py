@@ -288,10 +288,11 @@ class BatchTracker:
         if name in {"__setitem__", "copy_"}:
             out = probes[0]
         results = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]
+        data = next((t, g) for t in flat if isinstance(t, Tensor) for g in [self.tags.get(t)] if isinstance(g, Layout))
         if any(p.numel() == 0 for p in results):  # nothing to read: where the batch's size is
-            return _unique_size(name, next((t, g) for t in flat if isinstance(t, Tensor)
-                                           for g in [self.tags.get(t)] if isinstance(g, Layout)), outs)
-        tags = [_read(p, name) for p in results]
+            return _unique_size(name, data, outs)
+        dims = [_PACKED[name](args)] + [None] * (len(results) - 1) if name in _PACKED else [None] * len(results)
+        tags = [_read(p, name, data[1].dim, d) for p, d in zip(results, dims, strict=True)]
         result = tags[0] if len(tags) == 1 else tags
         if cacheable:
             self._probed[key] = result
@@ -427,14 +428,20 @@ def _signature(a, tag):
 _ID = 2**30  # probe value of sample 0; values below are no sample's (zeros, padding constants)
 
 
-def _read(p: Tensor, name: str):
-    """The layout a probe shows: the one dimension along which the samples vary."""
+# where the packing of sequences puts the batch (args[2]: batch_first): the probe of a single
+# sample cannot tell the packed rows (T, F) of a fold from a feature dim of size 1
+_PACKED = {"_pack_padded_sequence": lambda args: 0, "_pad_packed_sequence": lambda args: 0 if args[2] else 1}
+
+
+def _read(p: Tensor, name: str, prior: int, dim: Optional[int] = None):
+    """The layout a probe shows: the one dimension along which the samples vary (``dim``: the
+    one the operation is known to put them in; ``prior``: the batch dimension of its data)."""
     p = p.to(torch.float64)
     p = torch.where((p >= _ID) & (p == p.round()), p - (_ID - 1), 0.0)
     if p.numel() == 0 or not bool((p > 0).any()):
         return None
     candidates = []
-    for d in range(p.dim()):
+    for d in range(p.dim()) if dim is None else [dim]:
         others = [i for i in range(p.dim()) if i != d]
         hi = p.amax(dim=others) if others else p
         lo = torch.where(p > 0, p, torch.inf).amin(dim=others) if others else p
@@ -442,8 +449,9 @@ def _read(p: Tensor, name: str):
             present = hi[hi > 0]
             distinct = int(present.unique().numel())
             # most samples told apart; then one index per sample (a single sample is in every
-            # dimension of its values; the batch is where it has one index)
-            candidates.append(((distinct, distinct == present.numel(), present.numel(), -d), d, hi))
+            # dimension of its values; the batch is where it has one index, else folded where
+            # it was: x.reshape(-1, F))
+            candidates.append(((distinct, distinct == present.numel(), d == prior, present.numel(), -d), d, hi))
     if not candidates:
         return Opaque(f"{name} spreading the batch over several dimensions", mixed=False)
     _, d, hi = max(candidates, key=lambda c: c[0])
@@ -559,6 +567,8 @@ def place(
     if all(g is None for g in tags):  # a value shared by all samples: its derivatives separate where it meets the batch
         return Placement([], [], free=True)
     first = next((i for i, t in enumerate(flat_inputs) if isinstance(t, Tensor)), None)
+    if tracker.n == 1 and layer.rule is not None and first is not None:
+        return _one_sample(layer, module, flat_inputs[first], plain)
     lead = tags[first] if first is not None else None
     if first is None or not isinstance(lead, Layout):
         return plain
@@ -580,6 +590,18 @@ def place(
         f"dimension {expected}. Call it with the batch where the layer expects it (batch_first), or "
         "move the batch there (x.transpose(0, 1)) before the call."
     )
+
+
+def _one_sample(layer, module, x: Tensor, plain: Placement) -> Placement:
+    """A batch of one sample: every index of every dimension of ``x`` is that sample's, and the
+    probes cannot tell which dimension would hold more (the rows of packed sequences, a seq-first
+    stack, a fold with a dim of size 1 look alike). The rule reads its batch where it expects
+    it; its rows are all the sample's, and their results summed are its result."""
+    expected = layer.batch_dim(module) if layer.batch_dim is not None else 0
+    size = x.shape[expected] if x.dim() > expected else 1
+    if size == 1:
+        return plain
+    return Placement(plain.in_dims, plain.out_dims, rows=torch.zeros(size, dtype=torch.long, device=x.device))
 
 
 def _folded(rows: Tensor, n: int, size: int) -> bool:

@@ -1,13 +1,16 @@
-"""Bugs the fuzzer (tests/fuzz) found that only a sequence of models in one process shows.
+"""Bugs of the batch tracker (jacext/engine/batch.py) that the fuzzer (tests/fuzz) found.
 
-Each test runs its models one after the other, as a hypothesis worker runs its examples, from
-an empty cache of the batch tracker's probes (``BatchTracker._probed``, shared by every model
-of the process), and compares each model's Jacobians with the loop of ``tests/reference.py``.
+A leak between models: tests run models one after the other, as a hypothesis worker runs its
+examples, from an empty cache of the tracker's probes (``BatchTracker._probed``, shared by
+every model of the process). A batch of one sample, whose probes cannot tell the batch's
+dimension from others. Each model's Jacobians are compared with the loop of
+``tests/reference.py``, its per-sample gradients with the loop too.
 """
 
 import pytest
 import torch
-from reference import assert_close, loop_jacobian
+from backpack import backpack
+from reference import assert_close, loop_grad_batch, loop_jacobian
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -24,6 +27,14 @@ def check(model, x):
     expected = loop_jacobian(model, x)
     for name, value in jacext.jacobian(model, x).items():
         assert_close(value, expected[name], torch.float64, name)
+    loss = nn.MSELoss(reduction="sum")
+    y = torch.randn(model(x).shape, dtype=torch.float64)
+    expected = loop_grad_batch(model, loss, y, x)
+    jacext.extend(model)
+    with backpack(jacext.BatchGrad()):
+        loss(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, expected[name], torch.float64, name)
 
 
 class Packed(nn.Module):
@@ -79,3 +90,68 @@ def test_indices_of_the_same_shape_with_other_values():
     x = torch.randn(3, 2, dtype=torch.float64)
     check(Reordered([1, 2, 0]).double(), x)
     check(Reordered([2, 0, 1]).double(), x)
+
+
+class PackedInto(nn.Module):
+    """A packed GRU (features F, hidden 2) followed by a layer with a rule on its padded output."""
+
+    def __init__(self, features, layer):
+        super().__init__()
+        self.rnn, self.layer = nn.GRU(features, 2, batch_first=True), layer
+
+    def forward(self, x):
+        lengths = (x[..., 0] > 0).sum(1).clamp(min=1)
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out = pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+        return self.layer(out).flatten(1)
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bilinear = nn.Bilinear(2, 2, 2)
+
+    def forward(self, x):
+        return self.bilinear(x, torch.tanh(x))
+
+
+class Folded(nn.Module):
+    """The positions folded into the batch, x.reshape(-1, F), for the layer, and unfolded."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.reshape(-1, x.shape[-1])).reshape(x.shape[0], -1)
+
+
+class Squared(nn.Module):
+    """No hand-written rule (the generic rule): x (W * W)^T."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x):
+        return x @ (self.W * self.W).T
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: PackedInto(1, nn.PReLU()), (3, 1)), (lambda: PackedInto(1, Pair()), (3, 1)),
+     (lambda: Folded(nn.Linear(3, 2)), (2, 3)), (lambda: Folded(Squared()), (2, 3))],
+    ids=["packed_prelu", "packed_bilinear", "folded_linear", "folded_generic"],
+)
+@pytest.mark.parametrize("n", [1, 3])
+def test_a_batch_of_one_sample(make, shape, n):
+    """Found by the fuzzer (packed RNN -> PReLU or Bilinear, N = 1: "receives the batch in
+    dimension 2", a shape error in the rule, "whose first dimension is not the batch"): with one
+    sample, the probe of the packed rows (T, 1) showed the sample in both dimensions and the
+    tracker chose the one of size 1, the features; a fold x.reshape(-1, 3) of (1, 2, 3) put the
+    batch in the longer dimension, the features. The packing is known to put the batch in dim 0,
+    a fold keeps it where it was, and a layer with a rule reads a single sample where it expects
+    its batch, every row of it the sample's."""
+    x = torch.randn(n, *shape, dtype=torch.float64)
+    x[0, :, 0] = torch.tensor([1.0, 1.0, -1.0][: shape[0]])  # a packed length of 2
+    check(make().double(), x)
