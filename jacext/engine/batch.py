@@ -163,8 +163,10 @@ class BatchTracker:
             return
         live = [(t, g) for t, g in tagged if not (isinstance(g, Opaque) and g.inert)]  # inert: indices, masks
         opaque = [g for _, g in live if isinstance(g, Opaque)]
-        if opaque:
-            tag: object = opaque[0]
+        if name == "embedding_bag" and flat[0].dim() == 1 and not any(g.mixed for g in opaque):
+            tag: object = _bags(outs, self.n)  # the tokens' own layout may be ambiguous (all bags empty)
+        elif opaque:
+            tag = opaque[0]
         elif not live:
             tag = tagged[0][1]
         else:
@@ -234,6 +236,14 @@ class BatchTracker:
             return _matmul(name, args, layouts, outs)
         if name == "einsum":
             return _einsum(args, layouts, outs)
+        # layer functions whose arguments may broadcast by chance (sizes all equal): before the shapes
+        if name == "multi_head_attention_forward":  # (output like the query, weights (N, L, S))
+            return [Layout(layouts[0][1].dim, layouts[0][1].rows)] + [Layout(0, layouts[0][1].rows)] * (len(outs) - 1)
+        if name in {"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"} and layouts[0][0] is args[0]:
+            g = layouts[0][1]
+            return [Layout(g.dim, g.rows)] * len(outs) if len(outs) > 1 else Layout(g.dim, g.rows)
+        if name in {"lstm", "gru", "rnn_tanh", "rnn_relu"}:
+            return _recurrent(name, args, layouts[0], outs)
         out = outs[0]
         shapes = [t.shape for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         try:
@@ -246,15 +256,6 @@ class BatchTracker:
             if len(dims) == 1 and all(Layout(0, r) == Layout(0, rows[0]) for r in rows):
                 return Layout(dims.pop(), rows[0])
             return Opaque(f"{name} combining tensors whose batch dimensions differ", mixed=True)
-        if name == "multi_head_attention_forward":  # (output like the query, weights (N, L, S))
-            return [Layout(layouts[0][1].dim, layouts[0][1].rows)] + [Layout(0, layouts[0][1].rows)] * (len(outs) - 1)
-        if name in {"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"} and layouts[0][0] is args[0]:
-            g = layouts[0][1]
-            return [Layout(g.dim, g.rows)] * len(outs) if len(outs) > 1 else Layout(g.dim, g.rows)
-        if name in {"lstm", "gru", "rnn_tanh", "rnn_relu"}:
-            return _recurrent(name, args, layouts[0], outs)
-        if name == "embedding_bag" and layouts[0][0].dim() == 1:  # flat indices with offsets: a sample per bag
-            return [Layout(0)] + [None] * (len(outs) - 1)
         if name in _ROWS:
             t, g = layouts[0]
             if g.dim == 0 or name in {"linear", "embedding", "layer_norm", "rms_norm", "one_hot"}:
@@ -392,6 +393,13 @@ def _unique_size(name, first, outs):
         dims = [d for d in range(o.dim()) if o.shape[d] == t.shape[g.dim]]
         tags.append(Layout(dims[0]) if len(dims) == 1 else Opaque(f"{name} (sizes ambiguous)", mixed=False))
     return tags[0] if len(tags) == 1 else tags
+
+
+def _bags(outs, n: int) -> list:
+    """EmbeddingBag on flat indices with offsets: one bag per sample, whatever the tokens' layout."""
+    if outs[0].shape[0] != n:
+        return [Opaque("embedding_bag with other than one bag per sample", mixed=False)] + [None] * (len(outs) - 1)
+    return [Layout(0)] + [None] * (len(outs) - 1)
 
 
 def _recurrent(name, args, first, outs):
@@ -557,7 +565,9 @@ def place(
     dimension (``move``, or an error for layers with a layout flag), or folded with another
     dimension in order (``rows``). An input whose batch the tracker cannot follow but that
     mixes no samples leaves the rule to read its leading dimension, as it always has."""
-    plain = Placement([None] * len(flat_inputs), [0] * len(outputs), plain=True)
+    # the leading dimension of the tensors of N entries, as the generic rule reads it by default
+    leading = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == tracker.n else None for t in flat_inputs]
+    plain = Placement(leading, [0] * len(outputs), plain=True)
     if layer.rule is not None and args and not isinstance(args[0], Tensor):  # PackedSequence: the rule's own
         return plain
     tags = [tracker.tag(t) if isinstance(t, Tensor) else None for t in flat_inputs]

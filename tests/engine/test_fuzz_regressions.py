@@ -9,6 +9,7 @@ dimension from others. Each model's Jacobians are compared with the loop of
 
 import pytest
 import torch
+import torch.nn.functional as F
 from backpack import backpack
 from reference import assert_close, loop_grad_batch, loop_jacobian
 from torch import nn
@@ -155,3 +156,59 @@ def test_a_batch_of_one_sample(make, shape, n):
     x = torch.randn(n, *shape, dtype=torch.float64)
     x[0, :, 0] = torch.tensor([1.0, 1.0, -1.0][: shape[0]])  # a packed length of 2
     check(make().double(), x)
+
+
+class Bags(nn.Module):
+    """EmbeddingBag (max) on the tokens >= 0 of each sample, flattened, with offsets."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.bag, self.layer = nn.EmbeddingBag(2, 2, mode="max"), layer
+
+    def forward(self, x):
+        keep = x >= 0
+        counts = keep.sum(1)
+        return self.layer(self.bag(x[keep], torch.cat([counts.new_zeros(1), counts.cumsum(0)])[:-1]))
+
+
+class Scale(nn.Module):
+    """No hand-written rule (the generic rule): x * w."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def test_embedding_bags_that_are_all_empty():
+    """Found by the fuzzer: with every bag empty the flat tokens have no entries, so their layout
+    is unknown, and the bags' output (one per sample) got none either: the generic rule of the
+    next module, left to read the batch from its input's leading dimension, read it from none
+    (a shape error)."""
+    model = nn.Sequential(Bags(Scale()), nn.Linear(2, 2)).double()
+    check(model, torch.full((2, 1), -1))
+    check(model, torch.tensor([[-1], [1]]))
+
+
+class CrossAttention(nn.Module):
+    """Seq-first cross-attention (kdim = vdim = 1) with a per-sample float mask, N = L = S = E = 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(2, 1, bias=False, kdim=1, vdim=1)
+
+    def forward(self, x):
+        mask = -F.softplus(x[..., :1] - x.flip(1)[..., :1].transpose(1, 2))
+        x = x.transpose(0, 1)
+        key = x.flip(0)[..., :1]
+        return self.mha(x, key, key, attn_mask=mask, need_weights=False)[0].transpose(0, 1).flatten(1)
+
+
+def test_attention_whose_arguments_broadcast_by_chance():
+    """Found by the fuzzer: with all sizes equal, the arguments of multi_head_attention_forward
+    broadcast to its output's shape, and the tracker took it for an elementwise operation of
+    inputs with the batch in different dimensions (the seq-first query, the batch-first mask):
+    "combines several samples". Layer functions are known by name before shapes are compared."""
+    check(nn.Sequential(CrossAttention(), nn.Linear(4, 2)).double(), torch.randn(2, 2, 2, dtype=torch.float64))
