@@ -1,4 +1,5 @@
-"""Bugs of the batch tracker (jacext/engine/batch.py) that the fuzzer (tests/fuzz) found.
+"""Bugs the fuzzer (tests/fuzz) found: in the batch tracker (jacext/engine/batch.py), and
+results of an earlier batch left in place by a refusal at forward time (jacext/engine/hooks.py).
 
 A leak between models: tests run models one after the other, as a hypothesis worker runs its
 examples, from an empty cache of the tracker's probes (``BatchTracker._probed``, shared by
@@ -212,3 +213,30 @@ def test_attention_whose_arguments_broadcast_by_chance():
     inputs with the batch in different dimensions (the seq-first query, the batch-first mask):
     "combines several samples". Layer functions are known by name before shapes are compared."""
     check(nn.Sequential(CrossAttention(), nn.Linear(4, 2)).double(), torch.randn(2, 2, 2, dtype=torch.float64))
+
+
+class ComplexHead(nn.Module):
+    """|x W^T| with a complex parameter W."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 3, dtype=torch.complex128))
+
+    def forward(self, x):
+        return (x.to(torch.complex128) @ self.w.T).abs()
+
+
+def test_a_refusal_in_the_forward_leaves_no_result_of_an_earlier_batch():
+    """Found by the fuzzer's refusals: the complex parameter is refused as the forward records
+    it, but the real parameters kept the results of the batch before (4 samples, where the
+    refused batch had 5). A forward pass that raises drops every result of the model."""
+    model = jacext.extend(nn.Sequential(nn.Linear(3, 3), ComplexHead()).double())
+    model[1].w.requires_grad_(False)
+    with backpack(jacext.BatchGrad()):
+        model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    assert all(hasattr(p, "grad_batch") for p in model[0].parameters())
+    model.zero_grad(set_to_none=True)
+    model[1].w.requires_grad_(True)
+    with pytest.raises(jacext.JacextError, match="complex"), backpack(jacext.BatchGrad()):
+        model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
+    assert not any(hasattr(p, "grad_batch") or p.grad is not None for p in model.parameters())
