@@ -609,7 +609,7 @@ def _one_sample(layer, module, x: Tensor, plain: Placement) -> Placement:
     it; its rows are all the sample's, and their results summed are its result."""
     expected = layer.batch_dim(module) if layer.batch_dim is not None else 0
     size = x.shape[expected] if x.dim() > expected else 1
-    if size == 1:
+    if size <= 1:  # (0: the flat tokens of empty bags, whose rule reads the offsets)
         return plain
     return Placement(plain.in_dims, plain.out_dims, rows=torch.zeros(size, dtype=torch.long, device=x.device))
 

@@ -191,6 +191,7 @@ def test_embedding_bags_that_are_all_empty():
     model = nn.Sequential(Bags(Scale()), nn.Linear(2, 2)).double()
     check(model, torch.full((2, 1), -1))
     check(model, torch.tensor([[-1], [1]]))
+    check(model, torch.full((1, 1), -1))  # one sample: the bag's rule reads the offsets, not the 0 tokens
 
 
 class CrossAttention(nn.Module):
