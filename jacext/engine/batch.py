@@ -18,7 +18,8 @@ How an operation moves the batch is read off the operation itself, in three ways
 elementwise operations (the output's shape is the broadcast of the inputs') keep it,
 aligned from the right; operations that move values (views, permutations, indexing,
 concatenation) are run once more on a probe whose values are each element's sample + 1,
-and the output's probe says where every sample went (cached per signature); reductions,
+and the output's probe says where every sample went (cached per signature of shapes, unless
+indices or masks, whose values decide it, are among the arguments); reductions,
 products and the layer functions are known by name. An operation outside all three gets
 :class:`Opaque`; a layer called on such a tensor raises, naming the operation.
 """
@@ -169,8 +170,10 @@ class BatchTracker:
             return
         live = [(t, g) for t, g in tagged if not (isinstance(g, Opaque) and g.inert)]  # inert: indices, masks
         opaque = [g for _, g in live if isinstance(g, Opaque)]
-        if opaque:
-            tag: object = opaque[0]
+        if name == "embedding_bag" and flat[0].dim() == 1 and not any(g.mixed for g in opaque):
+            tag: object = _bags(outs, self.n)  # the tokens' own layout may be ambiguous (all bags empty)
+        elif opaque:
+            tag = opaque[0]
         elif not live:
             tag = tagged[0][1]
         else:
@@ -240,6 +243,14 @@ class BatchTracker:
             return _matmul(name, args, layouts, outs)
         if name == "einsum":
             return _einsum(args, layouts, outs)
+        # layer functions whose arguments may broadcast by chance (sizes all equal): before the shapes
+        if name == "multi_head_attention_forward":  # (output like the query, weights (N, L, S))
+            return [Layout(layouts[0][1].dim, layouts[0][1].rows)] + [Layout(0, layouts[0][1].rows)] * (len(outs) - 1)
+        if name in {"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"} and layouts[0][0] is args[0]:
+            g = layouts[0][1]
+            return [Layout(g.dim, g.rows)] * len(outs) if len(outs) > 1 else Layout(g.dim, g.rows)
+        if name in {"lstm", "gru", "rnn_tanh", "rnn_relu"}:
+            return _recurrent(name, args, layouts[0], outs)
         out = outs[0]
         shapes = [t.shape for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         try:
@@ -252,15 +263,6 @@ class BatchTracker:
             if len(dims) == 1 and all(Layout(0, r) == Layout(0, rows[0]) for r in rows):
                 return Layout(dims.pop(), rows[0])
             return Opaque(f"{name} combining tensors whose batch dimensions differ", mixed=True)
-        if name == "multi_head_attention_forward":  # (output like the query, weights (N, L, S))
-            return [Layout(layouts[0][1].dim, layouts[0][1].rows)] + [Layout(0, layouts[0][1].rows)] * (len(outs) - 1)
-        if name in {"lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"} and layouts[0][0] is args[0]:
-            g = layouts[0][1]
-            return [Layout(g.dim, g.rows)] * len(outs) if len(outs) > 1 else Layout(g.dim, g.rows)
-        if name in {"lstm", "gru", "rnn_tanh", "rnn_relu"}:
-            return _recurrent(name, args, layouts[0], outs)
-        if name == "embedding_bag" and layouts[0][0].dim() == 1:  # flat indices with offsets: a sample per bag
-            return [Layout(0)] + [None] * (len(outs) - 1)
         if name in _ROWS:
             t, g = layouts[0]
             if g.dim == 0 or name in {"linear", "embedding", "layer_norm", "rms_norm", "one_hot"}:
@@ -275,7 +277,9 @@ class BatchTracker:
         each output's samples went."""
         flat, spec = tree_flatten((args, kwargs))
         key = (func, tuple(_signature(a, self.tags.get(a) if isinstance(a, Tensor) else None) for a in flat))
-        cacheable = all(not isinstance(a, Tensor) or a.dim() > 0 or a.numel() == 1 for a in flat)
+        # the signature holds shapes, not values: integer and boolean tensors beside the data
+        # (indices, masks, the lengths of packed sequences) move the batch by their values
+        cacheable = all(not isinstance(a, Tensor) or i == 0 or _probed_by_sample(a) for i, a in enumerate(flat))
         try:
             hash(key)
         except TypeError:
@@ -292,10 +296,11 @@ class BatchTracker:
         if name in {"__setitem__", "copy_"}:
             out = probes[0]
         results = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]
+        data = next((t, g) for t in flat if isinstance(t, Tensor) for g in [self.tags.get(t)] if isinstance(g, Layout))
         if any(p.numel() == 0 for p in results):  # nothing to read: where the batch's size is
-            return _unique_size(name, next((t, g) for t in flat if isinstance(t, Tensor)
-                                           for g in [self.tags.get(t)] if isinstance(g, Layout)), outs)
-        tags = [_read(p, name) for p in results]
+            return _unique_size(name, data, outs)
+        dims = [_PACKED[name](args)] + [None] * (len(results) - 1) if name in _PACKED else [None] * len(results)
+        tags = [_read(p, name, data[1].dim, d) for p, d in zip(results, dims, strict=True)]
         result = tags[0] if len(tags) == 1 else tags
         if cacheable:
             self._probed[key] = result
@@ -305,7 +310,7 @@ class BatchTracker:
         """``t``'s probe; integer and boolean tensors that are not the operation's data (indices,
         masks) stay as they are, and may not depend on the batch."""
         g = self.tags.get(t)
-        floating = t.is_floating_point() or t.is_complex()
+        floating = _probed_by_sample(t)
         if not (floating or data):  # indices and masks move the probe as they move the data
             return t
         dtype = torch.float64 if floating else torch.int64
@@ -370,6 +375,12 @@ def _permuted(name, args, kwargs, g: Layout, ndim: int, out_ndim: int) -> Option
     return Layout(order.index(g.dim), g.rows)
 
 
+def _probed_by_sample(t: Tensor) -> bool:
+    """Whether a tensor beside an operation's data gets a probe (floating point: values), rather
+    than moving the probe by its own values (integers and booleans: indices, masks)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 class _Stale(Exception):
     """A tensor's recorded layout no longer fits its shape (an in-place resize)."""
 
@@ -389,6 +400,13 @@ def _unique_size(name, first, outs):
         dims = [d for d in range(o.dim()) if o.shape[d] == t.shape[g.dim]]
         tags.append(Layout(dims[0]) if len(dims) == 1 else Opaque(f"{name} (sizes ambiguous)", mixed=False))
     return tags[0] if len(tags) == 1 else tags
+
+
+def _bags(outs, n: int) -> list:
+    """EmbeddingBag on flat indices with offsets: one bag per sample, whatever the tokens' layout."""
+    if outs[0].shape[0] != n:
+        return [Opaque("embedding_bag with other than one bag per sample", mixed=False)] + [None] * (len(outs) - 1)
+    return [Layout(0)] + [None] * (len(outs) - 1)
 
 
 def _recurrent(name, args, first, outs):
@@ -425,14 +443,20 @@ def _signature(a, tag):
 _ID = 2**30  # probe value of sample 0; values below are no sample's (zeros, padding constants)
 
 
-def _read(p: Tensor, name: str):
-    """The layout a probe shows: the one dimension along which the samples vary."""
+# where the packing of sequences puts the batch (args[2]: batch_first): the probe of a single
+# sample cannot tell the packed rows (T, F) of a fold from a feature dim of size 1
+_PACKED = {"_pack_padded_sequence": lambda args: 0, "_pad_packed_sequence": lambda args: 0 if args[2] else 1}
+
+
+def _read(p: Tensor, name: str, prior: int, dim: Optional[int] = None):
+    """The layout a probe shows: the one dimension along which the samples vary (``dim``: the
+    one the operation is known to put them in; ``prior``: the batch dimension of its data)."""
     p = p.to(torch.float64)
     p = torch.where((p >= _ID) & (p == p.round()), p - (_ID - 1), 0.0)
     if p.numel() == 0 or not bool((p > 0).any()):
         return None
     candidates = []
-    for d in range(p.dim()):
+    for d in range(p.dim()) if dim is None else [dim]:
         others = [i for i in range(p.dim()) if i != d]
         hi = p.amax(dim=others) if others else p
         lo = torch.where(p > 0, p, torch.inf).amin(dim=others) if others else p
@@ -440,8 +464,9 @@ def _read(p: Tensor, name: str):
             present = hi[hi > 0]
             distinct = int(present.unique().numel())
             # most samples told apart; then one index per sample (a single sample is in every
-            # dimension of its values; the batch is where it has one index)
-            candidates.append(((distinct, distinct == present.numel(), present.numel(), -d), d, hi))
+            # dimension of its values; the batch is where it has one index, else folded where
+            # it was: x.reshape(-1, F))
+            candidates.append(((distinct, distinct == present.numel(), d == prior, present.numel(), -d), d, hi))
     if not candidates:
         return Opaque(f"{name} spreading the batch over several dimensions", mixed=False)
     _, d, hi = max(candidates, key=lambda c: c[0])
@@ -547,7 +572,9 @@ def place(
     dimension (``move``, or an error for layers with a layout flag), or folded with another
     dimension in order (``rows``). An input whose batch the tracker cannot follow but that
     mixes no samples leaves the rule to read its leading dimension, as it always has."""
-    plain = Placement([None] * len(flat_inputs), [0] * len(outputs), plain=True)
+    # the leading dimension of the tensors of N entries, as the generic rule reads it by default
+    leading = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == tracker.n else None for t in flat_inputs]
+    plain = Placement(leading, [0] * len(outputs), plain=True)
     if layer.rule is not None and args and not isinstance(args[0], Tensor):  # PackedSequence: the rule's own
         return plain
     tags = [tracker.tag(t) if isinstance(t, Tensor) else None for t in flat_inputs]
@@ -557,6 +584,8 @@ def place(
     if all(g is None for g in tags):  # a value shared by all samples: its derivatives separate where it meets the batch
         return Placement([], [], free=True)
     first = next((i for i, t in enumerate(flat_inputs) if isinstance(t, Tensor)), None)
+    if tracker.n == 1 and layer.rule is not None and first is not None:
+        return _one_sample(layer, module, flat_inputs[first], plain)
     lead = tags[first] if first is not None else None
     if first is None or not isinstance(lead, Layout):
         return plain
@@ -578,6 +607,18 @@ def place(
         f"dimension {expected}. Call it with the batch where the layer expects it (batch_first), or "
         "move the batch there (x.transpose(0, 1)) before the call."
     )
+
+
+def _one_sample(layer, module, x: Tensor, plain: Placement) -> Placement:
+    """A batch of one sample: every index of every dimension of ``x`` is that sample's, and the
+    probes cannot tell which dimension would hold more (the rows of packed sequences, a seq-first
+    stack, a fold with a dim of size 1 look alike). The rule reads its batch where it expects
+    it; its rows are all the sample's, and their results summed are its result."""
+    expected = layer.batch_dim(module) if layer.batch_dim is not None else 0
+    size = x.shape[expected] if x.dim() > expected else 1
+    if size <= 1:  # (0: the flat tokens of empty bags, whose rule reads the offsets)
+        return plain
+    return Placement(plain.in_dims, plain.out_dims, rows=torch.zeros(size, dtype=torch.long, device=x.device))
 
 
 def _folded(rows: Tensor, n: int, size: int) -> bool:

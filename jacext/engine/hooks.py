@@ -351,8 +351,19 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     _recording.set(None)
     tape.frame = None
     tape.uses.__exit__(None, None, None)
-    if output is None:  # the forward pass raised
+    if output is None:  # the forward pass raised (a refusal of jacext's too): the last batch's results are stale
+        tape.drop_results()
         return None
+    try:
+        return _hand_on(tape, root, output)
+    except JacextError:
+        tape.drop_results()
+        raise
+
+
+def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
+    """The root's output, with the hooks that run the backward's plan on the leaves that hold
+    the samples (on aliases, handed on instead), or a refusal of an output without them."""
     if isinstance(output, Tensor) and output.dim() == 0:
         raise JacextError(
             f"the extended module ({type(root).__name__}) returned an output of shape () without a batch "

@@ -9,17 +9,18 @@ unused parameters. Model strategies put a stem, random blocks and a head togethe
 (vectors, sequences, 1-, 2- and 3-d images) or tokens (Embedding, EmbeddingBag).
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import settings
 from hypothesis import strategies as st
-from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, trainable
+from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, tolerances, trainable
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -841,17 +842,35 @@ def squared_norms(g):
     return g.square().flatten(1).sum(1) if g.dim() > 1 else g.square()
 
 
+# float32: jacext's error from the float64 loop may be this many times the float32 loop's own
+ORACLE_NOISE = 2.0
+
+
+def as_float64(t):
+    return t.double() if t.is_floating_point() else t
+
+
 @dataclass
 class Oracle:
     """What jacext must give for one model, input and loss, from the loops of ``tests/reference.py``:
     ``fields`` (savefield -> {name: value}) for BatchJacobian, BatchGrad and BatchL2Grad, ``plain``
     (the gradients without jacext, in ``trainable`` order) and the largest entry of each field
-    (the absolute floor of the comparisons)."""
+    (the absolute floor of the comparisons).
+
+    In float32 the loop itself rounds: where normalisations follow one another (BatchNorm over two
+    samples, RMSNorm over one value), each amplifies rounding by up to 1 / sqrt(eps), and the
+    float32 loop can be further from the exact values than the float32 tolerance (found by the
+    fuzzer: 2.1e-4 from the float64 loop at a largest entry of 1.0, where the floor is 1e-5;
+    jacext's float32 result was 5.3e-5 from it). A float32 result that misses the float32 loop
+    is then compared with the same loop in float64 (``in_float64``: the model and inputs as they
+    are, in float64), with the floor raised by ``ORACLE_NOISE`` times the float32 loop's own
+    error there: jacext in float32 must be as exact as autograd in float32, not more."""
 
     fields: dict
     plain: list
     scales: dict
     out_shape: torch.Size
+    in_float64: Optional[Callable[[], "Oracle"]] = None
 
     @classmethod
     def of(cls, model, lossfunc, y, x):
@@ -861,7 +880,35 @@ class Oracle:
         fields = {"jacobian": jac, "grad_batch": grad, "batch_l2": {k: squared_norms(g) for k, g in grad.items()}}
         dtype = out.dtype
         scales = {field: scale_of(values, dtype, 2 if field == "batch_l2" else 1) for field, values in fields.items()}
-        return cls(fields, plain, scales, out.shape)
+        in_float64 = None
+        if dtype == torch.float32:
+            twin = copy.deepcopy(model)
+            exact: list = []  # computed once, on demand
+
+            def in_float64():
+                if not exact:
+                    exact.append(cls.of(twin.double(), lossfunc, as_float64(y), as_float64(x)))
+                return exact[0]
+
+        return cls(fields, plain, scales, out.shape, in_float64)
+
+    def assert_close(self, got, field, name, dtype, what):
+        """``got`` is the oracle's ``field`` of parameter ``name``, to the precision above."""
+        expected = self.fields[field][name]
+        try:
+            assert_close(got, expected, dtype, what, self.scales[field])
+        except AssertionError:
+            if self.in_float64 is None:
+                raise
+            exact = self.in_float64().fields[field]
+            noise = max(((self.fields[field][k].double() - v).abs().max().item() for k, v in exact.items()
+                         if v.numel()), default=0.0)
+            rtol, atol = tolerances(dtype)
+            floor = atol * self.scales[field] + ORACLE_NOISE * noise
+            torch.testing.assert_close(
+                as_float64(got), exact[name], rtol=rtol, atol=floor,
+                msg=lambda m: f"{what} (against the float64 loop, the float32 loop's error {noise:.2e}): {m}",
+            )
 
     def check(self, model, extensions, dtype, grad=True):
         """The attributes the jacext extensions among ``extensions`` stored, and (``grad``) p.grad."""
@@ -869,8 +916,7 @@ class Oracle:
             for e in extensions:
                 if isinstance(e, JACEXT_EXTENSIONS) and e.savefield in self.fields:
                     what = f"{extensions}: p.{e.savefield} of {name}"
-                    expected = self.fields[e.savefield][name]
-                    assert_close(getattr(p, e.savefield), expected, dtype, what, self.scales[e.savefield])
+                    self.assert_close(getattr(p, e.savefield), e.savefield, name, dtype, what)
             if grad:
                 got = torch.zeros_like(p) if p.grad is None else p.grad.to_dense()
                 assert_close(got, g, dtype, f"{extensions}: p.grad of {name}", self.scales["grad_batch"])
@@ -879,8 +925,7 @@ class Oracle:
         """jacext.jacobian, also with flat=True."""
         got = jacext.jacobian(model, x)
         for name, value in got.items():
-            expected = self.fields["jacobian"][name]
-            assert_close(value, expected, dtype, f"jacext.jacobian of {name}", self.scales["jacobian"])
+            self.assert_close(value, "jacobian", name, dtype, f"jacext.jacobian of {name}")
         n, c = self.out_shape[0], self.out_shape[1:].numel()
         flat = torch.cat([got[name].reshape(n, c, p.numel()) for name, p in trainable(model)], 2)
         assert torch.equal(jacext.jacobian(model, x, flat=True), flat)
