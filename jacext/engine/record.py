@@ -248,7 +248,7 @@ class Tape:
             if clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
-            output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
+            output = fused_output(module, args, kwargs, output, trainable, self.gate)
         rec = Record(module, args, kwargs, output, trainable, ids, layer)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on
