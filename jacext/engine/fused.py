@@ -113,12 +113,15 @@ class FusedCall:
 
     def clipped_grads(self, g: Tensor, w: Tensor):
         """The parameter gradients for the cotangent ``g`` with sample n scaled by ``w[n]`` (the
-        samples along the output's batch dimension), from the record's inputs."""
+        samples along the output's batch dimension, the layer's or where the tape moved it from),
+        from the record's inputs."""
         rec = self.record() if self.record is not None else None
         assert rec is not None  # the gate runs while the tape holds its records
-        inputs = [rec.inputs[j] for j in self.first]
+        inputs = [rec.inputs[j] for j in self.first]  # as called (a moved batch is moved in rec.args only)
+        placement = rec.placement
+        dim = placement.out_dims[0] if placement is not None and placement.move else self.batch_dim
         shape = [1] * g.dim()
-        shape[self.batch_dim] = g.shape[self.batch_dim]
+        shape[dim] = g.shape[dim]
         scaled = g * w.view(shape)
         return self.grads(inputs, scaled, dx_wanted=[False] * len(inputs), params=True)[1]
 
