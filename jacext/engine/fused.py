@@ -79,7 +79,7 @@ class FusedCall:
         leaves = [inputs[leaf] if t else leaf for leaf, t in zip(self.leaves, self.is_tensor, strict=True)]
         return tree_unflatten(leaves, self.spec)
 
-    def grads(self, inputs, g: Tensor, *, dx_wanted, params: bool, per_sample=None):
+    def grads(self, inputs, g: Tensor, *, dx_wanted, params: bool, per_sample=None, weights=None):
         """The inputs' gradients where ``dx_wanted`` (one flag per input) and the parameters'
         where ``params``, for cotangent ``g``. Parameters: the layer's own gradients, else its
         rule's per-sample results summed over the samples (both with differentiable operations,
@@ -92,7 +92,14 @@ class FusedCall:
         if self.every_input and self.backward is not None:
             args, kwargs = self.call_args(inputs)
             pairs, grads = self.backward(
-                self.module, args, kwargs, g, dx_wanted=any(dx_wanted), params=params, per_sample=per_sample
+                self.module,
+                args,
+                kwargs,
+                g,
+                dx_wanted=any(dx_wanted),
+                params=params,
+                per_sample=per_sample,
+                weights=weights,
             )
             for t, d in pairs:
                 j = next(j for j, x in enumerate(inputs) if x is t)
@@ -118,6 +125,8 @@ class FusedCall:
         rec = self.record() if self.record is not None else None
         assert rec is not None  # the gate runs while the tape holds its records
         inputs = [rec.inputs[j] for j in self.first]  # as called (a moved batch is moved in rec.args only)
+        if self.every_input:  # its backward weighs the samples itself (from what it derived from g for the norms)
+            return self.grads(inputs, g, dx_wanted=[False] * len(inputs), params=True, weights=w)[1]
         placement = rec.placement
         dim = placement.out_dims[0] if placement is not None and placement.move else self.batch_dim
         shape = [1] * g.dim()

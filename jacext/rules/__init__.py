@@ -179,8 +179,9 @@ def register_backward(
     ``every_input``: a layer of several input tensors (MultiheadAttention's query, key, value)
     registers ``backward(module, args, kwargs, g, *, dx_wanted, params, per_sample=None) ->
     (pairs, {param_name: dp})`` instead, with ``pairs`` the ``(input, gradient)`` of each input
-    tensor it differentiates (a tensor passed twice gets the sum of its pairs); its calls are
-    fused whatever their inputs."""
+    tensor it differentiates (a tensor passed twice gets the sum of its pairs), and a keyword
+    ``weights`` (N,): where given, the parameters' gradients for the cotangent w_n g[n] (ClipGrad's
+    clipped sums, from the g its norms were computed from); its calls are fused whatever their inputs."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
         _update(classes, backward=OwnBackward(backward, when, reads, every_input))

@@ -27,6 +27,7 @@ refused as the forward records it.
 """
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -168,11 +169,33 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     return _Pulled(a, gy, gq, gk, gv, gbk, gbv, ds)
 
 
+# pull-backs by the id of the cotangent they pulled back (dropped with it), then by what else they read
+_PULLED: Dict[int, Dict[tuple, _Pulled]] = {}
+
+
 def _pulled(module: nn.MultiheadAttention, args, kwargs, grads) -> Tuple[_Call, _Pulled]:
-    """The call and its pull-back, this once for the rule and the backward of a fused call
-    (which see the same values in different tensors: the record's and the node's)."""
+    """The call and its pull-back, computed once per cotangent: ClipGrad's input gradient, norms
+    and clipped sums of a fused call all read the cotangent the backward caught (the clipped sums
+    scale its products per sample), and a fused BatchGrad call's rule and backward share one
+    (jacext.rules.util.shared). Which inputs, cotangent and parameters it read is compared by
+    memory, layout and version counter: the record's and the node's tensors differ, their values not."""
     c = _call(module, args, kwargs)
-    return c, shared(("multihead attention", id(module)), lambda: _pull_back(module, c, grads))
+    g = grads[0]
+    if len(grads) > 1 and grads[1] is not None:  # the attention weights' cotangent too: not kept
+        return c, _pull_back(module, c, grads)
+    key = (id(module), *map(_stamp, (c.xq, c.xk, c.xv, g)), *(p._version for p in module.parameters()))
+    root = g if g._base is None else g._base
+    memo = _PULLED.get(id(root))
+    if memo is None:
+        memo = _PULLED[id(root)] = {}
+        weakref.finalize(root, _PULLED.pop, id(root), None)
+    if key not in memo:
+        memo[key] = shared(("multihead attention", id(module)), lambda: _pull_back(module, c, grads))
+    return c, memo[key]
+
+
+def _stamp(t: Tensor) -> tuple:
+    return t.data_ptr(), t.shape, t.stride(), t._version
 
 
 def _products(module: nn.MultiheadAttention, c: _Call, p: _Pulled) -> Dict[str, List[Tuple[Tensor, Tensor]]]:
@@ -261,9 +284,12 @@ def _always(module, x, y) -> bool:
     reads=("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"),
     every_input=True,
 )
-def multihead_attention_backward(module, args, kwargs, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
+def multihead_attention_backward(
+    module, args, kwargs, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None, weights=None
+):
     """dx_q = G_q W_q, dx_k = G_k W_k, dx_v = G_v W_v (in the input's layout); a float mask's
-    gradient is dS summed over what it broadcasts over; dp = sum_n J[n]."""
+    gradient is dS summed over what it broadcasts over; dp = sum_n J[n], or sum_n w_n J[n] for
+    ``weights`` w (the parameters' gradients for the cotangent w_n G[n])."""
     c, p = _pulled(module, args, kwargs, [g.unsqueeze(0)])
     pairs = []
     if dx_wanted:
@@ -284,7 +310,10 @@ def multihead_attention_backward(module, args, kwargs, g: Tensor, *, dx_wanted: 
         if per_sample is not None:
             grads = {name: j.sum(0)[0] for name, j in per_sample.items()}
         else:
+            w = weights.view(-1, 1, 1) if weights is not None else None
             for name, blocks in _products(module, c, p).items():
-                grads[name] = torch.cat([g[0].flatten(0, 1).T @ x.flatten(0, 1) for g, x in blocks])
-            grads.update({name: j[0].sum(0) for name, j in _sums(module, p).items()})
+                gs = [(gb[0] if w is None else gb[0] * w, x) for gb, x in blocks]
+                grads[name] = torch.cat([gb.flatten(0, 1).T @ x.flatten(0, 1) for gb, x in gs])
+            for name, j in _sums(module, p).items():
+                grads[name] = (j[0] if w is None else j[0] * weights.view(-1, *[1] * (j.dim() - 2))).sum(0)
     return pairs, grads
