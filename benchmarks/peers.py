@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from benchmarks.methods import (
     CLIP_NORM,
     Method,
-    Params,
     Prepared,
     Unsupported,
     clear,
