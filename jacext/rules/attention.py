@@ -1,4 +1,4 @@
-"""MultiheadAttention: the input projections, the attention core, the output projection.
+"""MultiheadAttention, every option but dropout in train mode: one batched VJP of the core, Linear contractions.
 
 Per sample (batch first; head h of H uses columns h d .. (h + 1) d, d = E / H):
 
@@ -21,7 +21,8 @@ matrices over the positions, jacext.rules.util.sq_norms_of_products).
 
 Its own backward gives the input gradients G_q W_q, G_k W_k, G_v W_v (one product for
 self-attention) and those of float masks that require one (dS summed as the mask broadcasts),
-so that ClipGrad and BatchGrad fuse its calls (jacext.engine.fused). Dropout on the attention
+so that ClipGrad and BatchGrad fuse its calls (jacext.engine.fused) where the attention weights
+need no gradient (``need_weights=False``, as nn.TransformerEncoderLayer calls it). Dropout on the attention
 weights in train mode draws a mask inside the attention kernel that jacext cannot replay:
 refused as the forward records it.
 """
