@@ -15,7 +15,7 @@ per-sample gradients of ``GradSampleModule`` (hooks or functorch), and Opacus's 
 import copy
 import math
 from functools import partial
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from benchmarks.methods import (
     CLIP_NORM,
     Method,
-    Params,
     Prepared,
     Unsupported,
     clear,
@@ -160,16 +159,47 @@ def _expanded_weights(case: Case) -> Prepared:
 
 def _opacus_ready(model: nn.Module) -> nn.Module:
     """A copy prepared as Opacus's documentation says, ``ModuleValidator.fix`` (nn.LSTM -> DPLSTM,
-    BatchNorm -> GroupNorm; nothing for the other workloads' layers)."""
+    BatchNorm -> GroupNorm, nn.MultiheadAttention -> DPMultiheadAttention, given the original's
+    weights, which the fix draws afresh; nothing for the other workloads' layers)."""
     from opacus.validators import ModuleValidator
 
-    return ModuleValidator.fix(copy.deepcopy(model))
+    fixed = ModuleValidator.fix(copy.deepcopy(model))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):  # its load_state_dict splits in_proj_weight and in_proj_bias
+            fixed.get_submodule(name).load_state_dict(dict(m.state_dict()))
+    return fixed
 
 
-def _same_order(model: nn.Module, fixed: nn.Module) -> Params:
-    """``fixed``'s parameters in ``model``'s order (DPLSTM keeps nn.LSTM's names, in another order)."""
+# nn.MultiheadAttention's stacked parameters, as DPMultiheadAttention's Linears hold them
+DP_ATTENTION = {
+    "in_proj_weight": ("qlinear.weight", "klinear.weight", "vlinear.weight"),
+    "in_proj_bias": ("qlinear.bias", "klinear.bias", "vlinear.bias"),
+}
+Parts = List[Tuple[str, List[nn.Parameter]]]
+
+
+def _same_order(model: nn.Module, fixed: nn.Module) -> Parts:
+    """``fixed``'s parameters in ``model``'s order (DPLSTM keeps nn.LSTM's names, in another
+    order); each with the parameters ``fixed`` holds it as (DPMultiheadAttention: three Linears
+    for in_proj_weight)."""
     by_name = dict(trainable(fixed))
-    return [(name, by_name[name]) for name, _ in trainable(model)]
+    order = []
+    for name, _ in trainable(model):
+        prefix, _, last = name.rpartition(".")
+        parts = [f"{prefix}.{part}" if prefix else part for part in DP_ATTENTION.get(last, ())]
+        order.append((name, [by_name[part] for part in parts] if name not in by_name else [by_name[name]]))
+    return order
+
+
+def _collect_parts(order: Parts, attr: str, who: str) -> List[Tensor]:
+    """:func:`collect` of each parameter's parts, stacked along its rows (after the samples of ``grad_sample``)."""
+    dim = 1 if attr == "grad_sample" else 0
+    flat = collect([(name, p) for name, parts in order for p in parts], attr, who)
+    values, i = [], 0
+    for _, parts in order:
+        values.append(flat[i] if len(parts) == 1 else torch.cat(flat[i : i + len(parts)], dim))
+        i += len(parts)
+    return values
 
 
 def _opacus(case: Case) -> Prepared:
@@ -182,7 +212,7 @@ def _opacus(case: Case) -> Prepared:
     def grads(objective: Objective) -> List[Tensor]:
         module.zero_grad(set_to_none=True)  # clears grad_sample too
         objective(module(case.x)).backward()
-        return collect(params, "grad_sample", "Opacus")
+        return _collect_parts(params, "grad_sample", "Opacus")
 
     return _per_objective(case, grads)
 
@@ -249,7 +279,7 @@ def _opacus_ghost_step(case: Case) -> Prepared:
 
     if case.quantity == "dp-step":
         params = _same_order(case.model, module._module)
-        return Prepared(run, standard=lambda _: collect(params, "grad", "Opacus ghost clipping"), model=module)
+        return Prepared(run, standard=lambda _: _collect_parts(params, "grad", "Opacus ghost clipping"), model=module)
     return Prepared(run, model=module)
 
 
@@ -276,7 +306,7 @@ def _opacus_dp_step(functorch: bool) -> Callable[[Case], Prepared]:
             optimizer.zero_grad(set_to_none=True)  # clears grad_sample and summed_grad too
             case.loss(module(case.x), case.y).backward()
             optimizer.pre_step()
-            return collect(params, "grad", "Opacus")
+            return _collect_parts(params, "grad", "Opacus")
 
         return Prepared(run, model=module)
 

@@ -119,6 +119,27 @@ def _transformer_grad(quick: bool) -> Case:
     return _classification(transformer(vocab, d, h, 10), torch.randint(0, vocab, (b, t)), 10)
 
 
+class EncoderClassifier(nn.Module):
+    """Embedding, a batch-first ``nn.TransformerEncoder`` (MultiheadAttention, LayerNorm, ReLU MLP;
+    no dropout: DP needs the attention's off), mean over the positions, Linear."""
+
+    def __init__(self, vocab: int, d: int, heads: int, hidden: int, layers: int, classes: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, hidden, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embedding(tokens)).mean(1))
+
+
+def _encoder_dp(quick: bool) -> Case:
+    vocab, d, heads, hidden, b, t = (50, 8, 2, 16, 4, 5) if quick else (1000, 128, 4, 512, 64, 64)
+    model = EncoderClassifier(vocab, d, heads, hidden, 2, 10)
+    return _classification(model, torch.randint(0, vocab, (b, t)), 10, quantity="dp-step")
+
+
 def _mlp_jacobian(quick: bool) -> Case:
     d, w, b = (20, 16, 4) if quick else (784, 512, 32)
     return _classification(mlp(d, w, 10), torch.randn(b, d), 10, quantity="jacobian")
@@ -271,6 +292,12 @@ MLP = "MLP 784-512-512-10"
 CNN = "CNN (2 conv, max-pool, 2 linear) on 28x28"
 TRANSFORMER = "tiny transformer block (Embedding 1000x128, LayerNorm, MLP 128-512-128, mean, Linear 128-10)"
 
+ENCODER = (
+    "2-layer nn.TransformerEncoder classifier (Embedding 1000x128, d=128, 4 heads, MLP 512, "
+    "no dropout, mean, Linear 128-10)"
+)
+DP_STEP = "DP step (clipped per-sample gradients summed, no noise)"
+
 WORKLOADS: Dict[str, Workload] = {
     w.name: w
     for w in [
@@ -286,6 +313,9 @@ WORKLOADS: Dict[str, Workload] = {
             "norms",
             _as("norms", _transformer_grad),
         ),
+        Workload("mlp-dp", f"{DP_STEP}, {MLP}, B=256", "dp-step", _as("dp-step", _mlp_grad)),
+        Workload("cnn-dp", f"{DP_STEP}, {CNN}, B=128", "dp-step", _as("dp-step", _cnn_grad)),
+        Workload("encoder-dp", f"{DP_STEP}, {ENCODER}, B=64, T=64", "dp-step", _encoder_dp),
         Workload(
             "resnet18",
             "Per-sample gradients, ResNet-18 with GroupNorm (11.2 M parameters) on 32x32, B=16",

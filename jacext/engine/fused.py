@@ -29,10 +29,12 @@ reach the parameters through autograd (``AccumulateGrad``), so gradient hooks, D
 
 import enum
 import weakref
-from typing import Any, Callable, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from jacext.rules import layer_of
 from jacext.rules.util import sharing
@@ -47,77 +49,154 @@ class FusedMode(enum.Enum):
 
 
 class FusedCall:
-    """One fused module call ``output = module(x, **kwargs)``: what its :class:`FusedGrads` node needs."""
+    """One fused module call ``output = module(*args, **kwargs)``: what its :class:`FusedGrads` node
+    needs. Its inputs are the distinct tensors of ``args`` and ``kwargs`` (one, but for layers
+    whose own backward takes every input)."""
 
-    def __init__(self, module: nn.Module, kwargs, output: Tensor, trainable):
-        self.module, self.kwargs, self.training = module, kwargs, module.training
-        own = layer_of(module).backward
+    def __init__(self, module: nn.Module, args, kwargs, output: Tensor, trainable):
+        self.module, self.training = module, module.training
+        layer = layer_of(module)
+        own = layer.backward
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
+        self.every_input = own is not None and own.every_input
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
+        self.batch_dim = layer.batch_dim(module) if layer.batch_dim is not None else 0  # of the output
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
         self.names = [name for name, _ in trainable]
         self.params = [p for _, p in trainable]
+        leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
+        tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
+        ids = list(dict.fromkeys(map(id, tensors)))  # the distinct inputs, in order
+        self.inputs = [next(t for t in tensors if id(t) == i) for i in ids]  # handed to FusedGrads.apply, then dropped
+        self.first = [next(j for j, t in enumerate(tensors) if id(t) == i) for i in ids]  # among the tensor leaves
+        self.leaves = [ids.index(id(leaf)) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+        self.is_tensor = [isinstance(leaf, Tensor) for leaf in leaves]
         self.record: Optional[weakref.ref] = None
         self.tape: Optional[weakref.ref] = None
 
-    def grads(self, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
-        """The input's gradient where wanted and the parameters' where ``params``, for cotangent
-        ``g``. Parameters: the layer's own gradients, else its rule's per-sample results summed
-        over the samples (both with differentiable operations, for ``create_graph=True``); never
-        autograd on the call's graph, whose parameters the gradients of other fused calls of
-        them (a module called twice, tied weights) would reach too. Input: the layer's own, else
-        autograd's on the call's graph (the input is the only path there)."""
-        dx, grads = None, {}
-        if self.backward is not None:
-            dx, grads = self.backward(self.module, x, g, dx_wanted=dx_wanted, params=params, per_sample=per_sample)
-        elif params:
-            grads = self._summed_rule(x, g)
-        if dx_wanted and dx is None:
-            create = torch.is_grad_enabled()
-            (dx,) = torch.autograd.grad(self.output, [x], g, retain_graph=True, create_graph=create)
-        return dx, [grads.get(name) for name in self.names]
+    def call_args(self, inputs):
+        """``(args, kwargs)`` of the call, with ``inputs`` for its distinct input tensors."""
+        leaves = [inputs[leaf] if t else leaf for leaf, t in zip(self.leaves, self.is_tensor, strict=True)]
+        return tree_unflatten(leaves, self.spec)
 
-    def _summed_rule(self, x: Tensor, g: Tensor):
+    def grads(self, inputs, g: Tensor, *, dx_wanted, params: bool, per_sample=None, weights=None):
+        """The inputs' gradients where ``dx_wanted`` (one flag per input) and the parameters'
+        where ``params``, for cotangent ``g``. Parameters: the layer's own gradients, else its
+        rule's per-sample results summed over the samples (both with differentiable operations,
+        for ``create_graph=True``); never autograd on the call's graph, whose parameters the
+        gradients of other fused calls of them (a module called twice, tied weights) would reach
+        too. Inputs: the layer's own, else autograd's on the call's graph (the input is the only
+        path there)."""
+        dxs: List[Optional[Tensor]] = [None] * len(inputs)
+        grads: Dict[str, Tensor] = {}
+        if self.every_input and self.backward is not None:
+            args, kwargs = self.call_args(inputs)
+            pairs, grads = self.backward(
+                self.module,
+                args,
+                kwargs,
+                g,
+                dx_wanted=any(dx_wanted),
+                params=params,
+                per_sample=per_sample,
+                weights=weights,
+            )
+            for t, d in pairs:
+                j = next(j for j, x in enumerate(inputs) if x is t)
+                if dx_wanted[j]:
+                    dxs[j] = d if dxs[j] is None else dxs[j] + d
+        else:
+            x = inputs[0]
+            if self.backward is not None:
+                dxs[0], grads = self.backward(
+                    self.module, x, g, dx_wanted=dx_wanted[0], params=params, per_sample=per_sample
+                )
+            elif params:
+                grads = self._summed_rule(inputs, g)
+            if dx_wanted[0] and dxs[0] is None:
+                create = torch.is_grad_enabled()
+                (dxs[0],) = torch.autograd.grad(self.output, [x], g, retain_graph=True, create_graph=create)
+        return dxs, [grads.get(name) for name in self.names]
+
+    def clipped_grads(self, g: Tensor, w: Tensor):
+        """The parameter gradients for the cotangent ``g`` with sample n scaled by ``w[n]`` (the
+        samples along the output's batch dimension, the layer's or where the tape moved it from),
+        from the record's inputs."""
+        rec = self.record() if self.record is not None else None
+        assert rec is not None  # the gate runs while the tape holds its records
+        inputs = [rec.inputs[j] for j in self.first]  # as called (a moved batch is moved in rec.args only)
+        if self.every_input:  # its backward weighs the samples itself (from what it derived from g for the norms)
+            return self.grads(inputs, g, dx_wanted=[False] * len(inputs), params=True, weights=w)[1]
+        placement = rec.placement
+        dim = placement.out_dims[0] if placement is not None and placement.move else self.batch_dim
+        shape = [1] * g.dim()
+        shape[dim] = g.shape[dim]
+        scaled = g * w.view(shape)
+        return self.grads(inputs, scaled, dx_wanted=[False] * len(inputs), params=True)[1]
+
+    def _summed_rule(self, inputs, g: Tensor):
         if g.shape[0] == 0:  # rules need a sample
             return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params, strict=True)}
         rule: Any = layer_of(self.module).rule  # fused calls have a hand-written rule
         training, self.module.training = self.module.training, self.training
         try:
-            per_sample = rule(self.module, (x,), self.kwargs, [g.unsqueeze(0)])
+            per_sample = rule(self.module, *self.call_args(inputs), [g.unsqueeze(0)])
         finally:
             self.module.training = training
         return {name: j.sum(0)[0] for name, j in per_sample.items()}
 
 
+def fused_leaf(output) -> Optional[Tensor]:
+    """The output tensor a fused call hangs from FusedGrads: the output, or the one tensor of a
+    tuple of it and Nones (MultiheadAttention's ``(attn_output, None)``)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple):
+        tensors = [o for o in output if o is not None]
+        if len(tensors) == 1 and isinstance(tensors[0], Tensor):
+            return tensors[0]
+    return None
+
+
 def fusable(module: nn.Module, layer, args, kwargs, output, *, clipping: bool, own_output: bool) -> bool:
     """Whether the call's output should hang from a :class:`FusedGrads` node: for ClipGrad,
-    every call with a hand-written rule, one tensor input and one output tensor; for BatchGrad,
-    calls of layers with their own backward that say it pays. One input: autograd's gradient
-    of the call's graph for one of two inputs would also count the paths through the other
-    where that one was computed from it. ``own_output``: no forward hook has replaced the
-    module's output (the layer's own gradients would not see what it did)."""
-    if not (own_output and isinstance(output, Tensor) and output.requires_grad):
+    every call with a hand-written rule, one tensor input (or an own backward that takes every
+    input) and one output tensor; for BatchGrad, calls of layers with their own backward that say
+    it pays. One input: autograd's gradient of the call's graph for one of two inputs would also
+    count the paths through the other where that one was computed from it. ``own_output``: no
+    forward hook has replaced the module's output (the layer's own gradients would not see what
+    it did)."""
+    out = fused_leaf(output)
+    if not (own_output and out is not None and out.requires_grad):
         return False
-    if len(args) != 1 or not isinstance(args[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
+    own = layer.backward
+    every_input = own is not None and own.every_input
+    one = len(args) == 1 and isinstance(args[0], Tensor) and not any(isinstance(v, Tensor) for v in kwargs.values())
+    if not (one or every_input):
         return False
     if clipping:
         return layer.rule is not None
-    own = layer.backward
-    return own is not None and own.when is not None and own.when(module, args[0], output)
+    return own is not None and own.when is not None and own.when(module, args[0] if args else None, out)
 
 
-def fused_output(module: nn.Module, x: Tensor, kwargs, output: Tensor, trainable, gated=None) -> Tensor:
-    """``output``'s values, hanging from a :class:`FusedGrads` node (tell it its record with
-    :func:`bind`); ``trainable``: ``(name, parameter)`` of the parameters the call covers;
-    ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
-    call = FusedCall(module, kwargs, output, trainable)
+def fused_output(module: nn.Module, args, kwargs, output, trainable, gated=None):
+    """``output`` with its tensor's values hanging from a :class:`FusedGrads` node (tell it its
+    record with :func:`bind`); ``trainable``: ``(name, parameter)`` of the parameters the call
+    covers; ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
+    leaf = fused_leaf(output)
+    assert leaf is not None
+    call = FusedCall(module, args, kwargs, leaf, trainable)
     params = [gated[id(p)] for p in call.params] if gated is not None else call.params
-    return FusedGrads.apply(call, output.detach(), x, *params)
+    inputs, call.inputs = call.inputs, []
+    values = FusedGrads.apply(call, leaf.detach(), len(inputs), *inputs, *params)
+    return values if output is leaf else tuple(values if o is leaf else o for o in output)
 
 
-def bind(output: Tensor, record, tape) -> None:
+def bind(output, record, tape) -> None:
     """Tell the node of a :func:`fused_output` which record and tape it serves (held weakly)."""
-    call = call_of(output.grad_fn)
+    leaf = fused_leaf(output)
+    assert leaf is not None
+    call = call_of(leaf.grad_fn)
     call.record, call.tape = weakref.ref(record), weakref.ref(tape)
 
 
@@ -128,25 +207,35 @@ def call_of(node) -> FusedCall:
 
 class FusedGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, call, values, x, *params):
-        ctx.call = call
-        read = [call.module.get_parameter(name) for name in call.reads] if x.requires_grad else []
-        ctx.save_for_backward(x, *read)  # autograd's checks: freed, or changed in place since
+    def forward(ctx, call, values, k, *inputs_and_params):
+        ctx.call, ctx.k = call, k
+        inputs = inputs_and_params[:k]
+        wanted = any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        read = [p for p in map(partial(_parameter, call.module), call.reads) if p is not None] if wanted else []
+        ctx.save_for_backward(*inputs, *read)  # autograd's checks: freed, or changed in place since
         return values.detach()
 
     @staticmethod
     def backward(ctx, g):
-        x = ctx.saved_tensors[0]  # first: a second backward without retain_graph fails before any work
-        call, dx_wanted = ctx.call, ctx.needs_input_grad[2]
+        inputs = ctx.saved_tensors[: ctx.k]  # first: a second backward without retain_graph fails before any work
+        call, dx_wanted = ctx.call, ctx.needs_input_grad[3 : 3 + ctx.k]
         tape = call.tape()
         mode = tape.fused_mode(g) if tape is not None else FusedMode.ORDINARY
         if mode is FusedMode.CONTRACT:
             with sharing():  # the rule and the layer's backward, on the same g
                 per_sample = tape.plan.contract_now(call.record(), g)
-                dx, dps = call.grads(x, g, dx_wanted=dx_wanted, params=True, per_sample=per_sample)
+                dxs, dps = call.grads(inputs, g, dx_wanted=dx_wanted, params=True, per_sample=per_sample)
         else:
-            dx, dps = call.grads(x, g, dx_wanted=dx_wanted, params=mode is FusedMode.ORDINARY)
-        return (None, None, dx, *dps)
+            dxs, dps = call.grads(inputs, g, dx_wanted=dx_wanted, params=mode is FusedMode.ORDINARY)
+        return (None, None, None, *dxs, *dps)
+
+
+def _parameter(module: nn.Module, name: str) -> Optional[Tensor]:
+    """``module.get_parameter(name)``, or None where the module has none of that name."""
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 class ClipGate(torch.autograd.Function):

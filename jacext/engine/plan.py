@@ -279,8 +279,7 @@ class InlineClipping(Inline):
             for p in call.params:
                 groups.setdefault(id(weight_of[p]), (weight_of[p], []))[1].append(p)
             for w, members in groups.values():
-                scaled = g * w.view(g.shape[0], *[1] * (g.dim() - 1))
-                ds = call.grads(rec.args[0], scaled, dx_wanted=False, params=True)[1]
+                ds = call.clipped_grads(g, w)
                 for p, d in zip(call.params, ds, strict=True):
                     if any(p is m for m in members):
                         grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)

@@ -274,13 +274,16 @@ class Tape:
         # not under saved-tensor hooks (non-reentrant checkpointing): a fused call saves other
         # tensors than the recomputation, which runs without a tape
         hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        fuse = (placement is None or placement.plain) and self.demand.fuses and not hooked
+        # a call on the batch moved (a seq-first model) only for clipping, whose gate scales its G
+        # along the moved dimension (a fused BatchGrad would share the rule's moved layout)
+        moved = clipping and placement is not None and placement.move and placement.rows is None
+        fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked
         fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
             if clipping and self.gate is None:
                 params = [p for p in self.parameters if p.requires_grad]
                 self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
-            output = fused_output(module, args[0], kwargs, output, trainable, self.gate)
+            output = fused_output(module, args, kwargs, output, trainable, self.gate)
         rec = Record(module, args, kwargs, output, trainable, ids, layer)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on

@@ -46,6 +46,7 @@ class OwnBackward:
     backward: Callable[..., Any]
     when: Optional[Callable[..., bool]] = None
     reads: Tuple[str, ...] = ()
+    every_input: bool = False  # takes the call's args and kwargs, gives each input tensor's gradient
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def register_backward(
     *classes: Class,
     when: Optional[Callable[..., bool]] = None,
     reads: Tuple[str, ...] = (),
+    every_input: bool = False,
 ) -> Callable:
     """Register a layer's own gradients (decorator), ``backward(module, x, g, *, dx_wanted,
     params, per_sample=None) -> (dx, {param_name: dp})`` for its one input ``x`` and output
@@ -194,11 +196,18 @@ def register_backward(
     ClipGrad forms its clipped sums with it; BatchGrad, where ``when(module, x, output)`` (many
     positions per sample), takes p.grad from the per-sample gradients it materialises anyway
     (jacext.engine.fused). ``reads``: the parameters its dx reads, which autograd then checks
-    for changes in place since the forward, as it would. What the rule and the backward both
-    compute from one cotangent can be computed once (``jacext.rules.util.shared``)."""
+    for changes in place since the forward, as it would (those the module has). What the rule and
+    the backward both compute from one cotangent can be computed once (``jacext.rules.util.shared``).
+
+    ``every_input``: a layer of several input tensors (MultiheadAttention's query, key, value)
+    registers ``backward(module, args, kwargs, g, *, dx_wanted, params, per_sample=None) ->
+    (pairs, {param_name: dp})`` instead, with ``pairs`` the ``(input, gradient)`` of each input
+    tensor it differentiates (a tensor passed twice gets the sum of its pairs), and a keyword
+    ``weights`` (N,): where given, the parameters' gradients for the cotangent w_n g[n] (ClipGrad's
+    clipped sums, from the g its norms were computed from); its calls are fused whatever their inputs."""
 
     def decorator(backward: Callable[..., Any]) -> Callable[..., Any]:
-        _update(classes, backward=OwnBackward(backward, when, reads))
+        _update(classes, backward=OwnBackward(backward, when, reads, every_input))
         return backward
 
     return decorator

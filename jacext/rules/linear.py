@@ -56,16 +56,27 @@ def linear(module: nn.Linear, args, kwargs, grads):
     x, g, xw, gw = _positions(module, args[0], grads[0])
     out = {}
     if trainable(module, "weight"):
-        (v, n, t, o), i = gw.shape, module.in_features
-        jw = result_buffer("weight", (n, v, o, i), x)
-        if t == 1:
-            _outer_products(gw[:, :, 0].transpose(0, 1), xw.reshape(n, i), jw)
-        else:
-            gt = gw[0].transpose(1, 2) if v == 1 else gw.permute(1, 0, 3, 2).reshape(n, v * o, t)  # (N, V O, T)
-            torch.bmm(gt, xw, out=jw.view(n, v * o, i))
-        out["weight"] = jw
+        (v, n, _, o), i = gw.shape, module.in_features
+        out["weight"] = weight_products(gw, xw, result_buffer("weight", (n, v, o, i), x))
     if trainable(module, "bias"):
         out["bias"] = g.sum(2).transpose(0, 1)
+    return out
+
+
+def weight_products(g: Tensor, x: Tensor, out: Tensor) -> Tensor:
+    """out[n, v] = sum_t g[v, n, t]^T x[n, t] for g (V, N, T, O), x (N, T, I), written into
+    ``out`` (N, V, O, I), which may be a slice of a larger result (rows of a stacked weight):
+    an outer product for one position, one batched matrix product otherwise."""
+    v, n, t, o = g.shape
+    i = x.shape[2]
+    if t == 1:
+        _outer_products(g[:, :, 0].transpose(0, 1), x.reshape(n, i), out)
+    elif v == 1:
+        torch.bmm(g[0].transpose(1, 2), x, out=out[:, 0])
+    elif out.is_contiguous():
+        torch.bmm(g.permute(1, 0, 3, 2).reshape(n, v * o, t), x, out=out.view(n, v * o, i))
+    else:
+        torch.matmul(g.permute(1, 0, 3, 2), x.unsqueeze(1), out=out)
     return out
 
 
@@ -79,7 +90,7 @@ def _outer_products(g: Tensor, x: Tensor, jw: Tensor) -> None:
     against 49.7 ms); smaller ones, written into the cache, take 20-30 % longer that way."""
     n, v, o = g.shape
     i = x.shape[1]
-    if jw.device.type == "cpu" and jw.numel() * jw.element_size() >= STREAMED:
+    if jw.device.type == "cpu" and jw.numel() * jw.element_size() >= STREAMED and jw.is_contiguous():
         rows = x[:, None, None, :].expand(n, v, 1, i).reshape(n * v, 1, i)
         torch.bmm(g.reshape(n * v, o, 1), rows, out=jw.view(n * v, o, i))
     else:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
 pytest.importorskip("opacus")
 
 SIGMA, LR, SEED = 0.7, 0.5, 3
-FUSED = {"mlp", "cnn_groupnorm", "tied"}  # per-layer clipping inside the backward (every call fused)
+FUSED = {"mlp", "cnn_groupnorm", "transformer", "tied"}  # per-layer clipping inside the backward (every call fused)
 
 
 def train(name, clipping, reduction, bound, data):
