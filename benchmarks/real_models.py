@@ -59,8 +59,8 @@ def _bert(quick: bool) -> Case:
         max_position_embeddings=t,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        num_labels=10,
     )
+    config.num_labels = 10
     x, y = torch.randint(0, vocab, (b, t)), torch.randint(0, 10, (b,))
     return Case(BertForSequenceClassification(config), x, y, SequenceClassificationLoss(reduction="sum"), "grad")
 
