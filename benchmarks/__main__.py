@@ -8,9 +8,9 @@ import sys
 from typing import List, Optional
 
 from benchmarks.harness import run_workload
+from benchmarks.real_models import ADDED, REAL_MODELS
 from benchmarks.report import header, markdown
 from benchmarks.timing import add_timing_arguments, torch_threads
-from benchmarks.real_models import ADDED, REAL_MODELS
 from benchmarks.workloads import WORKLOADS
 
 GROUPS = {"real-models": REAL_MODELS}
