@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--quick] [--workloads ...] [--json out.json]``."""
+"""``python -m benchmarks [--quick] [--workloads ...] [--json out.json]``; ``--workloads real-models``:
+the real models' workloads (:mod:`benchmarks.real_models`)."""
 
 import argparse
 import json
@@ -7,9 +8,12 @@ import sys
 from typing import List, Optional
 
 from benchmarks.harness import run_workload
+from benchmarks.real_models import ADDED, REAL_MODELS
 from benchmarks.report import header, markdown
 from benchmarks.timing import add_timing_arguments, torch_threads
 from benchmarks.workloads import WORKLOADS
+
+GROUPS = {"real-models": REAL_MODELS}
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
@@ -18,14 +22,17 @@ def parse(argv: List[str]) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         nargs="+",
-        choices=list(WORKLOADS),
-        default=[name for name in WORKLOADS if name not in gpu],
-        help=f"default: all but {', '.join(gpu)} (sized for a GPU: benchmarks.gpu_check)",
+        choices=[*WORKLOADS, *GROUPS],
+        default=[name for name in WORKLOADS if name not in [*gpu, *(w.name for w in ADDED)]],
+        help=f"names or groups ({', '.join(GROUPS)}); default: all but {', '.join(gpu)} (sized for a GPU: "
+        "benchmarks.gpu_check) and those of benchmarks.real_models but resnet18",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers as JSON")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     add_timing_arguments(parser, min_run_time=0.3)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.workloads = [name for group in args.workloads for name in GROUPS.get(group, [group])]
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -179,7 +179,7 @@ def run_workload(
             row.samples_s = samples[row.method]
             row.median_s = statistics.median(row.samples_s)
     plain = next((r.median_s for r in rows if r.family == "plain"), None)
-    peers = [r.median_s for r in rows if r.family == "peer" and r.median_s is not None]
+    peers = [r.median_s for r in rows if r.family == "peer" and r.median_s is not None and not r.mismatch]
     for row in rows:
         if row.median_s is not None:
             row.ratio_plain = row.median_s / plain if plain else None

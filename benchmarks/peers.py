@@ -351,11 +351,12 @@ def _backpack_sqrt_ggn(case: Case) -> Prepared:
 
 
 def _nngeometry(case: Case) -> Prepared:
-    """nngeometry's Jacobian (V, N, P), one backward per output: of the per-sample loss (V=1) or of the model."""
+    """nngeometry's Jacobian (V, N, P), one backward per output: of the per-sample loss (V=1) or of the model
+    (a copy: nngeometry leaves its hooks on a model it fails on)."""
     from nngeometry import Jacobian
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = case.model
+    model = copy.deepcopy(case.model)
     loader = DataLoader(TensorDataset(case.x, case.y), batch_size=case.x.shape[0])
     if case.quantity == "grad":
         per_sample_loss = copy.copy(case.loss)

@@ -342,3 +342,5 @@ WORKLOADS: Dict[str, Workload] = {
         ),
     ]
 }
+
+import benchmarks.real_models  # noqa: E402, F401 (adds the real models to WORKLOADS; it builds on the above)

@@ -218,3 +218,47 @@ def test_dp_step_clips():
     assert norms.shape == (3,) and (norms > 1).any()
     case.loss(case.model(case.x), case.y).backward()
     assert any(not torch.allclose(c, p.grad) for c, p in zip(clipped, case.model.parameters(), strict=True))
+
+
+def _real_models_checked(names: list, capsys) -> dict:
+    """A quick run of real-model workloads: jacext matches the naive loop, torch.func matches jacext,
+    and "× fastest peer" divides by the fastest peer whose result matches."""
+    report = main(["--quick", "--workloads", *names, "--no-memory"])
+    out = capsys.readouterr().out
+    assert out.count(HEADER) == len(names)
+    tables = {}
+    for workload in report["workloads"]:
+        rows = {r["method"]: r for r in workload["rows"]}
+        for row in rows.values():
+            if row["family"] == "jacext":
+                assert row["compared_with"] == "naive per-sample loop" and not row["mismatch"], row
+        peers = [r["median_s"] for r in rows.values() if r["family"] == "peer" and r["available"] and not r["mismatch"]]
+        ours = next(r for r in rows.values() if r["family"] == "jacext")
+        assert ours["ratio_fastest_peer"] == pytest.approx(ours["median_s"] / min(peers))
+        tables[workload["name"]] = rows
+    return tables
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Opacus's hooks, vmap's fallback for attention
+def test_quick_real_models_transformers(capsys):
+    pytest.importorskip("transformers")
+    tables = _real_models_checked(["bert", "gpt2-dp-step", "llama"], capsys)
+    for name in ["bert", "llama"]:
+        vmap = tables[name]["torch.func vmap(grad)"]
+        assert vmap["compared_with"] == "jacext BatchGrad" and not vmap["mismatch"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_quick_real_models_timm(capsys):
+    pytest.importorskip("timm")
+    tables = _real_models_checked(["vit", "vit-dp-step"], capsys)
+    assert not tables["vit"]["torch.func vmap(grad)"]["mismatch"]
+
+
+def test_real_models_group():
+    from benchmarks.__main__ import parse
+    from benchmarks.real_models import ADDED, REAL_MODELS
+
+    assert parse(["--workloads", "real-models", "mlp"]).workloads == [*REAL_MODELS, "mlp"]
+    default = parse([]).workloads
+    assert "resnet18" in default and not {w.name for w in ADDED} & set(default)
