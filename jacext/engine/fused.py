@@ -55,6 +55,7 @@ class FusedCall:
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
+        self.dtype = output.dtype  # the dtype the layer ran in (under autocast, not its parameters')
         self.names = [name for name, _ in trainable]
         self.params = [p for _, p in trainable]
         self.record: Optional[weakref.ref] = None
@@ -66,7 +67,10 @@ class FusedCall:
         over the samples (both with differentiable operations, for ``create_graph=True``); never
         autograd on the call's graph, whose parameters the gradients of other fused calls of
         them (a module called twice, tied weights) would reach too. Input: the layer's own, else
-        autograd's on the call's graph (the input is the only path there)."""
+        autograd's on the call's graph (the input is the only path there). ``g`` is taken in the
+        dtype the layer ran in (ClipGrad's weighted cotangents may come promoted), as autograd
+        would give it; autograd casts what this returns to the input's and parameters' dtypes."""
+        g = g.to(self.dtype)
         dx, grads = None, {}
         if self.backward is not None:
             dx, grads = self.backward(self.module, x, g, dx_wanted=dx_wanted, params=params, per_sample=per_sample)
@@ -137,8 +141,17 @@ class FusedGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x = ctx.saved_tensors[0]  # first: a second backward without retain_graph fails before any work
+        tape = ctx.call.tape()
+        try:
+            return FusedGrads._backward(ctx, x, g, tape)
+        except BaseException:  # the backward stops here: no parameter keeps a result of an earlier batch
+            if tape is not None:
+                tape.drop_results()
+            raise
+
+    @staticmethod
+    def _backward(ctx, x, g, tape):
         call, dx_wanted = ctx.call, ctx.needs_input_grad[2]
-        tape = call.tape()
         mode = tape.fused_mode(g) if tape is not None else FusedMode.ORDINARY
         if mode is FusedMode.CONTRACT:
             with sharing():  # the rule and the layer's backward, on the same g
