@@ -62,6 +62,7 @@ class FusedCall:
         self.reads: Tuple[str, ...] = own.reads if own else ()  # the parameters its own dx reads
         self.batch_dim = layer.batch_dim(module) if layer.batch_dim is not None else 0  # of the output
         self.output = output  # its graph: autograd's input gradient where the layer has none of its own
+        self.dtype = output.dtype  # the dtype the layer ran in (under autocast, not its parameters')
         self.names = [name for name, _ in trainable]
         self.params = [p for _, p in trainable]
         leaves, self.spec = tree_flatten((tuple(args), dict(kwargs)))
@@ -86,7 +87,10 @@ class FusedCall:
         for ``create_graph=True``); never autograd on the call's graph, whose parameters the
         gradients of other fused calls of them (a module called twice, tied weights) would reach
         too. Inputs: the layer's own, else autograd's on the call's graph (the input is the only
-        path there)."""
+        path there). ``g`` is taken in the dtype the layer ran in (ClipGrad's weighted cotangents
+        may come promoted), as autograd would give it; autograd casts what this returns to the
+        inputs' and parameters' dtypes."""
+        g = g.to(self.dtype)
         dxs: List[Optional[Tensor]] = [None] * len(inputs)
         grads: Dict[str, Tensor] = {}
         if self.every_input and self.backward is not None:
@@ -218,8 +222,17 @@ class FusedGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         inputs = ctx.saved_tensors[: ctx.k]  # first: a second backward without retain_graph fails before any work
+        tape = ctx.call.tape()
+        try:
+            return FusedGrads._backward(ctx, inputs, g, tape)
+        except BaseException:  # the backward stops here: no parameter keeps a result of an earlier batch
+            if tape is not None:
+                tape.drop_results()
+            raise
+
+    @staticmethod
+    def _backward(ctx, inputs, g, tape):
         call, dx_wanted = ctx.call, ctx.needs_input_grad[3 : 3 + ctx.k]
-        tape = call.tape()
         mode = tape.fused_mode(g) if tape is not None else FusedMode.ORDINARY
         if mode is FusedMode.CONTRACT:
             with sharing():  # the rule and the layer's backward, on the same g

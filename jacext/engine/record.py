@@ -27,7 +27,7 @@ from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
 from jacext.rules import Layer, layer_of
-from jacext.rules.util import require_batch_dim
+from jacext.rules.util import autocast_state, require_batch_dim
 from jacext.state import module_label
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Record:
         self.module = module
         self.layer = layer  # what jacext knows of this call (its class's entry, or the generic rule)
         self.training = module.training  # rules run with the module in its forward-time mode
+        self.device_type = trainable[0][1].device.type
+        self.autocast = autocast_state(self.device_type)  # and under its forward-time autocast
         policy = layer.policy
         self.coupled = policy is not None and policy.couples(module)
         if not kwargs and all(isinstance(a, Tensor) for a in args):  # the common call, without pytree's cost

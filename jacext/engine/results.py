@@ -19,7 +19,7 @@ from jacext.engine.record import Record, Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension, Seeds
 from jacext.rules.generic import batch_dims, generic
-from jacext.rules.util import writing_into
+from jacext.rules.util import running_rule, writing_into
 from jacext.state import module_label
 
 Spans = Dict[Seeds, Tuple[int, int]]  # each kind's range of seeds
@@ -207,9 +207,11 @@ def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor
 
 def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlot]] = None) -> Dict[str, Tensor]:
     """``rule`` (default: the module's hand-written rule, or the generic one), run in the
-    module's forward-time mode, with ``into`` the memory it may write its results into, on the
-    samples where the record's placement says they are (jacext.engine.batch); a failing
-    generic rule raises an error that names the module."""
+    module's forward-time mode, without autocast (rules that run the layer's forward again do it
+    under its forward-time autocast: jacext.rules.util.replaying), with ``into`` the memory it
+    may write its results into, on the samples where the record's placement says they are
+    (jacext.engine.batch); results in the dtype of their parameter (a rule computes in the dtype
+    its layer ran in); a failing generic rule raises an error that names the module."""
     rule = rule or rec.layer.rule or generic
     placement = rec.placement
     if placement is not None and placement.move:
@@ -217,7 +219,9 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
     training, rec.module.training = rec.module.training, rec.training
     try:  # results are not differentiable (as BackPACK's), also in a create_graph backward
         with torch.no_grad(), writing_into(into or {}), _dims_for(rule, placement), _attributes_kept(rule, rec.module):
-            results = rule(rec.module, rec.args, rec.kwargs, grads)
+            with running_rule(rec.device_type, rec.autocast):
+                results = rule(rec.module, rec.args, rec.kwargs, grads)
+        results = {k: v.to(rec.named[k].dtype) for k, v in results.items()}
     except JacextError:
         raise
     except Exception as error:

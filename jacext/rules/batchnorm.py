@@ -24,7 +24,7 @@ from torch import nn
 
 from jacext.errors import JacextError
 from jacext.rules import layer_of, register, register_policy
-from jacext.rules.util import affine_jacobians, running_stats_xhat
+from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
 from jacext.state import module_label, option
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -141,7 +141,8 @@ register_policy(*BATCHNORMS, check=require_choice, couples=couples_samples, mode
 
 @register(*BATCHNORMS, min_dim=lambda m: 2)
 def batchnorm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     require_choice(module)
     if uses_batch_statistics(module):  # batchnorm="exact"
         xhat = F.batch_norm(x, None, None, training=True, eps=module.eps)

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from jacext.rules import register, trainable
+from jacext.rules.util import as_run
 
 
 @register(nn.Bilinear, min_dim=lambda m: 2, leading=True)
 def bilinear(module, args, kwargs, grads):
-    x1, x2 = args[:2]
     (g,) = grads
+    x1, x2 = (as_run(x, g) for x in args[:2])
     n, v = x1.shape[0], g.shape[0]
     x1, x2 = x1.reshape(n, -1, module.in1_features), x2.reshape(n, -1, module.in2_features)
     g = g.reshape(v, n, -1, module.out_features)

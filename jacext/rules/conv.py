@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import channel_sums, patches, result_buffer, sq_norms_of_products
+from jacext.rules.util import as_run, channel_sums, for_squares, patches, result_buffer, sq_norms_of_products
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2)
 def conv(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     out = {}
     if trainable(module, "weight"):
         out["weight"] = _weight_jacobian(module, x, g)
@@ -53,7 +54,8 @@ def conv_backward(module, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool
         if per_sample is not None:
             grads["weight"] = per_sample["weight"].sum(0)[0]
         else:
-            grads["weight"] = _weight_grad(module, g, _padded(module, x), module.weight, module.groups)
+            weight = as_run(module.weight, g)
+            grads["weight"] = _weight_grad(module, g, _padded(module, as_run(x, g)), weight, module.groups)
     if params and trainable(module, "bias"):
         grads["bias"] = per_sample["bias"].sum(0)[0] if per_sample else g.sum([0, *range(2, g.dim())])
     return None, grads
@@ -124,7 +126,8 @@ def _grouped_patches(module, x, g):
 def conv_norms(module, args, kwargs, grads):
     """||J_W[n, v]||^2 per group via Gram matrices over positions s where that is cheaper
     (S (Cout/g + Cin/g K) < Cout/g Cin/g K), else from J_W itself (one layer at a time)."""
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     d = len(module.kernel_size)
     v, n = g.shape[:2]
     out = {}
@@ -137,7 +140,7 @@ def conv_norms(module, args, kwargs, grads):
             gg = gg.flatten(4).transpose(3, 4).flatten(1, 2)  # (V, N g, S, Cout/g)
             out["weight"] = sq_norms_of_products(gg, p).view(v, n, groups).sum(-1).T
         else:
-            out["weight"] = _weight_jacobian(module, x, g).flatten(2).square().sum(-1)
+            out["weight"] = for_squares(_weight_jacobian(module, x, g)).flatten(2).square().sum(-1)
     if trainable(module, "bias"):
-        out["bias"] = channel_sums(g).square().sum(-1)
+        out["bias"] = for_squares(channel_sums(g)).square().sum(-1)
     return out

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register, trainable
-from jacext.rules.util import channel_sums, kernel_letters, patches, spatial_letters
+from jacext.rules.util import as_run, channel_sums, kernel_letters, patches, spatial_letters
 
 
 @register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, min_dim=lambda m: len(m.kernel_size) + 2)
 def conv_transpose(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     d = len(module.kernel_size)
     v, n = g.shape[:2]
     out = {}

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import index_add_result
+from jacext.rules.util import for_squares, index_add_result
 
 
 @register(nn.Embedding, nn.EmbeddingBag, min_dim=lambda m: 1)
@@ -78,7 +78,7 @@ def embedding_norms(module, args, kwargs, grads):
     v, n = g.shape[:2]
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
-    src = _scaled(module, idx, g.reshape(v, -1, module.embedding_dim).transpose(0, 1))  # (L, V, D)
+    src = for_squares(_scaled(module, idx, g.reshape(v, -1, module.embedding_dim).transpose(0, 1)))  # (L, V, D)
     slot, owner = _distinct_pairs(sample, idx, module.num_embeddings)
     rows = torch.zeros_like(src).index_add_(0, slot, src)  # R: row slot[i] sums the entries of i's pair
     sq = rows.square().sum(-1)  # (L, V); zero in the slots no pair uses

@@ -20,6 +20,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from jacext.errors import JacextError
+from jacext.rules.util import replaying
 
 
 def batch_size(grads: Sequence[Optional[Tensor]], out_dims: Sequence[int]) -> int:
@@ -64,7 +65,8 @@ def per_sample_vjp(
         a, k = tree_unflatten(restored, spec)
 
         def f(p):
-            leaves = [o for o in tree_leaves(forward(p, a, k)) if isinstance(o, Tensor)]
+            with replaying():
+                leaves = [o for o in tree_leaves(forward(p, a, k)) if isinstance(o, Tensor)]
             return [leaves[i] for i in used]
 
         pullback = vjp(f, params)[1]

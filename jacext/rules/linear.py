@@ -18,18 +18,19 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, register_ntk_factors, trainable
-from jacext.rules.util import result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
 
 
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
-    """x as (N, T, in) and G as (V, N, T, out); and the pair for J_W, with T = 1 where G is
-    constant over the positions. Once for the rule and the backward of a fused call."""
+    """x as (N, T, in) in the dtype the layer ran in and G as (V, N, T, out); and the pair for
+    J_W, with T = 1 where G is constant over the positions. Once for the rule and the backward
+    of a fused call."""
     return shared(("linear positions", id(module)), lambda: _positions_of(module, x, g))
 
 
 def _positions_of(module: nn.Linear, x: Tensor, g: Tensor):
     n, t = x.shape[0], x.shape[1:-1].numel()
-    x = x.reshape(n, t, module.in_features)
+    x = as_run(x, g).reshape(n, t, module.in_features)
     g = g.reshape(g.shape[0], n, t, module.out_features)
     if _constant_over_positions(g):
         return x, g, x.sum(1, keepdim=True), g[:, :, :1]
@@ -105,7 +106,7 @@ def linear_norms(module: nn.Linear, args, kwargs, grads):
     if trainable(module, "weight"):
         out["weight"] = sq_norms_of_products(gw, xw).T
     if trainable(module, "bias"):
-        out["bias"] = g.sum(2).square().sum(-1).T
+        out["bias"] = for_squares(g.sum(2)).square().sum(-1).T
     return out
 
 
@@ -118,7 +119,7 @@ def linear_backward(module: nn.Linear, x: Tensor, g: Tensor, *, dx_wanted: bool,
     x3, g4, xw, gw = _positions(module, x, g.unsqueeze(0))
     dx = None
     if dx_wanted:  # written out whole: an expanded dx slows the elementwise backward before it
-        dx = (gw[0] @ module.weight).expand(x3.shape).contiguous().view(x.shape)
+        dx = (gw[0] @ as_run(module.weight, g)).expand(x3.shape).contiguous().view(x.shape)
     grads = {}
     if params:
         if trainable(module, "weight"):

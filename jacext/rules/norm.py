@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from jacext.rules import register
-from jacext.rules.util import affine_jacobians, running_stats_xhat
+from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
 
 
 @register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1, leading=True)
 def trailing_norm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     if type(module) is nn.LayerNorm:
         ones = x.new_ones(module.normalized_shape)
         xhat = F.layer_norm(x, module.normalized_shape, ones, eps=module.eps)
@@ -32,14 +33,16 @@ def trailing_norm(module, args, kwargs, grads):
 
 @register(nn.GroupNorm, min_dim=lambda m: 2)
 def group_norm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     xhat = F.group_norm(x, module.num_groups, eps=module.eps)
     return affine_jacobians(module, g, xhat, channel_dim=True)
 
 
 @register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, min_dim=lambda m: m._get_no_batch_dim() + 1)
 def instance_norm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     use_input_stats = module.training or not module.track_running_stats
     if use_input_stats:
         xhat = F.instance_norm(x, eps=module.eps)

@@ -6,11 +6,13 @@ J_a[n, v, c] = sum_s G[v, n, c, s] min(0, x[n, c, s])   (summed over all entries
 from torch import nn
 
 from jacext.rules import register, trainable
+from jacext.rules.util import as_run
 
 
 @register(nn.PReLU, min_dim=lambda m: 2 if m.num_parameters > 1 else 0)
 def prelu(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     if not trainable(module, "weight"):
         return {}
     v, n = g.shape[:2]

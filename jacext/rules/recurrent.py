@@ -33,6 +33,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from jacext.errors import JacextError
 from jacext.rules import register, trainable
+from jacext.rules.util import as_run, replaying
 
 
 class _Affine(NamedTuple):
@@ -103,7 +104,7 @@ def _jacobians(module: nn.Module, outputs, cotangents, affines: List[_Affine], v
     for m in wanted:
         gs, i = grads[i : i + len(m.outputs)], i + len(m.outputs)
         g = torch.cat([_unfold(g, v) for g in gs])
-        u = torch.cat([_unfold(u.detach(), v) for u in m.inputs])
+        u = as_run(torch.cat([_unfold(u.detach(), v) for u in m.inputs]), g)  # as the map's autocast cast it
         if trainable(module, m.weight):
             out[m.weight] = torch.einsum("tvno,tvni->nvoi", g, u)
         if m.bias and trainable(module, m.bias):
@@ -200,7 +201,8 @@ def recurrent(module: nn.RNNBase, args, kwargs, grads):
         elif module.batch_first:
             g_out = g_out.transpose(1, 2)
     with torch.enable_grad():
-        output, states, affines = _run(module, *(_tile(t, 1, v) for t in (x, h0, c0, mask)))
+        with replaying():
+            output, states, affines = _run(module, *(_tile(t, 1, v) for t in (x, h0, c0, mask)))
         cotangents = [_fold(g_out, 1)] + [_fold(g, 1) for g in g_states]
         return _jacobians(module, [output] + states, cotangents, affines, v)
 
@@ -223,5 +225,6 @@ def recurrent_cell(module: Any, args, kwargs, grads):
     ih, hh = _maps(module, "")
     with torch.enable_grad():
         weights = _detached_weights(module)
-        h, c = _step(mode, ih(weights, x), hh(weights, h), h, c)
+        with replaying():
+            h, c = _step(mode, ih(weights, x), hh(weights, h), h, c)
         return _jacobians(module, [h, c] if lstm else [h], [_fold(g, 0) for g in grads], [ih, hh], v)

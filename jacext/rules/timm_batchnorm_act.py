@@ -18,7 +18,7 @@ from torch.func import vjp, vmap
 from jacext.errors import JacextError
 from jacext.rules import register, register_policy
 from jacext.rules.batchnorm import couples_samples, recording_mode, require_choice, uses_batch_statistics
-from jacext.rules.util import affine_jacobians, running_stats_xhat
+from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
 from jacext.state import module_label
 
 BATCHNORM_ACT = "timm.layers.norm_act.BatchNormAct2d"
@@ -39,7 +39,8 @@ register_policy(BATCHNORM_ACT, check=_check, couples=couples_samples, mode=recor
 
 @register(BATCHNORM_ACT, min_dim=lambda m: 4)
 def batchnorm_act(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
+    (g,) = grads
+    x = as_run(args[0], g)
     _check(module)
     w = module.weight.detach() if module.weight is not None else None
     b = module.bias.detach() if module.bias is not None else None

@@ -14,17 +14,18 @@ import torch
 from torch import Tensor
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
 
 
 def _positions(module, x: Tensor, g: Tensor):
-    """x as (N, T, in) and G as (V, N, T, out), once for the rule and the backward of a fused call."""
+    """x as (N, T, in) in the dtype the layer ran in and G as (V, N, T, out), once for the rule
+    and the backward of a fused call."""
 
     def compute():
         n = x.shape[0]
-        return x.reshape(n, -1, module.nx), g.reshape(g.shape[0], n, -1, module.nf)
+        return as_run(x, g).reshape(n, -1, module.nx), g.reshape(g.shape[0], n, -1, module.nf)
 
     return shared(("conv1d positions", id(module)), compute)
 
@@ -51,7 +52,7 @@ def conv1d_norms(module, args, kwargs, grads):
     if trainable(module, "weight"):
         out["weight"] = sq_norms_of_products(g, x).T
     if trainable(module, "bias"):
-        out["bias"] = g.sum(2).square().sum(-1).T
+        out["bias"] = for_squares(g.sum(2)).square().sum(-1).T
     return out
 
 
@@ -62,7 +63,7 @@ def _many_positions(module, x: Tensor, y: Tensor) -> bool:
 @register_backward(CONV1D, when=_many_positions, reads=("weight",))
 def conv1d_backward(module, x: Tensor, g: Tensor, *, dx_wanted: bool, params: bool, per_sample=None):
     x3, g4 = _positions(module, x, g.unsqueeze(0))
-    dx = (g @ module.weight.T) if dx_wanted else None
+    dx = (g @ as_run(module.weight, g).T) if dx_wanted else None
     grads = {}
     if params:
         if trainable(module, "weight"):

@@ -1,8 +1,8 @@
 """Small helpers shared by the rules."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,8 @@ from jacext.rules import trainable
 
 _DESTINATIONS: ContextVar[Optional[Dict[str, ResultSlot]]] = ContextVar("jacext_destinations", default=None)
 _SHARED: ContextVar[Optional[Dict[Any, Any]]] = ContextVar("jacext_shared", default=None)
+Autocast = Optional[Tuple[str, torch.dtype]]  # (device type, dtype) of an enabled autocast, or None
+_FORWARD_AUTOCAST: ContextVar[Autocast] = ContextVar("jacext_forward_autocast", default=None)
 
 
 @contextmanager
@@ -69,6 +71,59 @@ def _slot(name: str, shape, like: Tensor) -> Optional[ResultSlot]:
     if slot is not None and slot.shape.numel() == torch.Size(shape).numel() and slot.like.dtype == like.dtype:
         return slot
     return None
+
+
+def autocast_state(device_type: str) -> Autocast:
+    """The autocast in effect for ``device_type`` now: ``(device_type, dtype)``, or None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return device_type, torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast_as(state: Autocast, device_type: str) -> ContextManager:
+    """Autocast for ``device_type`` as ``state``, entered only where it differs from the autocast
+    in effect now (entering costs about 10 us)."""
+    if state == autocast_state(device_type):
+        return nullcontext()
+    if state is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=state[1])
+
+
+@contextmanager
+def running_rule(device_type: str, forward: Autocast):
+    """While a call's rule runs: without autocast (a contraction in float32 must stay in float32;
+    autocast would round it, and overflow its squares in float16), ``forward`` (the call's
+    :func:`autocast_state` at forward time) kept for :func:`replaying`."""
+    token = _FORWARD_AUTOCAST.set(forward)
+    try:
+        with _autocast_as(None, device_type):
+            yield
+    finally:
+        _FORWARD_AUTOCAST.reset(token)
+
+
+def replaying() -> ContextManager:
+    """For a rule that runs its layer's forward again (the generic rule, MultiheadAttention, the
+    recurrent layers): the autocast that call's forward ran under, so that autocast casts the
+    recorded inputs and the parameters as it did then."""
+    state = _FORWARD_AUTOCAST.get()
+    return nullcontext() if state is None else _autocast_as(state, state[0])
+
+
+def as_run(x: Tensor, g: Tensor) -> Tensor:
+    """A floating input or parameter ``x`` in the dtype its layer ran in, that of the cotangent G
+    of its output (autograd gives G the output's dtype): what autocast cast it to in the forward
+    (Linear under bfloat16 autocast: x and W rounded to bfloat16; a layer autocast runs in
+    float32: x upcast). ``x`` itself where the dtypes agree or it is not floating (indices)."""
+    return x.to(g.dtype) if x.is_floating_point() and x.dtype != g.dtype else x
+
+
+def for_squares(t: Tensor) -> Tensor:
+    """``t`` in at least float32, for the squared norms of its per-sample gradients: in float16 a
+    square overflows (above 2^8, a GradScaler-scaled gradient soon) long before the gradient does,
+    and an infinite norm would clip the sample to zero without a non-finite gradient to show it."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def require_batch_dim(module: nn.Module, x: Tensor, min_dim: int) -> None:
@@ -143,8 +198,10 @@ def sq_norms_of_products(g: Tensor, x: Tensor) -> Tensor:
     """||sum_t g[v, b, t] x[b, t]^T||^2 of shape (V, B), for g (V, B, T, O) and x (B, T, I).
 
     With Gram matrices over positions, sum_{t, s} (g_t . g_s)(x_t . x_s), where that is
-    cheaper (T (O + I) < O I) than materialising the (V, B, O, I) products.
+    cheaper (T (O + I) < O I) than materialising the (V, B, O, I) products; in at least float32
+    (:func:`for_squares`), from g and x in the dtype their layer ran in.
     """
+    g, x = for_squares(g), for_squares(x)
     t, o, i = g.shape[2], g.shape[3], x.shape[2]
     if t == 1:
         return g.square().sum((2, 3)) * x.square().sum((1, 2))
