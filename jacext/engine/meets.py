@@ -24,6 +24,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from jacext.errors import JacextError
+from jacext.rules.util import autocast_as, autocast_state
 
 
 def op_name(func) -> str:
@@ -77,6 +78,8 @@ class Meet:
         self.aligned = _aligned(op_name(func), flat, free, outputs, out_dims)
         self.rows = rows
         self.parameters = parameters  # the trainable parameters the free tensors may reach
+        self.device_type = outputs[0].device.type
+        self.autocast = autocast_state(self.device_type)  # the operation is replayed under it
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
 
@@ -161,7 +164,8 @@ class Meet:
 
         per_row = vmap(one, in_dims=([dims[i] for i in batched], [1 + out_dims[leaf] for leaf, _ in used]))
         try:
-            got = per_row([flat[i] for i in batched], [g for _, g in used])  # per free (R, V, *f)
+            with autocast_as(self.autocast, self.device_type):
+                got = per_row([flat[i] for i in batched], [g for _, g in used])  # per free (R, V, *f)
         except RuntimeError as error:
             raise JacextError(
                 f"the per-sample VJP of {self.label()}, where a tensor computed without the batch meets "

@@ -30,7 +30,7 @@ refused as the forward records it.
 import inspect
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,10 @@ from torch import Tensor, nn
 from jacext.errors import JacextError
 from jacext.rules import register, register_backward, register_norms, register_policy, trainable
 from jacext.rules.linear import weight_products
-from jacext.rules.util import result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
 from jacext.state import module_label
+
+T = TypeVar("T", Tensor, Optional[Tensor])
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
@@ -128,17 +130,24 @@ class _Pulled:
 
 
 def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
+    """The core recomputed and pulled back in the dtype the layer ran in, that of its output's
+    cotangent (under autocast, lower than its parameters')."""
     n, _, e = c.xq.shape
     h = module.num_heads
     d = e // h
+
+    def run(t: T) -> T:
+        return t if t is None else as_run(t, grads[0])
+
     (wq, wk, wv), (bq, bk, bv) = _projections(module)
+    xq, xk, xv = run(c.xq), run(c.xk), run(c.xv)
     if module._qkv_same_embed_dim and _same(c.xq, c.xk) and _same(c.xk, c.xv):
-        q, k, v = F.linear(c.xq, module.in_proj_weight, module.in_proj_bias).chunk(3, -1)
+        q, k, v = F.linear(xq, run(module.in_proj_weight), run(module.in_proj_bias)).chunk(3, -1)
     else:
-        q, k, v = F.linear(c.xq, wq, bq), F.linear(c.xk, wk, bk), F.linear(c.xv, wv, bv)
+        q, k, v = F.linear(xq, run(wq), run(bq)), F.linear(xk, run(wk), run(bk)), F.linear(xv, run(wv), run(bv))
     if module.bias_k is not None and module.bias_v is not None:
-        k = torch.cat([k, module.bias_k.expand(n, 1, e)], 1)
-        v = torch.cat([v, module.bias_v.expand(n, 1, e)], 1)
+        k = torch.cat([k, run(module.bias_k).expand(n, 1, e)], 1)
+        v = torch.cat([v, run(module.bias_v).expand(n, 1, e)], 1)
 
     def heads(t: Tensor) -> Tensor:  # (..., T, E) -> (..., H, T, d)
         return t.unflatten(-1, (h, d)).transpose(-3, -2)
@@ -148,11 +157,11 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
         k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
     scale = d**-0.5
     scores = (q * scale) @ k.transpose(-2, -1)
-    p = torch.softmax(scores if c.mask is None else scores + c.mask, -1)  # (N, H, L, S')
+    p = torch.softmax(scores if c.mask is None else scores + run(c.mask), -1)  # (N, H, L, S')
     a = (p @ v).transpose(1, 2).flatten(2)  # (N, L, E)
 
     gy = grads[0] if module.batch_first else grads[0].transpose(1, 2)  # (V, N, L, E)
-    ga = heads(gy @ module.out_proj.weight)  # (V, N, H, L, d)
+    ga = heads(gy @ run(module.out_proj.weight))  # (V, N, H, L, d)
     dp = ga @ v.transpose(-2, -1)
     gw = grads[1] if len(grads) > 1 else None  # the returned attention weights
     if gw is not None:
@@ -200,8 +209,8 @@ def _stamp(t: Tensor) -> tuple:
 
 
 def _products(module: nn.MultiheadAttention, c: _Call, p: _Pulled) -> Dict[str, List[Tuple[Tensor, Tensor]]]:
-    """Per trainable weight, its J as products sum_t g[t]^T x[t], (g (V, N, T, O), x (N, T, I)),
-    stacked along the rows in order."""
+    """Per trainable weight, its J as products sum_t g[t]^T x[t], (g (V, N, T, O), x (N, T, I)
+    in the dtype the layer ran in), stacked along the rows in order."""
     out: Dict[str, List[Tuple[Tensor, Tensor]]] = {}
     if module._qkv_same_embed_dim:
         if trainable(module, "in_proj_weight"):
@@ -217,7 +226,7 @@ def _products(module: nn.MultiheadAttention, c: _Call, p: _Pulled) -> Dict[str, 
                 out[name] = [(g, x)]
     if trainable(module, "out_proj.weight"):
         out["out_proj.weight"] = [(p.gy, p.a)]
-    return out
+    return {name: [(g, as_run(x, g)) for g, x in blocks] for name, blocks in out.items()}
 
 
 def _sums(module: nn.MultiheadAttention, p: _Pulled) -> Dict[str, Tensor]:
@@ -253,7 +262,7 @@ def multihead_attention(module: nn.MultiheadAttention, args, kwargs, grads):
     v, n = p.gy.shape[:2]
     for name, blocks in _products(module, c, p).items():
         shape = module.get_parameter(name).shape
-        jw = result_buffer(name, (n, v, *shape), c.xq)
+        jw = result_buffer(name, (n, v, *shape), as_run(c.xq, p.gy))
         row = 0
         for g, x in blocks:
             weight_products(g, x, jw[:, :, row : row + g.shape[-1]])
@@ -270,7 +279,7 @@ def multihead_attention_norms(module: nn.MultiheadAttention, args, kwargs, grads
     out = {}
     for name, blocks in _products(module, c, p).items():
         out[name] = torch.stack([sq_norms_of_products(g, x) for g, x in blocks]).sum(0).T
-    out.update({name: j.flatten(2).square().sum(-1).T for name, j in _sums(module, p).items()})
+    out.update({name: for_squares(j).flatten(2).square().sum(-1).T for name, j in _sums(module, p).items()})
     return out
 
 
@@ -296,8 +305,10 @@ def multihead_attention_backward(
     if dx_wanted:
         layout = (lambda t: t) if module.batch_first else (lambda t: t.transpose(0, 1))
         (wq, wk, wv), _ = _projections(module)
+        wq, wk, wv = (as_run(w, p.gq) for w in (wq, wk, wv))
         if module._qkv_same_embed_dim and c.query is c.key is c.value:
-            pairs.append((c.query, layout(torch.cat([p.gq[0], p.gk[0], p.gv[0]], -1) @ module.in_proj_weight)))
+            w_in = as_run(module.in_proj_weight, p.gq)
+            pairs.append((c.query, layout(torch.cat([p.gq[0], p.gk[0], p.gv[0]], -1) @ w_in)))
         else:
             pairs += [(c.query, layout(p.gq[0] @ wq)), (c.key, layout(p.gk[0] @ wk)), (c.value, layout(p.gv[0] @ wv))]
         s = c.xk.shape[1]

@@ -80,7 +80,7 @@ def autocast_state(device_type: str) -> Autocast:
     return None
 
 
-def _autocast_as(state: Autocast, device_type: str) -> ContextManager:
+def autocast_as(state: Autocast, device_type: str) -> ContextManager:
     """Autocast for ``device_type`` as ``state``, entered only where it differs from the autocast
     in effect now (entering costs about 10 us)."""
     if state == autocast_state(device_type):
@@ -97,7 +97,7 @@ def running_rule(device_type: str, forward: Autocast):
     :func:`autocast_state` at forward time) kept for :func:`replaying`."""
     token = _FORWARD_AUTOCAST.set(forward)
     try:
-        with _autocast_as(None, device_type):
+        with autocast_as(None, device_type):
             yield
     finally:
         _FORWARD_AUTOCAST.reset(token)
@@ -108,7 +108,7 @@ def replaying() -> ContextManager:
     recurrent layers): the autocast that call's forward ran under, so that autocast casts the
     recorded inputs and the parameters as it did then."""
     state = _FORWARD_AUTOCAST.get()
-    return nullcontext() if state is None else _autocast_as(state, state[0])
+    return nullcontext() if state is None else autocast_as(state, state[0])
 
 
 def as_run(x: Tensor, g: Tensor) -> Tensor:
