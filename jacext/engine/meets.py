@@ -74,6 +74,7 @@ class Meet:
         self.grad_leaves = [i for i, o in enumerate(outputs) if o.requires_grad]
         self.edges = [get_gradient_edge(outputs[i]) for i in self.grad_leaves]
         self.out_shapes = [outputs[i].shape for i in self.grad_leaves]
+        self.out_dtypes = [outputs[i].dtype for i in self.grad_leaves]
         self.out_dims = out_dims
         self.aligned = _aligned(op_name(func), flat, free, outputs, out_dims)
         self.rows = rows

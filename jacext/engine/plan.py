@@ -191,7 +191,8 @@ class Inline(Plan):
         for rec in tape.records:
             got, rec.caught = rec.caught or [], None
             caught[rec] = [
-                c if c is not None else grad_out.new_zeros(s) for c, s in zip(got, rec.out_shapes, strict=True)
+                c if c is not None else grad_out.new_zeros(s, dtype=d)
+                for c, s, d in zip(got, rec.out_shapes, rec.out_dtypes, strict=True)
             ]
         with backpack_ctx.paused():
             results = self.results or Results(tape, ONE_SEED, self.out_shape)

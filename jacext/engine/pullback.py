@@ -88,8 +88,9 @@ def cotangents(tape: Tape, out_edge: GradientEdge, seeds: Tensor, grad_out: Tens
     for rec in records:
         rec.check_unmodified()
         leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
-        for leaf, g, shape in zip(rec.grad_leaves, grads[i : i + len(rec.edges)], rec.out_shapes, strict=True):
-            leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape)
+        got = grads[i : i + len(rec.edges)]
+        for leaf, g, shape, dtype in zip(rec.grad_leaves, got, rec.out_shapes, rec.out_dtypes, strict=True):
+            leaf_grads[leaf] = g if g is not None else grad_out.new_zeros(seeds.shape[0], *shape, dtype=dtype)
         i += len(rec.edges)
         per_record.append((rec, leaf_grads))
     return per_record

@@ -103,6 +103,7 @@ class Record:
         self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
         self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
         self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
+        self.out_dtypes = [leaves[i].dtype for i in self.grad_leaves]  # of the zeros where no G comes
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
         self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node
         self.fused = False  # its output hangs from a FusedGrads node

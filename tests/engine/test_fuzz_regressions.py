@@ -241,3 +241,41 @@ def test_a_refusal_in_the_forward_leaves_no_result_of_an_earlier_batch():
     with pytest.raises(jacext.JacextError, match="complex"), backpack(jacext.BatchGrad()):
         model(torch.randn(5, 3, dtype=torch.float64)).sum().backward()
     assert not any(hasattr(p, "grad_batch") or p.grad is not None for p in model.parameters())
+
+
+class _LastStep(nn.Module):
+    """An RNN's last output into a Linear: the final hidden state gets no cotangent."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.RNN(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+class _ToComplex(nn.Module):
+    def forward(self, x):
+        return torch.complex(x, torch.tanh(x))
+
+
+@pytest.mark.parametrize("extension", ["BatchGrad", "BatchL2Grad"])
+def test_zero_cotangents_of_a_layer_take_its_dtype_not_the_outputs(extension):
+    """A recorded output without a cotangent (the RNN's final state) is filled with zeros of
+    that output's dtype, not the model output's (complex here, of real parameters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LastStep(), _ToComplex()).double()
+    x, y = torch.randn(5, 5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.complex128)
+
+    def loss(out, y):
+        return (out - y).abs().square().sum()
+
+    expected = loop_grad_batch(model, loss, y, x)
+    jacext.extend(model)
+    with backpack(getattr(jacext, extension)()):
+        loss(model(x), y).backward()
+    for name, p in model.named_parameters():
+        if extension == "BatchGrad":
+            assert_close(p.grad_batch, expected[name], torch.float64, name)
+        else:
+            assert_close(p.batch_l2, expected[name].flatten(1).square().sum(1), torch.float64, name)
