@@ -279,6 +279,7 @@ def enter(module: nn.Module, args) -> None:
         _refuse_recomputation(module)
     if tape is not None:
         tape.uses.enter(module)
+        tape.meets_at[id(module)] = len(tape.meets)
         batch_dim = layer_of(module).batch_dim
         if batch_dim is not None and args and isinstance(args[0], Tensor):
             tape.batch.declare(args[0], batch_dim(module))

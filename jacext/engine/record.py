@@ -232,6 +232,7 @@ class Tape:
         self.batch = BatchTracker(n)
         self.batch.on_meet = self.meet
         self.meets: List[Meet] = []  # where tensors computed without the batch meet it
+        self.meets_at: Dict[int, int] = {}  # per module being called, len(meets) when its call began
         self.uses = ParameterUses(root, self.batch)
         self.fused = False  # a record's output goes through FusedGrads
         self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
@@ -266,6 +267,16 @@ class Tape:
             if not through:
                 return output
             trainable, ids = [(name, p) for name, p in trainable if id(p) in through], through
+        elif ops:
+            # parameters of the module used before its call, outside it (a forward pre-hook
+            # registered before jacext's: the old weight_norm's weight = g v / |v|), and not by
+            # an operation inside it, are loose: their meets differentiate them, not this record
+            inside = set().union(*(used for _, used in ops)) | through
+            outside = {i for i in ids if i in self.batch.free_parameters and i not in inside}
+            if outside:
+                trainable, ids = [(name, p) for name, p in trainable if id(p) not in outside], ids - outside
+                if not trainable:
+                    return output
         layer = _layer_of_call(module, graded, ids, ops)
         flat = tree_leaves((args, kwargs))
         placement = place(self.batch, module, layer, module_label(module), args, flat, graded) if graded else None
@@ -280,7 +291,9 @@ class Tape:
         # a call on the batch moved (a seq-first model) only for clipping, whose gate scales its G
         # along the moved dimension (a fused BatchGrad would share the rule's moved layout)
         moved = clipping and placement is not None and placement.move and placement.rows is None
-        fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked
+        # a meet inside the call: a fused output would cut autograd's path to it
+        met_inside = len(self.meets) > self.meets_at.pop(id(module), len(self.meets))
+        fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked and not met_inside
         fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
             if clipping and self.gate is None:

@@ -221,7 +221,7 @@ def apply_rule(rec: Record, grads, rule=None, into: Optional[Dict[str, ResultSlo
         with torch.no_grad(), writing_into(into or {}), _dims_for(rule, placement), _attributes_kept(rule, rec.module):
             with running_rule(rec.device_type, rec.autocast):
                 results = rule(rec.module, rec.args, rec.kwargs, grads)
-        results = {k: v.to(rec.named[k].dtype) for k, v in results.items()}
+        results = {k: v.to(rec.named[k].dtype) for k, v in results.items() if k in rec.named}  # (loose ones: meets)
     except JacextError:
         raise
     except Exception as error:
