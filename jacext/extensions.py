@@ -114,11 +114,6 @@ class RescalingExtension(JacextExtension):
         """Per sample, the weight ``(N,)`` of its cotangent, from the finished results ``stored``."""
         raise NotImplementedError
 
-    def rescale(self, grad: Tensor, stored: Sequence[Tensor]) -> Tensor:
-        """A cotangent (N, ...) with sample n scaled by its weight."""
-        n = grad.shape[0]
-        return grad * self.weights(n, stored, grad).view(n, *[1] * (grad.dim() - 1)).to(grad.dtype)
-
 
 class BatchJacobian(JacextExtension):
     """Per-sample Jacobian of the root module's output: ``p.jacobian``.

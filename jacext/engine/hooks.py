@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
 from types import FrameType
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ from jacext.engine import backpack_ctx
 from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
-from jacext.engine.record import Alias, Tape
+from jacext.engine.record import Alias, InputGate, InputPlace, Tape
 from jacext.errors import JacextError
 from jacext.extensions import BatchJacobian, JacextExtension
 from jacext.rules import layer_of
@@ -209,10 +209,10 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     )
 
 
-def open_tape(root: nn.Module, args, kwargs) -> None:
+def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
     open_ = _recording.get()
     if not torch.is_grad_enabled() or open_ is not None and not abandon_if_stale(open_):
-        return  # (an extended module inside an extended model: the outer tape records it)
+        return None  # (an extended module inside an extended model: the outer tape records it)
     exts = backpack_ctx.active_extensions()
     others = [e for e in exts if not isinstance(e, JacextExtension)]
     state = ensure_state(root)
@@ -235,6 +235,10 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
             )
         tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
         tape.foreign_fields = {e.savefield for e in others}
+        gated = _gate_inputs(tape, args, kwargs) if tape.demand.rescaler is not None else None
+        if gated is not None:
+            args, kwargs = gated
+            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         tape.batch.seed(inputs, dim)
         tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
         ref = weakref.ref(tape)
@@ -244,6 +248,30 @@ def open_tape(root: nn.Module, args, kwargs) -> None:
         tape.uses.stale = partial(abandon_if_stale, tape)
         _recording.set(tape)
         tape.uses.__enter__()
+        return gated
+    return None
+
+
+def _gate_inputs(tape: Tape, args, kwargs):
+    """The root's inputs that require a gradient, each behind an :class:`InputGate` (``(args,
+    kwargs)``), or None where there is none."""
+    leaves, spec = tree_flatten((args, kwargs))
+    ref = weakref.ref(tape)
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0 and t.shape[0] == tape.batch.n:
+            place = InputPlace()
+            leaves[i] = InputGate.apply(ref, place, t)
+            tape.input_gates.append((place, leaves[i]))
+    return tree_unflatten(leaves, spec) if tape.input_gates else None
+
+
+def _settle_input_gates(tape: Tape) -> None:
+    """At the end of the forward: where each gated input's batch is (a seq-first layer on the
+    root's input moves it)."""
+    for place, t in tape.input_gates:
+        tag = tape.batch.tag(t)
+        place.dim = tag.dim if isinstance(tag, Layout) and tag.rows is None else None
+    tape.input_gates = []
 
 
 def abandon_if_stale(tape: Tape) -> bool:
@@ -352,6 +380,7 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
     _recording.set(None)
     tape.frame = None
     tape.uses.__exit__(None, None, None)
+    _settle_input_gates(tape)
     if output is None:  # the forward pass raised (a refusal of jacext's too): the last batch's results are stale
         tape.drop_results()
         return None
@@ -510,6 +539,7 @@ def on_root_grad(
         )
     _one_tape_per_backward(tape)
     tape.served, tape.served_leaves = task, {leaf}
+    tape.input_weights = None  # (set by a plan that rescales the cotangent)
     if torch.is_grad_enabled():  # backward(create_graph=True): it builds a graph a later backward may run through
         tape.built_graph = task
     _serving[task] = tape

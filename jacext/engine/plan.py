@@ -100,7 +100,9 @@ class PullBack(Plan):
         if rescaler is None:
             return None
         i = tape.extensions.index(rescaler)
-        return rescaler.rescale(self.grad_out, [values[i] for values in results.values()])
+        n = self.grad_out.shape[0]
+        tape.input_weights = rescaler.weights(n, [values[i] for values in results.values()], self.grad_out)
+        return self.grad_out * tape.input_weights.view(n, *[1] * (self.grad_out.dim() - 1)).to(self.grad_out.dtype)
 
 
 class ChunkedPullBack(PullBack):

@@ -57,6 +57,40 @@ class Alias(torch.autograd.Function):
         return g
 
 
+class InputGate(torch.autograd.Function):
+    """The identity on an input of the extended model that requires a gradient, under a
+    rescaling extension (ClipGrad): where the backward rescales the root's cotangent per sample
+    (the pull-back plan), it divides the cotangent leaving the model through this input by the
+    same weights, so that inputs get their ordinary, unclipped gradient on every plan (the
+    inline plans leave it so: they clip only the parameters' gradients)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(tape, where, x: Tensor) -> Tensor:
+        return x.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.tape, ctx.where = inputs[0], inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        tape = ctx.tape()
+        w = tape.input_weights if tape is not None else None
+        if w is None or ctx.where.dim is None:
+            return None, None, g
+        shape = [1] * g.dim()
+        shape[ctx.where.dim] = -1
+        return None, None, g / w.view(shape).to(g.dtype)
+
+
+class InputPlace:
+    """Where the batch of a gated input is (:class:`InputGate`), known when the forward ends."""
+
+    dim: Optional[int] = None
+
+
 class Record:
     """One call of a parameterised module."""
 
@@ -233,6 +267,8 @@ class Tape:
         self.batch.on_meet = self.meet
         self.meets: List[Meet] = []  # where tensors computed without the batch meet it
         self.meets_at: Dict[int, int] = {}  # per module being called, len(meets) when its call began
+        self.input_gates: List[Tuple[InputPlace, Tensor]] = []  # until the forward ends
+        self.input_weights: Optional[Tensor] = None  # the per-sample weights of a rescaled root cotangent
         self.uses = ParameterUses(root, self.batch)
         self.fused = False  # a record's output goes through FusedGrads
         self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
