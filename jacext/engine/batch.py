@@ -22,6 +22,11 @@ and the output's probe says where every sample went (cached per signature of sha
 indices or masks, whose values decide it, are among the arguments); reductions,
 products and the layer functions are known by name. An operation outside all three gets
 :class:`Opaque`; a layer called on such a tensor raises, naming the operation.
+
+Writes move values too: a tensor made by a factory (``ids.new_zeros(ids.shape)``,
+``torch.ones(N, T)``) has no batch until batched values are written into it
+(``shifted[:, 1:] = ids[:, :-1]``, ``copy_``, ``index_put_``; integer values too, unlike
+indices), then it has the batch where the write put it, a write into a view reaching its base.
 """
 
 from dataclasses import dataclass

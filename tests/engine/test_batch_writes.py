@@ -199,3 +199,70 @@ def test_write_into_rows_of_other_samples_is_refused():
     model = jacext.extend(Part(torch.tensor([3, 1]), torch.tensor([0, 2])))
     with backpack(jacext.BatchGrad()), pytest.raises(jacext.JacextError, match="module 'head'.*rows of others"):
         model(torch.randn(N, T, D))
+
+
+class Seq2Seq(nn.Module):
+    """An encoder output and the logits computed from it, both returned with the samples first
+    (HuggingFace's encoder_last_hidden_state), and a loss computed inside from the logits alone
+    or from both."""
+
+    def __init__(self, both=False):
+        super().__init__()
+        self.both = both
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.enc, self.head = nn.Linear(D, D), nn.Linear(D, C)
+
+    def forward(self, ids, y=None):
+        hidden = torch.tanh(self.enc(self.tok(ids) + self.pos(torch.arange(ids.shape[1]))))
+        logits = self.head(hidden).mean(1)
+        out = {"logits": logits, "hidden": hidden}
+        if y is not None:
+            loss = nn.functional.cross_entropy(logits, y, reduction="sum")
+            out["loss"] = loss + hidden.square().sum() if self.both else loss
+        return out
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["loss inside", "loss outside"])
+def test_output_leaf_reached_through_another(inside):
+    """The backward from the logits reaches the encoder output's original too: one start of the
+    plan, not two (ClipGrad takes the pull-back plan here, positions meeting the batch)."""
+    torch.manual_seed(0)
+    model = Seq2Seq().double()
+    ids, y = torch.randint(0, V, (N, T)), torch.randint(0, C, (N,))
+    lossfunc = nn.CrossEntropyLoss(reduction="sum")
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids)["logits"]
+
+    grads = loop_grad_batch(Logits(), lossfunc, y, ids)
+    grads = {name.removeprefix("model."): g for name, g in grads.items()}
+    norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+    bound = float(norms.median())
+    weights = (bound / (norms + 1e-6)).clamp(max=1)
+    jacext.extend(model)
+
+    def loss():
+        return model(ids, y)["loss"] if inside else lossfunc(model(ids)["logits"], y)
+
+    with backpack(jacext.BatchGrad()):
+        loss().backward()
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, grads[name], torch.float64, name)
+    model.zero_grad()
+    with backpack(ClipGrad(bound, loss_reduction="sum")):
+        loss().backward()
+    assert jacext.backward_plan(model) == "pull-back"
+    for name, p in model.named_parameters():
+        assert_close(p.grad, torch.einsum("n,n...->...", weights, grads[name]), torch.float64, name)
+
+
+def test_loss_inside_reaching_two_output_leaves_is_refused_by_the_pull_back():
+    model = jacext.extend(Seq2Seq(both=True))
+    with backpack(ClipGrad(1.0, loss_reduction="sum")), pytest.raises(jacext.JacextError, match="several per-sample"):
+        model(torch.randint(0, V, (N, T)), torch.randint(0, C, (N,)))["loss"].backward()
+    assert all(p.grad is None for p in model.parameters())
