@@ -424,11 +424,12 @@ def _moved_values(name: str, args, kwargs) -> AbstractSet[int]:
     moves: the first argument (all tensors of a list there: ``cat``) and the values it writes;
     the other integer and boolean tensors are indices and masks."""
     at, key = _SOURCES.get(name, (0, None))
+    moved = [(j in (0, at), a) for j, a in enumerate(args)] + [(k == key, v) for k, v in kwargs.items()]
     found: set = set()
     i = 0
-    for j, a in [*enumerate(args), *((key if k == key else None, v) for k, v in kwargs.items())]:
+    for values, a in moved:
         n = len(tree_flatten(a)[0])
-        if j == 0 or j == at or (key is not None and j == key):
+        if values:
             found.update(range(i, i + n))
         i += n
     return found
