@@ -22,6 +22,11 @@ and the output's probe says where every sample went (cached per signature of sha
 indices or masks, whose values decide it, are among the arguments); reductions,
 products and the layer functions are known by name. An operation outside all three gets
 :class:`Opaque`; a layer called on such a tensor raises, naming the operation.
+
+Writes move values too: a tensor made by a factory (``ids.new_zeros(ids.shape)``,
+``torch.ones(N, T)``) has no batch until batched values are written into it
+(``shifted[:, 1:] = ids[:, :-1]``, ``copy_``, ``index_put_``; integer values too, unlike
+indices), then it has the batch where the write put it, a write into a view reaching its base.
 """
 
 from dataclasses import dataclass
@@ -189,9 +194,36 @@ class BatchTracker:
         else:
             for o in outs:
                 self.tags[o] = tag
+        if in_place(func) and isinstance(args[0], Tensor) and args[0]._base is not None:
+            self._write_through(args[0], args[0]._base, name)
         if free and any(o.requires_grad for o in outs):
             flat, spec = tree_flatten((args, kwargs))
             self._meet(func, name, flat, spec, free, outs, written)
+
+    def _write_through(self, view: Tensor, base: Tensor, name: str) -> None:
+        """``name`` wrote into ``view`` in place, and so into its ``base``: the base's layout,
+        from its probe with the view's written where the view lies in its memory (a shift into a
+        fresh tensor, ``shifted[:, 1:].copy_(ids[:, :-1])``)."""
+        tag = self.tags.get(view)
+        if isinstance(self.tags.get(base), Opaque):
+            return
+        if not isinstance(tag, Layout):
+            if tag is not None:
+                self.tags[base] = tag
+            return
+        try:
+            probe = torch.empty_strided(base.shape, base.stride(), dtype=torch.float64, device=base.device)
+            probe.copy_(self._probe_of(base, True))
+            at = view.storage_offset() - base.storage_offset()
+            probe.as_strided(view.shape, view.stride(), at).copy_(self._probe_of(view, True))
+        except _Stale:
+            self.tags[base] = Opaque(f"{name} on a tensor changed in place since its batch was read", mixed=False)
+            return
+        base_tag = self.tags.get(base)
+        prior = base_tag.dim if isinstance(base_tag, Layout) else tag.dim if view.dim() == base.dim() else 0
+        read = _read(probe, name, prior, self.n)
+        if read is not None:
+            self.tags[base] = read
 
     def _meet(self, func, name, flat, spec, free, outs, written) -> None:
         """A free tensor meets the batch in ``func``: where the batch is in every input and
@@ -236,7 +268,10 @@ class BatchTracker:
             if moved is not None:
                 return moved
         if name in _MOVES or name in _KEEPS or name in {"__setitem__", "copy_"}:
-            return self._probe(func, name, args, kwargs, outs)
+            moved = self._probe(func, name, args, kwargs, outs)
+            if moved is None and name == "__setitem__":  # no batched value written: where, by the index
+                return _written_where(args, layouts)
+            return moved
         if name in _REDUCES or name in _ALONG:
             return _reduced(name, args, kwargs, layouts, outs)
         if name in _MATMULS:
@@ -276,10 +311,11 @@ class BatchTracker:
         """Run ``func`` on probes (sample + 1 per element, 0 where no sample) and read where
         each output's samples went."""
         flat, spec = tree_flatten((args, kwargs))
-        key = (func, tuple(_signature(a, self.tags.get(a) if isinstance(a, Tensor) else None) for a in flat))
+        values = _moved_values(name, args, kwargs)
+        key = (func, self.n, tuple(_signature(a, self.tags.get(a) if isinstance(a, Tensor) else None) for a in flat))
         # the signature holds shapes, not values: integer and boolean tensors beside the data
         # (indices, masks, the lengths of packed sequences) move the batch by their values
-        cacheable = all(not isinstance(a, Tensor) or i == 0 or _probed_by_sample(a) for i, a in enumerate(flat))
+        cacheable = all(not isinstance(a, Tensor) or i in values or _probed_by_sample(a) for i, a in enumerate(flat))
         try:
             hash(key)
         except TypeError:
@@ -287,7 +323,7 @@ class BatchTracker:
         if cacheable and key in self._probed:
             return self._probed[key]
         try:
-            probes = [self._probe_of(a, i == 0) if isinstance(a, Tensor) else a for i, a in enumerate(flat)]
+            probes = [self._probe_of(a, i in values) if isinstance(a, Tensor) else a for i, a in enumerate(flat)]
         except _Stale:
             return Opaque(f"{name} on a tensor changed in place since its batch was read", mixed=False)
         p_args, p_kwargs = tree_unflatten(probes, spec)
@@ -300,7 +336,7 @@ class BatchTracker:
         if any(p.numel() == 0 for p in results):  # nothing to read: where the batch's size is
             return _unique_size(name, data, outs)
         dims = [_PACKED[name](args)] + [None] * (len(results) - 1) if name in _PACKED else [None] * len(results)
-        tags = [_read(p, name, data[1].dim, d) for p, d in zip(results, dims, strict=True)]
+        tags = [_read(p, name, data[1].dim, self.n, d) for p, d in zip(results, dims, strict=True)]
         result = tags[0] if len(tags) == 1 else tags
         if cacheable:
             self._probed[key] = result
@@ -375,6 +411,30 @@ def _permuted(name, args, kwargs, g: Layout, ndim: int, out_ndim: int) -> Option
     return Layout(order.index(g.dim), g.rows)
 
 
+# the argument (position, keyword) of a value-moving operation that holds values it writes
+# beside its data, the first argument: integers there are values too (token ids shifted into a
+# fresh tensor, shifted[:, 1:] = ids[:, :-1]), not indices
+_SOURCES = {"__setitem__": (2, "value"), "copy_": (1, "src"), "index_put": (2, "values"), "index_put_": (2, "values"),
+            "index_copy": (3, "source"), "index_copy_": (3, "source"), "scatter": (3, "src"), "scatter_": (3, "src"),
+            "masked_scatter": (2, "source"), "masked_scatter_": (2, "source")}
+
+
+def _moved_values(name: str, args, kwargs) -> AbstractSet[int]:
+    """The positions, in ``tree_flatten((args, kwargs))``, of the tensors whose values ``name``
+    moves: the first argument (all tensors of a list there: ``cat``) and the values it writes;
+    the other integer and boolean tensors are indices and masks."""
+    at, key = _SOURCES.get(name, (0, None))
+    moved = [(j in (0, at), a) for j, a in enumerate(args)] + [(k == key, v) for k, v in kwargs.items()]
+    found: set = set()
+    i = 0
+    for values, a in moved:
+        n = len(tree_flatten(a)[0])
+        if values:
+            found.update(range(i, i + n))
+        i += n
+    return found
+
+
 def _probed_by_sample(t: Tensor) -> bool:
     """Whether a tensor beside an operation's data gets a probe (floating point: values), rather
     than moving the probe by its own values (integers and booleans: indices, masks)."""
@@ -383,6 +443,18 @@ def _probed_by_sample(t: Tensor) -> bool:
 
 class _Stale(Exception):
     """A tensor's recorded layout no longer fits its shape (an in-place resize)."""
+
+
+def _written_where(args, layouts) -> object:
+    """``x[index] = v`` without batched values, at places an index that depends on the batch
+    chooses: a boolean mask over x's leading dimensions differs per sample along its batch
+    dimension, and so does x (``mask[ids == pad] = 0``, as ``masked_fill_``); other indices are
+    not followed."""
+    index = args[1]
+    for t, g in layouts:
+        if t is index and t.dtype == torch.bool and t.shape == args[0].shape[: t.dim()] and isinstance(g, Layout):
+            return Layout(g.dim, g.rows)
+    return Opaque("__setitem__ at places that depend on the batch", mixed=False)
 
 
 def _inert(tag):
@@ -448,9 +520,12 @@ _ID = 2**30  # probe value of sample 0; values below are no sample's (zeros, pad
 _PACKED = {"_pack_padded_sequence": lambda args: 0, "_pad_packed_sequence": lambda args: 0 if args[2] else 1}
 
 
-def _read(p: Tensor, name: str, prior: int, dim: Optional[int] = None):
+def _read(p: Tensor, name: str, prior: int, n: int, dim: Optional[int] = None):
     """The layout a probe shows: the one dimension along which the samples vary (``dim``: the
-    one the operation is known to put them in; ``prior``: the batch dimension of its data)."""
+    one the operation is known to put them in; ``prior``: the batch dimension of its data; ``n``:
+    the batch size). Indices along it that hold no sample's values (constants) are their own
+    sample's where every other index holds its own sample (a fresh tensor of the batch's shape
+    written for some samples, ``buf[:2] = x[:2]``); among other orders they are refused."""
     p = p.to(torch.float64)
     p = torch.where((p >= _ID) & (p == p.round()), p - (_ID - 1), 0.0)
     if p.numel() == 0 or not bool((p > 0).any()):
@@ -472,7 +547,10 @@ def _read(p: Tensor, name: str, prior: int, dim: Optional[int] = None):
     _, d, hi = max(candidates, key=lambda c: c[0])
     rows = hi.long() - 1
     if bool((rows < 0).any()):
-        return Opaque(f"{name} putting values shared by all samples beside the batch", mixed=False)
+        own = torch.arange(rows.numel(), device=rows.device)
+        if rows.numel() == n and bool(((rows == own) | (rows < 0)).all()):
+            return Layout(d)
+        return Opaque(f"{name} moving samples into the rows of others, beside rows without a sample", mixed=True)
     return Layout(d, _canonical(rows))
 
 
@@ -581,7 +659,9 @@ def place(
     mixed = next((g for g in tags if isinstance(g, Opaque) and g.mixed and not g.inert), None)
     if mixed is not None:
         _refuse_opaque(label, mixed)
-    if all(g is None for g in tags):  # a value shared by all samples: its derivatives separate where it meets the batch
+    if all(g is None for g in tags) or all(tracker.tag(o) is None for o in outputs):
+        # a value shared by all samples (also from batched inputs read for their shape only,
+        # positions(ids) -> arange(T)): its derivatives separate where it meets the batch
         return Placement([], [], free=True)
     first = next((i for i, t in enumerate(flat_inputs) if isinstance(t, Tensor)), None)
     if tracker.n == 1 and layer.rule is not None and first is not None:
@@ -594,6 +674,13 @@ def place(
         return plain
     in_dims = [g.dim if isinstance(g, Layout) and _same_rows(g.rows, rows) else None for g in tags]
     out_dims = [_out_dim(tracker, o, lead.dim) for o in outputs]
+    without = next((o for o in outputs if tracker.tag(o) is None), None)
+    if without is not None:
+        raise JacextError(
+            f"module {label} returns outputs that hold the batch and one that does not (shape "
+            f"{tuple(without.shape)}, computed without the batch); jacext cannot differentiate such a call "
+            "per sample. Compute the batch-free output in a call of its own (a submodule), or detach it."
+        )
     if layer.rule is None:  # the generic rule takes every dim as it is
         plain_dims = rows is None and all(d in (0, None) for d in in_dims) and all(d == 0 for d in out_dims)
         return Placement(in_dims, out_dims, rows=rows, plain=plain_dims)

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
 from types import FrameType
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import GradientEdge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.module import _global_forward_hooks
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -405,6 +405,7 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
         captured.append(tape)
     leaves, spec = tree_flatten(output)
     at = _per_sample_leaves(tape, root, output, leaves)
+    watched = set() if isinstance(output, Tensor) else _reached_inside(leaves, at)
     for i in at:
         # The hook (which holds the tape, which holds the records' autograd edges) lives on the
         # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
@@ -415,7 +416,7 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
         alias = Alias.apply(original)
         alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
         leaves[i] = alias
-        if not isinstance(output, Tensor):
+        if i in watched:
             # a loss computed inside the forward (HuggingFace's labels=) uses the original: a
             # hook there holds the tape weakly; the loss's own node holds it (below)
             inside = partial(_inside, weakref.ref(tape), original.shape, original.output_nr, i, len(at) > 1)
@@ -428,6 +429,30 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
         if isinstance(o, Tensor) and o.requires_grad and o.dim() == 0:
             o.register_hook(partial(_keep, tape))
     return tree_unflatten(leaves, spec)
+
+
+def _reached_inside(leaves: List, at: List[int]) -> Set[int]:
+    """The per-sample leaves ``at`` whose originals a loss computed inside the forward (another
+    leaf with a gradient) reaches other than through another per-sample leaf: a backward from
+    that loss starts the plan there. One reached only through another (the encoder's output, from
+    which the decoder computes the logits) is a path of that one's plan, not a second start."""
+    ends = {}
+    for i in at:
+        edge = get_gradient_edge(leaves[i])
+        ends[(id(edge.node), edge.output_nr)] = i
+    losses = [o for j, o in enumerate(leaves) if j not in at and isinstance(o, Tensor) and o.requires_grad]
+    stack = [get_gradient_edge(o) for o in losses]
+    found: Set[int] = set()
+    seen: Set[int] = set()
+    while stack:
+        edge = stack.pop()
+        end = ends.get((id(edge.node), edge.output_nr))
+        if end is not None:
+            found.add(end)
+        elif id(edge.node) not in seen:
+            seen.add(id(edge.node))
+            stack += [GradientEdge(node, nr) for node, nr in edge.node.next_functions if node is not None]
+    return found
 
 
 def _keep(tape: Tape, grad: Tensor) -> None:

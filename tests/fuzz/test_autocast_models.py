@@ -28,7 +28,16 @@ from jacext.dp import ClipGrad
 from jacext.dp.clip import EPS
 
 from .models import (
-    MAX_N, SEEDS, STEMS, WARNINGS, Recurrent, examples, expected_results, float_models, prepare, squared_norms,
+    MAX_N,
+    SEEDS,
+    STEMS,
+    WARNINGS,
+    Recurrent,
+    examples,
+    expected_results,
+    float_models,
+    prepare,
+    squared_norms,
     token_models,
 )
 

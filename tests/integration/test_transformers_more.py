@@ -8,8 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import jacext
-
 from .common import check_causal_lm, check_extensions
 
 transformers = pytest.importorskip("transformers")
@@ -31,24 +29,7 @@ def _bart():
     return transformers.BartForConditionalGeneration(config).train()
 
 
-BART = [
-    pytest.param("labels", marks=pytest.mark.xfail(
-        strict=True, raises=jacext.JacextError,
-        reason="engine: decoder_input_ids = shift_tokens_right(labels) (new_zeros, then shifted[:, 1:] = "
-        "labels[:, :-1]) lose the batch in the tracker (jacext.engine.batch: values written into a fresh "
-        "tensor), so the decoder runs as batch-free and meets the batch in cross-attention's "
-        "scaled_dot_product_attention, whose dropout the meet's vmap refuses (jacext.engine.meets). "
-        "/tmp/repros/batch_through_shifted_ids.py, /tmp/repros/meet_random_op.py")),
-    pytest.param("outside", marks=pytest.mark.xfail(
-        strict=True, raises=jacext.JacextError,
-        reason="engine: the decoder's embed_positions(input_ids, position_ids=arange(T)) reads the batched "
-        "input_ids only for their shape and returns (1, T, D); the call is placed as batched "
-        "(jacext.engine.batch.place, from its first input) instead of batch-free, so the generic rule's vmap "
-        "meets sizes [N, 1]. /tmp/repros/free_output_of_batched_call.py")),
-]
-
-
-@pytest.mark.parametrize("loss", BART)
+@pytest.mark.parametrize("loss", ["labels", "outside"])
 def test_bart_seq2seq(loss):
     """Learned positions from (1, T) ids in the encoder and the decoder, decoder inputs shifted from
     the labels, final_logits_bias (a buffer), shared embeddings tied to the head."""
