@@ -13,9 +13,13 @@ cotangent G of the operation's output,
 
 the second through the autograd graph of ``f`` itself, so anything between the layer and the
 meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
+Where ``f`` is the weight or bias of a layer function that has a rule of its own
+(jacext.rules.functional: ``F.linear``, ``x @ W``, ``F.layer_norm``, ``F.rms_norm``,
+``F.group_norm``, ``F.embedding``) and only the function's input holds the batch, that rule
+gives G_f instead of the VJP; and where ``f`` is a parameter itself, J_W = G_f.
 """
 
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +28,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from jacext.errors import JacextError
+from jacext.rules.functional import FUNCTIONS, Function
 
 
 def op_name(func) -> str:
@@ -79,6 +84,7 @@ class Meet:
         self.parameters = parameters  # the trainable parameters the free tensors may reach
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
+        self._call: Any = _UNBOUND  # see _bind
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"
@@ -92,17 +98,27 @@ class Meet:
             )
 
     def per_sample(self, leaf_grads: List[Optional[Tensor]], n: int) -> Dict[nn.Parameter, Tensor]:
-        """Per parameter the free tensors reach, its per-sample contraction (N, V, *p)."""
+        """Per parameter the free tensors reach, its per-sample contraction (N, V, *p): G_f
+        itself for a free tensor that is a parameter, the batched VJP through the free
+        tensor's graph for the others."""
         if n == 0 or any(g is not None and g.numel() == 0 for g in leaf_grads):  # an empty batch: nothing
             return {}
-        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (V, N, *f)
-        v = g_free[0].shape[0]
+        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (N, V, *f)
+        v = g_free[0].shape[1]
         params = [p for p in self.parameters if p.requires_grad]
+        ids = {id(p) for p in params}
+        out: Dict[nn.Parameter, Tensor] = {}
+        for f, g in zip(self.free, g_free, strict=True):
+            if id(f) in ids:
+                out[f] = out[f] + g if f in out else g
+        through = [(f, g) for f, g in zip(self.free, g_free, strict=True) if id(f) not in ids]
+        if not through:
+            return out
         try:
             grads = torch.autograd.grad(
-                self.free,
+                [f for f, _ in through],
                 params,
-                [g.flatten(0, 1) for g in g_free],
+                [g.transpose(0, 1).flatten(0, 1) for _, g in through],
                 retain_graph=True,
                 allow_unused=True,
                 is_grads_batched=True,
@@ -113,10 +129,70 @@ class Meet:
                 f"that computed its batch-free input ({error}). Expand that input to the batch (for "
                 "example position ids pos.expand(N, -1)) before the layer that computes it."
             ) from error
-        return {p: g.unflatten(0, (v, n)).transpose(0, 1) for p, g in zip(params, grads, strict=True) if g is not None}
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                g = g.unflatten(0, (v, n)).transpose(0, 1)
+                out[p] = out[p] + g if p in out else g
+        return out
 
     def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
-        """G_f (V, N, *f) per free tensor: vmap over seeds of vmap over samples (each slice
+        """G_f (N, V, *f) per free tensor: by the function's own rule where one applies, else
+        by the operation's VJP."""
+        by_rule = self._by_rule(leaf_grads, n)
+        return by_rule if by_rule is not None else self._by_vjp(leaf_grads, n)
+
+    def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
+        """G_f by the rule of a layer function (jacext.rules.functional) whose weight arguments are
+        the free tensors and whose input alone holds the batch; None where there is none."""
+        if self._call is _UNBOUND:
+            self._call = self._bind(n)
+        g = leaf_grads[self.grad_leaves[0]] if self._call is not None else None
+        if self._call is None or g is None:
+            return None
+        function, args, wanted, interleaved = self._call
+        x = args[function.names[0]]
+        if g.dtype != self.free[0].dtype or (x.is_floating_point() and x.dtype != g.dtype):
+            return None  # (autocast: the rules contract tensors of one dtype)
+        d = self.out_dims[0]
+        x, g = x.movedim(d, 0), g.movedim(1 + d, 1)
+        if interleaved is not None:  # folded rows: the samples' own dim, and one for the rows of each
+            x, g = _by_sample(x, 0, n, interleaved), _by_sample(g, 1, n, interleaved)
+        got = function.rule(args, x, g, frozenset(wanted.values()))
+        return [got[wanted[i]] for i in self.free_at]
+
+    def _bind(self, n: int) -> Optional[Tuple[Function, Dict, Dict[int, str], Optional[bool]]]:
+        """Where a function rule applies: the function, its arguments by name (the free ones
+        detached), the name of each free argument (by flat index) and how folded rows hold
+        the samples (see :func:`_folding`)."""
+        function = FUNCTIONS.get(op_name(self.func))
+        if function is None or self.n_leaves != 1 or self.grad_leaves != [0] or self.aligned:
+            return None
+        values = list(self.flat)
+        for i, f in zip(self.free_at, self.free, strict=True):
+            values[i] = f.detach()
+        args = function.bind(*tree_unflatten(values, self.spec))
+        at = function.bind(*tree_unflatten(list(range(len(values))), self.spec))  # flat indices
+        if args is None or at is None:
+            return None
+        wanted = {at[s]: s for s in function.slots if isinstance(at[s], int) and at[s] in self.free_at}
+        x_at = at[function.names[0]]
+        d = self.dims[x_at] if isinstance(x_at, int) else None
+        if len(wanted) != len(self.free_at) or d is None or d != self.out_dims[0]:
+            return None
+        inner = function.inner(args)
+        if inner is None or d >= args[function.names[0]].dim() - inner:
+            return None
+        if any(e is not None for i, e in enumerate(self.dims) if i != x_at):
+            return None
+        if not function.leading and (d != 0 or self.rows is not None):
+            return None
+        interleaved = None if self.rows is None else _folding(self.rows, n)
+        if self.rows is not None and interleaved is None:
+            return None
+        return function, args, wanted, interleaved
+
+    def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
+        """G_f (N, V, *f) per free tensor: vmap over seeds of vmap over samples (each slice
         keeping a batch dimension of size 1) of the operation's VJP in its free inputs.
 
         A free tensor with one entry per sample along the dimension that an elementwise
@@ -177,8 +253,32 @@ class Meet:
                 g = full
             if self.rows is not None:
                 g = g.new_zeros(n, *g.shape[1:]).index_add_(0, self.rows.to(g.device), g)
-            out.append(g.transpose(0, 1))
+            out.append(g)
         return out
+
+
+_UNBOUND = object()
+
+
+def _folding(rows: Tensor, n: int) -> Optional[bool]:
+    """How rows folded with another dim hold the ``n`` samples: in blocks (False: sample n's rows
+    are n k, ..., n k + k - 1), interleaved (True: n, n + N, ...), or otherwise (None)."""
+    k = rows.numel() // n
+    if k * n != rows.numel():
+        return None
+    samples = torch.arange(n, device=rows.device)
+    if torch.equal(rows.view(n, k), samples[:, None].expand(n, k)):
+        return False
+    if torch.equal(rows.view(k, n), samples.expand(k, n)):
+        return True
+    return None
+
+
+def _by_sample(t: Tensor, dim: int, n: int, interleaved: bool) -> Tensor:
+    """``t`` with the folded rows along ``dim`` as two dims: the samples, then each one's rows."""
+    if interleaved:
+        return t.unflatten(dim, (-1, n)).transpose(dim, dim + 1)
+    return t.unflatten(dim, (n, -1))
 
 
 def _aligned(name: str, flat, free: List[int], outputs: List[Tensor], out_dims) -> Dict[int, int]:

@@ -13,7 +13,7 @@ without a weight takes twice as long (0.63 against 0.31 ms at 64 x 64 x 128, flo
 """
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from jacext.rules import register
 from jacext.rules.util import affine_jacobians, running_stats_xhat
@@ -21,13 +21,15 @@ from jacext.rules.util import affine_jacobians, running_stats_xhat
 
 @register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1, leading=True)
 def trailing_norm(module, args, kwargs, grads):
-    x, (g,) = args[0], grads
-    if type(module) is nn.LayerNorm:
-        ones = x.new_ones(module.normalized_shape)
-        xhat = F.layer_norm(x, module.normalized_shape, ones, eps=module.eps)
-    else:
-        xhat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
-    return affine_jacobians(module, g, xhat, channel_dim=False)
+    xhat = trailing_xhat(args[0], module.normalized_shape, module.eps, rms=type(module) is nn.RMSNorm)
+    return affine_jacobians(module, grads[0], xhat, channel_dim=False)
+
+
+def trailing_xhat(x: Tensor, shape, eps, rms: bool) -> Tensor:
+    """xhat of LayerNorm (``rms=False``) or RMSNorm (``eps`` None: torch's default) over the trailing dims ``shape``."""
+    if rms:
+        return F.rms_norm(x, shape, eps=eps)
+    return F.layer_norm(x, shape, x.new_ones(shape), eps=eps)
 
 
 @register(nn.GroupNorm, min_dim=lambda m: 2)

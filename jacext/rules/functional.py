@@ -1,0 +1,140 @@
+"""Rules for torch functions whose weight or bias is a tensor without the batch.
+
+A parameter used outside a module call that a hand-written rule covers (timm's LayerNorm
+subclass calling ``F.layer_norm(x, shape, self.weight, self.bias)``, a head tied to an
+embedding, ``F.linear(h, wte.weight)``, ``h @ emb.weight.t()``) meets the batch in the function
+itself (jacext.engine.meets). Where it enters as the function's weight or bias and only the
+function's input holds the batch, the cotangents of those arguments per sample are the layer's
+own rule on the function's arguments:
+
+    F.linear(x, W, b)        J_W[n, v] = sum_t G[v, n, t]^T x[n, t],  J_b[n, v] = sum_t G[v, n, t]
+    x @ W                    F.linear(x, W^T): J_W[n, v] = (sum_t G[v, n, t]^T x[n, t])^T
+    F.layer_norm, rms_norm,  J_w[n, v] = sum G[v, n] * xhat[n],  J_b[n, v] = sum G[v, n]
+    group_norm                 (summed over the dims that w does not have)
+    F.embedding(x, W)        J_W[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t]
+
+computed by jacext.rules.linear, .norm and .embedding. A :class:`Function`'s rule takes the
+call's arguments by name (tensors detached), its input with the samples first, x (N, ...), the
+cotangents of its output, G (V, N, ...), and the names of the arguments asked for; it returns
+their contractions, (N, V, *argument.shape).
+"""
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from jacext.rules.embedding import lookup_jacobian
+from jacext.rules.linear import linear_jacobians, positions
+from jacext.rules.norm import trailing_xhat
+from jacext.rules.util import affine_products
+
+Arguments = Dict[str, Any]
+FunctionRule = Callable[[Arguments, Tensor, Tensor, FrozenSet[str]], Dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class Function:
+    """A torch function with a rule for its weight arguments."""
+
+    names: Tuple[str, ...]  # its arguments in order; the first is the input that holds the batch
+    slots: FrozenSet[str]  # the arguments its rule differentiates
+    inner: Callable[[Arguments], Optional[int]]  # how many trailing dims of the input it mixes (None: no rule)
+    rule: FunctionRule
+    defaults: Dict[str, Any] = field(default_factory=dict)
+    leading: bool = True  # the dims before those alike: the batch may be any of them, folded with another
+
+    def bind(self, args, kwargs) -> Optional[Arguments]:
+        """The call's arguments by name, defaults filled in (None: not a call of this signature)."""
+        if len(args) > len(self.names) or any(k not in self.names for k in kwargs):
+            return None
+        bound = {**self.defaults, **dict(zip(self.names, args, strict=False)), **kwargs}
+        return bound if all(name in bound for name in self.names) else None
+
+
+def _linear(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+    return linear_jacobians(positions(x, g), "weight" in wanted, "bias" in wanted)
+
+
+def _product(other: str) -> Function:
+    """``x @ W`` for a matrix W (``other``), as F.linear(x, W^T)."""
+
+    def rule(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+        return {other: linear_jacobians(positions(x, g), True, False)["weight"].transpose(-1, -2)}
+
+    def inner(a: Arguments) -> Optional[int]:
+        w = a[other]
+        return 1 if isinstance(w, Tensor) and w.dim() == 2 and a["input"].dim() >= 2 else None
+
+    return Function(("input", other), frozenset({other}), inner, rule)
+
+
+def _shape(a: Arguments) -> torch.Size:
+    s = a["normalized_shape"]
+    return torch.Size([s] if isinstance(s, int) else s)
+
+
+def _trailing(rms: bool) -> FunctionRule:
+    def rule(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+        shape = _shape(a)
+        xhat = trailing_xhat(x, shape, a["eps"], rms)
+        return affine_products(g, xhat, shape, False, "weight" in wanted, "bias" in wanted)
+
+    return rule
+
+
+def _group_norm(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+    xhat = F.group_norm(x, a["num_groups"], eps=a["eps"])
+    return affine_products(g, xhat, x.shape[1:2], True, "weight" in wanted, "bias" in wanted)
+
+
+def _embedding(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+    e, d = a["weight"].shape
+    padding = a["padding_idx"]
+    table = SimpleNamespace(
+        num_embeddings=e,
+        embedding_dim=d,
+        padding_idx=padding + e if padding is not None and padding < 0 else padding,
+        scale_grad_by_freq=a["scale_grad_by_freq"],
+    )
+    return {"weight": lookup_jacobian(table, x, g)}
+
+
+_NORM = frozenset({"weight", "bias"})
+FUNCTIONS: Dict[str, Function] = {
+    "linear": Function(("input", "weight", "bias"), _NORM, lambda a: 1, _linear, {"bias": None}),
+    "matmul": _product("other"),
+    "mm": _product("mat2"),
+    "layer_norm": Function(
+        ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+        _NORM,
+        lambda a: len(_shape(a)),
+        _trailing(rms=False),
+        {"weight": None, "bias": None, "eps": 1e-5, "cudnn_enable": True},
+    ),
+    "rms_norm": Function(
+        ("input", "normalized_shape", "weight", "eps"),
+        frozenset({"weight"}),
+        lambda a: len(_shape(a)),
+        _trailing(rms=True),
+        {"weight": None, "eps": None},
+    ),
+    "group_norm": Function(
+        ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled"),
+        _NORM,
+        lambda a: a["input"].dim() - 1 if a["input"].dim() >= 2 else None,
+        _group_norm,
+        {"weight": None, "bias": None, "eps": 1e-5, "cudnn_enabled": True},
+        leading=False,
+    ),
+    "embedding": Function(
+        ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"),
+        frozenset({"weight"}),
+        lambda a: 0,
+        _embedding,
+        {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
+    ),
+}  # by name, as the meets know operations (jacext.engine.meets.op_name)
