@@ -19,7 +19,7 @@ Where ``f`` is the weight or bias of a layer function that has a rule of its own
 gives G_f instead of the VJP; and where ``f`` is a parameter itself, J_W = G_f.
 """
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from jacext.errors import JacextError
-from jacext.rules.functional import FUNCTIONS, Function
+from jacext.rules.functional import ELEMENTWISE, FUNCTIONS, bind, elementwise
 
 
 def op_name(func) -> str:
@@ -84,7 +84,7 @@ class Meet:
         self.parameters = parameters  # the trainable parameters the free tensors may reach
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
-        self._call: Any = _UNBOUND  # see _bind
+        self._rule: Any = _UNBOUND  # see _by_rule
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"
@@ -142,45 +142,43 @@ class Meet:
         return by_rule if by_rule is not None else self._by_vjp(leaf_grads, n)
 
     def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
-        """G_f by the rule of a layer function (jacext.rules.functional) whose weight arguments are
-        the free tensors and whose input alone holds the batch; None where there is none."""
-        if self._call is _UNBOUND:
-            self._call = self._bind(n)
-        g = leaf_grads[self.grad_leaves[0]] if self._call is not None else None
-        if self._call is None or g is None:
+        """G_f by a rule of jacext.rules.functional: a layer function's whose weight arguments are
+        the free tensors and whose input alone holds the batch, or an elementwise operation's;
+        None where neither applies."""
+        if self._rule is _UNBOUND:
+            self._rule = self._function_rule(n) if op_name(self.func) in FUNCTIONS else self._elementwise_rule(n)
+        g = leaf_grads[self.grad_leaves[0]]
+        if self._rule is None or g is None or g.dtype != self.free[0].dtype:  # (autocast: one dtype)
             return None
-        function, args, wanted, interleaved = self._call
-        x = args[function.names[0]]
-        if g.dtype != self.free[0].dtype or (x.is_floating_point() and x.dtype != g.dtype):
-            return None  # (autocast: the rules contract tensors of one dtype)
-        d = self.out_dims[0]
-        x, g = x.movedim(d, 0), g.movedim(1 + d, 1)
-        if interleaved is not None:  # folded rows: the samples' own dim, and one for the rows of each
-            x, g = _by_sample(x, 0, n, interleaved), _by_sample(g, 1, n, interleaved)
-        got = function.rule(args, x, g, frozenset(wanted.values()))
-        return [got[wanted[i]] for i in self.free_at]
+        return self._rule(g)
 
-    def _bind(self, n: int) -> Optional[Tuple[Function, Dict, Dict[int, str], Optional[bool]]]:
-        """Where a function rule applies: the function, its arguments by name (the free ones
-        detached), the name of each free argument (by flat index) and how folded rows hold
-        the samples (see :func:`_folding`)."""
-        function = FUNCTIONS.get(op_name(self.func))
-        if function is None or self.n_leaves != 1 or self.grad_leaves != [0] or self.aligned:
+    def _arguments(self, names, defaults) -> Optional[Tuple[Dict, Dict]]:
+        """The arguments by name (the free ones detached) and their flat indices, for a
+        function of the arguments ``names`` (None: not a call of that signature)."""
+        if self.n_leaves != 1 or self.grad_leaves != [0] or self.aligned:
             return None
         values = list(self.flat)
         for i, f in zip(self.free_at, self.free, strict=True):
             values[i] = f.detach()
-        args = function.bind(*tree_unflatten(values, self.spec))
-        at = function.bind(*tree_unflatten(list(range(len(values))), self.spec))  # flat indices
-        if args is None or at is None:
+        args = bind(names, defaults, *tree_unflatten(values, self.spec))
+        at = bind(names, defaults, *tree_unflatten(list(range(len(values))), self.spec))
+        if args is None or at is None or any(f.dtype != self.free[0].dtype for f in self.free):
             return None
+        return args, at
+
+    def _function_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        function = FUNCTIONS[op_name(self.func)]
+        bound = self._arguments(function.names, function.defaults)
+        if bound is None:
+            return None
+        args, at = bound
         wanted = {at[s]: s for s in function.slots if isinstance(at[s], int) and at[s] in self.free_at}
-        x_at = at[function.names[0]]
+        x_at, x = at[function.names[0]], args[function.names[0]]
         d = self.dims[x_at] if isinstance(x_at, int) else None
         if len(wanted) != len(self.free_at) or d is None or d != self.out_dims[0]:
             return None
         inner = function.inner(args)
-        if inner is None or d >= args[function.names[0]].dim() - inner:
+        if inner is None or d >= x.dim() - inner or (x.is_floating_point() and x.dtype != self.free[0].dtype):
             return None
         if any(e is not None for i, e in enumerate(self.dims) if i != x_at):
             return None
@@ -189,7 +187,34 @@ class Meet:
         interleaved = None if self.rows is None else _folding(self.rows, n)
         if self.rows is not None and interleaved is None:
             return None
-        return function, args, wanted, interleaved
+        x = x.movedim(d, 0)
+        if interleaved is not None:  # folded rows: the samples' own dim, and one for the rows of each
+            x = _by_sample(x, 0, n, interleaved)
+
+        def rule(g: Tensor) -> List[Tensor]:
+            g = g.movedim(1 + d, 1)
+            if interleaved is not None:
+                g = _by_sample(g, 1, n, interleaved)
+            got = function.rule(args, x, g, frozenset(wanted.values()))
+            return [got[wanted[i]] for i in self.free_at]
+
+        return rule
+
+    def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        name = op_name(self.func)
+        bound = self._arguments(("input", "other", "alpha"), {"alpha": 1}) if name in ELEMENTWISE else None
+        if bound is None or len(self.free_at) != 1:
+            return None
+        args, at = bound
+        free = next((s for s in ("input", "other") if at[s] == self.free_at[0]), None)
+        x_at = at["other" if free == "input" else "input"]
+        if free is None or not isinstance(x_at, int) or self.dims[x_at] is None:
+            return None
+        f, x, d = args[free], args["other" if free == "input" else "input"], self.out_dims[0]
+        m = len(self.out_shapes[0])
+        if x.dtype != f.dtype or f.dim() > m or (m - f.dim() <= d and f.shape[d - m + f.dim()] != 1):
+            return None
+        return lambda g: [_per_sample(elementwise(name, args, free, g, d), self.rows, n)]
 
     def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
         """G_f (N, V, *f) per free tensor: vmap over seeds of vmap over samples (each slice
@@ -251,13 +276,16 @@ class Meet:
                 full = g.new_zeros(g.shape[0], g.shape[1], *f.shape)
                 torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
                 g = full
-            if self.rows is not None:
-                g = g.new_zeros(n, *g.shape[1:]).index_add_(0, self.rows.to(g.device), g)
-            out.append(g)
+            out.append(_per_sample(g, self.rows, n))
         return out
 
 
 _UNBOUND = object()
+
+
+def _per_sample(g: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
+    """``g`` (R, ...) per index along the batch dim, summed per sample: (N, ...)."""
+    return g if rows is None else g.new_zeros(n, *g.shape[1:]).index_add_(0, rows.to(g.device), g)
 
 
 def _folding(rows: Tensor, n: int) -> Optional[bool]:

@@ -17,6 +17,10 @@ computed by jacext.rules.linear, .norm and .embedding. A :class:`Function`'s rul
 call's arguments by name (tensors detached), its input with the samples first, x (N, ...), the
 cotangents of its output, G (V, N, ...), and the names of the arguments asked for; it returns
 their contractions, (N, V, *argument.shape).
+
+Elementwise ``x + f``, ``x - f`` (``alpha`` times f) and ``x * f``, f broadcast to x (``x +
+self.pos_embed``, ``x * self.gamma``): G_f[v, r] = G[v, r] (times x[r] for a product) summed
+over the dims f is broadcast along, per index r of the output's batch dim (:func:`elementwise`).
 """
 
 from dataclasses import dataclass, field
@@ -47,12 +51,14 @@ class Function:
     defaults: Dict[str, Any] = field(default_factory=dict)
     leading: bool = True  # the dims before those alike: the batch may be any of them, folded with another
 
-    def bind(self, args, kwargs) -> Optional[Arguments]:
-        """The call's arguments by name, defaults filled in (None: not a call of this signature)."""
-        if len(args) > len(self.names) or any(k not in self.names for k in kwargs):
-            return None
-        bound = {**self.defaults, **dict(zip(self.names, args, strict=False)), **kwargs}
-        return bound if all(name in bound for name in self.names) else None
+
+
+def bind(names: Tuple[str, ...], defaults: Dict[str, Any], args, kwargs) -> Optional[Arguments]:
+    """A call's arguments by name, ``defaults`` filled in (None: not a call of the signature ``names``)."""
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    bound = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+    return bound if all(name in bound for name in names) else None
 
 
 def _linear(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
@@ -138,3 +144,23 @@ FUNCTIONS: Dict[str, Function] = {
         {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
     ),
 }  # by name, as the meets know operations (jacext.engine.meets.op_name)
+
+ELEMENTWISE = {"add", "sub", "mul"}  # (input, other, alpha=1)
+
+
+def elementwise(name: str, args: Arguments, free: str, g: Tensor, d: int) -> Tensor:
+    """G_f (R, V, *f.shape) of ``name``'s argument ``free`` (f, broadcast to the output without
+    an entry per sample: size 1 or absent at the output's batch dim ``d``), per index r along
+    ``d``, for G (V, *out)."""
+    f = args[free]
+    if name == "mul":
+        h = g * args["other" if free == "input" else "input"]
+    else:
+        c = 1 if free == "input" else (-1 if name == "sub" else 1) * args["alpha"]
+        h = g if c == 1 else g * c
+    m = h.dim() - 1
+    shape = (1,) * (m - f.dim()) + tuple(f.shape)  # f's shape aligned with the output's
+    summed = [1 + j for j in range(m) if j != d and shape[j] == 1 and h.shape[1 + j] != 1]
+    if summed:
+        h = h.sum(summed, keepdim=True)
+    return h.movedim(1 + d, 0).reshape(h.shape[1 + d], h.shape[0], *f.shape)

@@ -61,6 +61,8 @@ class Net(nn.Module):
         self.norm = {"layer_norm": LayerNorm(D), "rms_norm": RMSNorm(D), "group_norm": GroupNorm(2, D)}.get(op)
         self.bias = nn.Parameter(torch.randn(E)) if op == "linear" else None  # the root's own: used loose
         self.w = nn.Parameter(torch.randn(D, E)) if op == "matmul" else None
+        self.v = nn.Parameter(torch.randn(D)) if op in {"add", "sub", "mul", "alpha"} else None
+        self.pos = nn.Parameter(torch.randn(T, D)) if op == "position" else None
         width = E if op in {"linear", "tied", "scaled", "matmul", "matmul_t", "flipped", "left"} else D
         self.head = nn.Linear(width, C)
 
@@ -89,6 +91,16 @@ class Net(nn.Module):
             return z @ self.w
         if op == "matmul_t":
             return z @ wte.t()
+        if op == "add":
+            return z + self.v
+        if op == "sub":
+            return self.v - z
+        if op == "mul":
+            return z * self.v
+        if op == "alpha":
+            return torch.add(z, self.v, alpha=0.5)
+        if op == "position":  # one entry per position, the samples broadcast
+            return z + (self.pos if self.layout == "batch first" else self.pos[:, None])
         if op == "flipped":  # samples reversed: not a fold the rules know
             return F.linear(z.flip(0), wte).flip(0)
         if op == "left":  # the parameter as the product's first factor
@@ -146,7 +158,8 @@ def _check(model, dtype):
         assert_close(clipped, torch.einsum("n,n...->...", weights, grads[name]), dtype, f"clipped {name}", scale)
 
 
-OPS = ["layer_norm", "rms_norm", "linear", "tied", "scaled", "matmul", "matmul_t", "embedding"]
+OPS = ["layer_norm", "rms_norm", "linear", "tied", "scaled", "matmul", "matmul_t", "embedding",
+       "add", "sub", "mul", "alpha"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -159,9 +172,11 @@ def test_function_rules_against_the_loop(op, layout, dtype, generic):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_group_norm_rule_against_the_loop(dtype, generic):
+@pytest.mark.parametrize("op, layout", [("group_norm", "batch first"), ("position", "batch first"),
+                                        ("position", "seq first")])
+def test_rules_of_other_layouts_against_the_loop(op, layout, dtype, generic):
     torch.manual_seed(0)
-    _check(Net("group_norm", "batch first").to(dtype), dtype)
+    _check(Net(op, layout).to(dtype), dtype)
     assert generic[0] == []
 
 
