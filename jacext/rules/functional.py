@@ -12,8 +12,10 @@ own rule on the function's arguments:
     F.layer_norm, rms_norm,  J_w[n, v] = sum G[v, n] * xhat[n],  J_b[n, v] = sum G[v, n]
     group_norm                 (summed over the dims that w does not have)
     F.embedding(x, W)        J_W[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t]
+    F.conv1d, 2d, 3d         J_W[n, v, o, i, k] = sum_s G[v, n, o, s] xpad[n, i, s * stride + k * dilation]
 
-computed by jacext.rules.linear, .norm and .embedding. A :class:`Function`'s rule takes the
+computed by jacext.rules.linear, .norm, .embedding and .conv (the last on a module on the meta
+device that the call's arguments configure, for the module's padding). A :class:`Function`'s rule takes the
 call's arguments by name (tensors detached), its input with the samples first, x (N, ...), the
 cotangents of its output, G (V, N, ...), and the names of the arguments asked for; it returns
 their contractions, (N, V, *argument.shape).
@@ -29,8 +31,9 @@ from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from jacext.rules.conv import conv
 from jacext.rules.embedding import lookup_jacobian
 from jacext.rules.linear import linear_jacobians, positions
 from jacext.rules.norm import trailing_xhat
@@ -109,6 +112,29 @@ def _embedding(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Di
     return {"weight": lookup_jacobian(table, x, g)}
 
 
+def _conv(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+    w = a["weight"]
+    cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[w.dim() - 3]
+    layer = cls(
+        x.shape[1],
+        w.shape[0],
+        tuple(w.shape[2:]),
+        a["stride"],
+        a["padding"],
+        a["dilation"],
+        a["groups"],
+        bias="bias" in wanted,
+        device="meta",
+    )
+    layer.weight.requires_grad_("weight" in wanted)
+    return conv(layer, (x,), {}, [g])
+
+
+def _batched_conv(a: Arguments) -> Optional[int]:
+    w = a["weight"]
+    return a["input"].dim() - 1 if isinstance(w, Tensor) and 3 <= w.dim() == a["input"].dim() <= 5 else None
+
+
 _NORM = frozenset({"weight", "bias"})
 FUNCTIONS: Dict[str, Function] = {
     "linear": Function(("input", "weight", "bias"), _NORM, lambda a: 1, _linear, {"bias": None}),
@@ -143,6 +169,17 @@ FUNCTIONS: Dict[str, Function] = {
         _embedding,
         {"padding_idx": None, "max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False},
     ),
+    **{
+        f"conv{d}d": Function(
+            ("input", "weight", "bias", "stride", "padding", "dilation", "groups"),
+            _NORM,
+            _batched_conv,
+            _conv,
+            {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+            leading=False,
+        )
+        for d in (1, 2, 3)
+    },
 }  # by name, as the meets know operations (jacext.engine.meets.op_name)
 
 ELEMENTWISE = {"add", "sub", "mul"}  # (input, other, alpha=1)

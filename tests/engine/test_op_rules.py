@@ -125,11 +125,31 @@ def generic(monkeypatch):
     return taken, allowed
 
 
-def _check(model, dtype):
+class Conv(nn.Module):
+    """A convolution's parameters used by its parent: as they are, or standardised (timm's StdConv2d)."""
+
+    def __init__(self, d, standardised, **options):
+        super().__init__()
+        self.d, self.standardised, self.options = d, standardised, options
+        self.inner = (nn.Conv1d, nn.Conv2d)[d - 1](4, 6, 3, **options)  # its weights, called by its parent
+        self.head = nn.Linear(6 * T**d, C)
+
+    def forward(self, x):
+        w = self.inner.weight
+        if self.standardised:
+            mean = w.mean((1, *range(2, w.dim())), keepdim=True)
+            w = (w - mean) / w.var((1, *range(2, w.dim())), keepdim=True).add(1e-5).sqrt()
+        conv = (F.conv1d, F.conv2d)[self.d - 1]
+        h = conv(x, w, self.inner.bias, self.inner.stride, self.inner.padding, self.inner.dilation, self.inner.groups)
+        return self.head(torch.tanh(h).flatten(1))
+
+
+def _check(model, dtype, x=None):
     """BatchGrad, BatchL2Grad and BatchJacobian (pull-back), BatchGrad alone (inline) and ClipGrad
-    against the loops."""
-    x = torch.randint(0, E, (N, T))
-    x[0, :2] = E - 1  # (the padding index, where the embedding has one)
+    against the loops, for the input x (default: token ids)."""
+    if x is None:
+        x = torch.randint(0, E, (N, T))
+        x[0, :2] = E - 1  # (the padding index, where the embedding has one)
     y = torch.randint(0, C, (N,))
     lossfunc = nn.CrossEntropyLoss(reduction="sum")
     grads, jacobians = loop_grad_batch(model, lossfunc, y, x), loop_jacobian(model, x)
@@ -177,6 +197,19 @@ def test_function_rules_against_the_loop(op, layout, dtype, generic):
 def test_rules_of_other_layouts_against_the_loop(op, layout, dtype, generic):
     torch.manual_seed(0)
     _check(Net(op, layout).to(dtype), dtype)
+    assert generic[0] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d, standardised, options", [
+    (1, False, {"padding": 1}),
+    (2, False, {"padding": "same", "dilation": 2, "groups": 2}),
+    (2, True, {"padding": 1, "bias": False}),
+])
+def test_convolution_rules_against_the_loop(d, standardised, options, dtype, generic):
+    torch.manual_seed(0)
+    model = Conv(d, standardised, **options).to(dtype)
+    _check(model, dtype, torch.randn(N, 4, *[T] * d, dtype=dtype))
     assert generic[0] == []
 
 
