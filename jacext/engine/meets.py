@@ -142,38 +142,43 @@ class Meet:
         return by_rule if by_rule is not None else self._by_vjp(leaf_grads, n)
 
     def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
-        """G_f by a rule of jacext.rules.functional: a layer function's whose weight arguments are
-        the free tensors and whose input alone holds the batch, or an elementwise operation's;
-        None where neither applies."""
+        """G_f by a rule: a layer function's (jacext.rules.functional) whose weight arguments are
+        the free tensors and whose input alone holds the batch, an elementwise operation's, or
+        ``torch.cat``'s; None where none applies."""
         if self._rule is _UNBOUND:
-            self._rule = self._function_rule(n) if op_name(self.func) in FUNCTIONS else self._elementwise_rule(n)
+            name = op_name(self.func)
+            if name in FUNCTIONS:
+                self._rule = self._function_rule(n)
+            else:
+                self._rule = self._elementwise_rule(n) if name in ELEMENTWISE else self._cat_rule(n)
         g = leaf_grads[self.grad_leaves[0]]
         if self._rule is None or g is None or g.dtype != self.free[0].dtype:  # (autocast: one dtype)
             return None
         return self._rule(g)
 
-    def _arguments(self, names, defaults) -> Optional[Tuple[Dict, Dict]]:
-        """The arguments by name (the free ones detached) and their flat indices, for a
-        function of the arguments ``names`` (None: not a call of that signature)."""
-        if self.n_leaves != 1 or self.grad_leaves != [0] or self.aligned:
+    def _arguments(self, names, defaults) -> Optional[Tuple[Dict, Callable[[Any], Optional[int]]]]:
+        """The arguments by name (the free ones detached) and the flat index of a tensor among
+        them, for a function of the arguments ``names`` with one output (None: not such a call)."""
+        if self.n_leaves != 1 or self.grad_leaves != [0]:
             return None
         values = list(self.flat)
         for i, f in zip(self.free_at, self.free, strict=True):
             values[i] = f.detach()
         args = bind(names, defaults, *tree_unflatten(values, self.spec))
-        at = bind(names, defaults, *tree_unflatten(list(range(len(values))), self.spec))
-        if args is None or at is None or any(f.dtype != self.free[0].dtype for f in self.free):
+        if args is None or any(f.dtype != self.free[0].dtype for f in self.free):
             return None
-        return args, at
+        index = {id(v): i for i, v in enumerate(values) if isinstance(v, Tensor)}
+        return args, lambda v: index.get(id(v))
 
     def _function_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
         function = FUNCTIONS[op_name(self.func)]
         bound = self._arguments(function.names, function.defaults)
-        if bound is None:
+        if bound is None or self.aligned:
             return None
         args, at = bound
-        wanted = {at[s]: s for s in function.slots if isinstance(at[s], int) and at[s] in self.free_at}
-        x_at, x = at[function.names[0]], args[function.names[0]]
+        wanted = {at(args[s]): s for s in function.slots if at(args[s]) in self.free_at}
+        x = args[function.names[0]]
+        x_at = at(x)
         d = self.dims[x_at] if isinstance(x_at, int) else None
         if len(wanted) != len(self.free_at) or d is None or d != self.out_dims[0]:
             return None
@@ -203,18 +208,41 @@ class Meet:
     def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
         name = op_name(self.func)
         bound = self._arguments(("input", "other", "alpha"), {"alpha": 1}) if name in ELEMENTWISE else None
-        if bound is None or len(self.free_at) != 1:
+        if bound is None or len(self.free_at) != 1 or self.aligned:
             return None
         args, at = bound
-        free = next((s for s in ("input", "other") if at[s] == self.free_at[0]), None)
-        x_at = at["other" if free == "input" else "input"]
-        if free is None or not isinstance(x_at, int) or self.dims[x_at] is None:
+        free = next((s for s in ("input", "other") if at(args[s]) == self.free_at[0]), None)
+        x = args["other" if free == "input" else "input"]
+        x_at = at(x)
+        if free is None or x_at is None or self.dims[x_at] is None:
             return None
-        f, x, d = args[free], args["other" if free == "input" else "input"], self.out_dims[0]
+        f, d = args[free], self.out_dims[0]
         m = len(self.out_shapes[0])
         if x.dtype != f.dtype or f.dim() > m or (m - f.dim() <= d and f.shape[d - m + f.dim()] != 1):
             return None
         return lambda g: [_per_sample(elementwise(name, args, free, g, d), self.rows, n)]
+
+    def _cat_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        """``torch.cat`` of batched tensors and free ones expanded to the batch (stride 0 along
+        the output's batch dim d, ``cls_token.expand(N, -1, -1)``): G_f is G's slice of f,
+        sample r's entry on the diagonal (see :func:`_diagonal`)."""
+        bound = self._arguments(("tensors", "dim"), {"dim": 0}) if op_name(self.func) == "cat" else None
+        if bound is None:
+            return None
+        (args, at), d, m = bound, self.out_dims[0], len(self.out_shapes[0])
+        tensors, c = args["tensors"], args["dim"] % m
+        if c == d or any(not isinstance(t, Tensor) or t.dim() != m for t in tensors):
+            return None
+        starts = [sum(t.shape[c] for t in tensors[:k]) for k in range(len(tensors))]
+        slices = {at(t): (start, t.shape[c]) for t, start in zip(tensors, starts, strict=True)}
+        if any(self.aligned.get(i) != d or i not in slices for i in self.free_at):
+            return None
+
+        def rule(g: Tensor) -> List[Tensor]:
+            rows = [g.narrow(1 + c, *slices[i]).movedim(1 + d, 0).unsqueeze(2 + d) for i in self.free_at]
+            return [_per_sample(_diagonal(r, d), self.rows, n) for r in rows]  # (R, V, *f with 1 at d)
+
+        return rule
 
     def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
         """G_f (N, V, *f) per free tensor: vmap over seeds of vmap over samples (each slice
@@ -270,17 +298,23 @@ class Meet:
                 "pos.expand(N, -1)) before the layer that computes it."
             ) from error
         out = []
-        for g, i, f in zip(got, free_at, self.free, strict=True):
-            if i in self.aligned:  # (R, V, *f with 1 at d): onto the diagonal of (R, V, *f)
-                d = self.aligned[i]
-                full = g.new_zeros(g.shape[0], g.shape[1], *f.shape)
-                torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
-                g = full
+        for g, i in zip(got, free_at, strict=True):
+            if i in self.aligned:
+                g = _diagonal(g, self.aligned[i])
             out.append(_per_sample(g, self.rows, n))
         return out
 
 
 _UNBOUND = object()
+
+
+def _diagonal(g: Tensor, d: int) -> Tensor:
+    """G_f (R, V, *f with 1 at d) of a free tensor f with one entry per index r along its dim d
+    (which the operation aligns with the batch) onto the diagonal: (R, V, *f), zero but where
+    index r along d is r."""
+    full = g.new_zeros(g.shape[0], g.shape[1], *g.shape[2 : 2 + d], g.shape[0], *g.shape[3 + d :])
+    torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
+    return full
 
 
 def _per_sample(g: Tensor, rows: Optional[Tensor], n: int) -> Tensor:

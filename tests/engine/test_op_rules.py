@@ -63,8 +63,9 @@ class Net(nn.Module):
         self.w = nn.Parameter(torch.randn(D, E)) if op == "matmul" else None
         self.v = nn.Parameter(torch.randn(D)) if op in {"add", "sub", "mul", "alpha"} else None
         self.pos = nn.Parameter(torch.randn(T, D)) if op == "position" else None
+        self.cls = nn.Parameter(torch.randn(D)) if op == "cls" else None
         width = E if op in {"linear", "tied", "scaled", "matmul", "matmul_t", "flipped", "left"} else D
-        self.head = nn.Linear(width, C)
+        self.head = nn.Linear(2 * D if op == "cls" and layout.startswith("folded") else width, C)
 
     def forward(self, ids):
         there, back = LAYOUTS[self.layout]
@@ -101,6 +102,12 @@ class Net(nn.Module):
             return torch.add(z, self.v, alpha=0.5)
         if op == "position":  # one entry per position, the samples broadcast
             return z + (self.pos if self.layout == "batch first" else self.pos[:, None])
+        if op == "cls":  # a token expanded to the batch, joined to the positions (or, folded, the features)
+            if self.layout.startswith("folded"):
+                return torch.cat([z, self.cls.expand(z.shape[0], D)], dim=-1)
+            if self.layout == "batch first":
+                return torch.cat([self.cls.expand(z.shape[0], 1, D), z], dim=1)
+            return torch.cat([self.cls.expand(1, z.shape[1], D), z])
         if op == "flipped":  # samples reversed: not a fold the rules know
             return F.linear(z.flip(0), wte).flip(0)
         if op == "left":  # the parameter as the product's first factor
@@ -179,7 +186,7 @@ def _check(model, dtype, x=None):
 
 
 OPS = ["layer_norm", "rms_norm", "linear", "tied", "scaled", "matmul", "matmul_t", "embedding",
-       "add", "sub", "mul", "alpha"]
+       "add", "sub", "mul", "alpha", "cls"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
