@@ -13,10 +13,11 @@ cotangent G of the operation's output,
 
 the second through the autograd graph of ``f`` itself, so anything between the layer and the
 meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
-Where ``f`` is the weight or bias of a layer function that has a rule of its own
-(jacext.rules.functional: ``F.linear``, ``x @ W``, ``F.layer_norm``, ``F.rms_norm``,
-``F.group_norm``, ``F.embedding``) and only the function's input holds the batch, that rule
-gives G_f instead of the VJP; and where ``f`` is a parameter itself, J_W = G_f.
+Where the operation has a rule of its own, that rule gives G_f instead of the VJP: a layer
+function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
+convolutions) whose weight or bias is ``f`` and whose input alone holds the batch; ``x + f``,
+``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the batch. Where ``f`` is a parameter
+itself, J_W = G_f.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
