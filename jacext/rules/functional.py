@@ -15,10 +15,10 @@ own rule on the function's arguments:
     F.conv1d, 2d, 3d         J_W[n, v, o, i, k] = sum_s G[v, n, o, s] xpad[n, i, s * stride + k * dilation]
 
 computed by jacext.rules.linear, .norm, .embedding and .conv (the last on a module on the meta
-device that the call's arguments configure, for the module's padding). A :class:`Function`'s rule takes the
-call's arguments by name (tensors detached), its input with the samples first, x (N, ...), the
-cotangents of its output, G (V, N, ...), and the names of the arguments asked for; it returns
-their contractions, (N, V, *argument.shape).
+device that the call's arguments configure, for the module's padding). A :class:`Function`'s
+rule takes the call's arguments by name (tensors detached), its input with the samples first,
+x (N, ...), the cotangents of its output, G (V, N, ...), and the names of the arguments asked
+for; it returns their contractions, (N, V, *argument.shape).
 
 Elementwise ``x + f``, ``x - f`` (``alpha`` times f) and ``x * f``, f broadcast to x (``x +
 self.pos_embed``, ``x * self.gamma``): G_f[v, r] = G[v, r] (times x[r] for a product) summed
@@ -55,7 +55,6 @@ class Function:
     leading: bool = True  # the dims before those alike: the batch may be any of them, folded with another
 
 
-
 def bind(names: Tuple[str, ...], defaults: Dict[str, Any], args, kwargs) -> Optional[Arguments]:
     """A call's arguments by name, ``defaults`` filled in (None: not a call of the signature ``names``)."""
     if len(args) > len(names) or any(k not in names for k in kwargs):
@@ -66,6 +65,12 @@ def bind(names: Tuple[str, ...], defaults: Dict[str, Any], args, kwargs) -> Opti
 
 def _linear(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
     return linear_jacobians(positions(x, g), "weight" in wanted, "bias" in wanted)
+
+
+def _linear_inner(a: Arguments) -> Optional[int]:
+    w, b = a["weight"], a["bias"]
+    matrix = isinstance(w, Tensor) and w.dim() == 2  # (a vector weight drops the output's last dim)
+    return 1 if matrix and (b is None or (isinstance(b, Tensor) and b.shape == w.shape[:1])) else None
 
 
 def _product(other: str) -> Function:
@@ -137,7 +142,7 @@ def _batched_conv(a: Arguments) -> Optional[int]:
 
 _NORM = frozenset({"weight", "bias"})
 FUNCTIONS: Dict[str, Function] = {
-    "linear": Function(("input", "weight", "bias"), _NORM, lambda a: 1, _linear, {"bias": None}),
+    "linear": Function(("input", "weight", "bias"), _NORM, _linear_inner, _linear, {"bias": None}),
     "matmul": _product("other"),
     "mm": _product("mat2"),
     "layer_norm": Function(

@@ -62,10 +62,12 @@ class Net(nn.Module):
         self.bias = nn.Parameter(torch.randn(E)) if op == "linear" else None  # the root's own: used loose
         self.w = nn.Parameter(torch.randn(D, E)) if op == "matmul" else None
         self.v = nn.Parameter(torch.randn(D)) if op in {"add", "sub", "mul", "alpha"} else None
+        self.s = nn.Parameter(torch.randn(())) if op == "scalar bias" else None
         self.pos = nn.Parameter(torch.randn(T, D)) if op == "position" else None
         self.cls = nn.Parameter(torch.randn(D)) if op == "cls" else None
-        width = E if op in {"linear", "tied", "scaled", "matmul", "matmul_t", "flipped", "left"} else D
-        self.head = nn.Linear(2 * D if op == "cls" and layout.startswith("folded") else width, C)
+        width = E if op in {"linear", "tied", "scaled", "matmul", "matmul_t", "flipped", "left", "scalar bias"} else D
+        width = 2 * D if op == "cls" and layout.startswith("folded") else width
+        self.head = nn.Linear(width, C)
 
     def forward(self, ids):
         there, back = LAYOUTS[self.layout]
@@ -110,6 +112,8 @@ class Net(nn.Module):
             return torch.cat([self.cls.expand(1, z.shape[1], D), z])
         if op == "flipped":  # samples reversed: not a fold the rules know
             return F.linear(z.flip(0), wte).flip(0)
+        if op == "scalar bias":  # broadcast to the outputs
+            return F.linear(z, wte, self.s)
         if op == "left":  # the parameter as the product's first factor
             return (wte @ z.transpose(-1, -2)).transpose(-1, -2)
         raise AssertionError(op)
@@ -167,14 +171,14 @@ def _check(model, dtype, x=None):
     assert jacext.backward_plan(model) == "pull-back"
     for name, p in model.named_parameters():
         assert_close(p.grad_batch, grads[name], dtype, name, scale)
-        assert_close(p.batch_l2, grads[name].flatten(1).square().sum(1), dtype, name, scale**2)
+        assert_close(p.batch_l2, grads[name].reshape(N, -1).square().sum(1), dtype, name, scale**2)
         assert_close(p.jacobian, jacobians[name], dtype, name, scale_jac)
     with backpack(jacext.BatchGrad()):
         lossfunc(model(x), y).backward()
     assert jacext.backward_plan(model).startswith("inline")
     for name, p in model.named_parameters():
         assert_close(p.grad_batch, grads[name], dtype, f"inline {name}", scale)
-    norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+    norms = sum(g.reshape(N, -1).square().sum(1) for g in grads.values()).sqrt()
     bound = float(norms.median())
     weights = (bound / (norms + 1e-6)).clamp(max=1)
     model.zero_grad()
@@ -220,9 +224,10 @@ def test_convolution_rules_against_the_loop(d, standardised, options, dtype, gen
     assert generic[0] == []
 
 
-@pytest.mark.parametrize("op, generic_at", [("flipped", "linear"), ("left", "matmul")])
+@pytest.mark.parametrize("op, generic_at", [("flipped", "linear"), ("left", "matmul"), ("scalar bias", "linear")])
 def test_calls_the_rules_do_not_cover_take_the_generic_vjp(op, generic_at, generic):
-    """Samples in another order than a fold's; the parameter as the first factor of a product."""
+    """Samples in another order than a fold's; the parameter as the first factor of a product; a
+    scalar as F.linear's bias."""
     taken, allowed = generic
     allowed.add(generic_at)
     torch.manual_seed(0)
