@@ -186,7 +186,8 @@ class Meet:
         inner = function.inner(args)
         if inner is None or d >= x.dim() - inner or (x.is_floating_point() and x.dtype != self.free[0].dtype):
             return None
-        if any(e is not None for i, e in enumerate(self.dims) if i != x_at):
+        also = {at(args[name]) for name in function.batched}
+        if any(e is not None and (i not in also or e != d) for i, e in enumerate(self.dims) if i != x_at):
             return None
         if not function.leading and (d != 0 or self.rows is not None):
             return None

@@ -13,8 +13,10 @@ own rule on the function's arguments:
     group_norm                 (summed over the dims that w does not have)
     F.embedding(x, W)        J_W[n, v, e] = sum_{t : x[n, t] = e} s[n, t] G[v, n, t]
     F.conv1d, 2d, 3d         J_W[n, v, o, i, k] = sum_s G[v, n, o, s] xpad[n, i, s * stride + k * dilation]
+    F.scaled_dot_product_  J_M[n, v] = dS[v, n] summed as the additive mask M broadcasts, with
+      attention(q, k, v, M)    dS = P * (dP - rowsum(dP * P)), P = softmax(q k^T scale + M), dP = G v^T
 
-computed by jacext.rules.linear, .norm, .embedding and .conv (the last on a module on the meta
+computed by jacext.rules.linear, .norm, .embedding, .conv and .attention (.conv on a module on the meta
 device that the call's arguments configure, for the module's padding). A :class:`Function`'s
 rule takes the call's arguments by name (tensors detached), its input with the samples first,
 x (N, ...), the cotangents of its output, G (V, N, ...), and the names of the arguments asked
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jacext.rules.attention import scores_cotangent
 from jacext.rules.conv import conv
 from jacext.rules.embedding import lookup_jacobian
 from jacext.rules.linear import linear_jacobians, positions
@@ -47,12 +50,13 @@ FunctionRule = Callable[[Arguments, Tensor, Tensor, FrozenSet[str]], Dict[str, T
 class Function:
     """A torch function with a rule for its weight arguments."""
 
-    names: Tuple[str, ...]  # its arguments in order; the first is the input that holds the batch
+    names: Tuple[str, ...]  # its arguments in order; the first (the input) holds the batch
     slots: FrozenSet[str]  # the arguments its rule differentiates
     inner: Callable[[Arguments], Optional[int]]  # how many trailing dims of the input it mixes (None: no rule)
     rule: FunctionRule
     defaults: Dict[str, Any] = field(default_factory=dict)
     leading: bool = True  # the dims before those alike: the batch may be any of them, folded with another
+    batched: FrozenSet[str] = frozenset()  # other arguments that may hold the batch, at the input's dim
 
 
 def bind(names: Tuple[str, ...], defaults: Dict[str, Any], args, kwargs) -> Optional[Arguments]:
@@ -140,6 +144,23 @@ def _batched_conv(a: Arguments) -> Optional[int]:
     return a["input"].dim() - 1 if isinstance(w, Tensor) and 3 <= w.dim() == a["input"].dim() <= 5 else None
 
 
+def _attention(a: Arguments, x: Tensor, g: Tensor, wanted: FrozenSet[str]) -> Dict[str, Tensor]:
+    k, v, mask = a["key"], a["value"], a["attn_mask"]
+    scale = x.shape[-1] ** -0.5 if a["scale"] is None else a["scale"]
+    p = torch.softmax((x * scale) @ k.transpose(-2, -1) + mask, -1)
+    ds = scores_cotangent(p, g @ v.transpose(-2, -1))  # (V, N, ..., L, S)
+    return {"attn_mask": broadcast_sums(ds, mask.shape, 0)}
+
+
+def _additive_mask(a: Arguments) -> Optional[int]:
+    """2 (L, E) where the rule applies: an additive mask without an entry per sample, no
+    dropout, no causal mask, no grouped heads."""
+    q, m = a["query"], a["attn_mask"]
+    plain = a["dropout_p"] == 0 and not a["is_causal"] and not a["enable_gqa"] and q.dim() >= 3
+    additive = isinstance(m, Tensor) and m.is_floating_point() and (m.dim() < q.dim() or m.shape[0] == 1)
+    return 2 if plain and additive else None
+
+
 _NORM = frozenset({"weight", "bias"})
 FUNCTIONS: Dict[str, Function] = {
     "linear": Function(("input", "weight", "bias"), _NORM, _linear_inner, _linear, {"bias": None}),
@@ -185,6 +206,15 @@ FUNCTIONS: Dict[str, Function] = {
         )
         for d in (1, 2, 3)
     },
+    "scaled_dot_product_attention": Function(
+        ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+        frozenset({"attn_mask"}),
+        _additive_mask,
+        _attention,
+        {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False},
+        leading=False,
+        batched=frozenset({"key", "value"}),
+    ),
 }  # by name, as the meets know operations (jacext.engine.meets.op_name)
 
 ELEMENTWISE = {"add", "sub", "mul"}  # (input, other, alpha=1)
@@ -200,9 +230,16 @@ def elementwise(name: str, args: Arguments, free: str, g: Tensor, d: int) -> Ten
     else:
         c = 1 if free == "input" else (-1 if name == "sub" else 1) * args["alpha"]
         h = g if c == 1 else g * c
+    return broadcast_sums(h, f.shape, d)
+
+
+def broadcast_sums(h: Tensor, shape, d: int) -> Tensor:
+    """h (V, *out) summed over the dims along which a tensor of ``shape`` (without an entry per
+    sample: size 1 or absent at out's dim ``d``) broadcasts to out, per index r along ``d``:
+    (R, V, *shape)."""
     m = h.dim() - 1
-    shape = (1,) * (m - f.dim()) + tuple(f.shape)  # f's shape aligned with the output's
-    summed = [1 + j for j in range(m) if j != d and shape[j] == 1 and h.shape[1 + j] != 1]
+    aligned = (1,) * (m - len(shape)) + tuple(shape)  # the shape aligned with the output's
+    summed = [1 + j for j in range(m) if j != d and aligned[j] == 1 and h.shape[1 + j] != 1]
     if summed:
         h = h.sum(summed, keepdim=True)
-    return h.movedim(1 + d, 0).reshape(h.shape[1 + d], h.shape[0], *f.shape)
+    return h.movedim(1 + d, 0).reshape(h.shape[1 + d], h.shape[0], *shape)

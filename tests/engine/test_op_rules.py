@@ -136,6 +136,27 @@ def generic(monkeypatch):
     return taken, allowed
 
 
+class Attention(nn.Module):
+    """Attention with a relative position bias as its additive mask (BEiT, Swin): a table of
+    the parameter's own shape, or one looked up by offset (then ``scale`` given too)."""
+
+    def __init__(self, indexed):
+        super().__init__()
+        self.indexed, self.heads = indexed, 2
+        self.tok, self.qkv, self.head = nn.Embedding(E, D), nn.Linear(D, 3 * D), nn.Linear(D, C)
+        self.table = nn.Parameter(torch.randn(2 * T - 1, self.heads) if indexed else torch.randn(self.heads, T, T))
+        self.register_buffer("offsets", torch.arange(T)[:, None] - torch.arange(T)[None] + T - 1)
+
+    def forward(self, ids):
+        q, k, v = self.qkv(self.tok(ids)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if self.indexed:
+            mask = self.table[self.offsets].permute(2, 0, 1)[None]
+            h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        else:
+            h = F.scaled_dot_product_attention(q, k, v, self.table)
+        return self.head(torch.tanh(h.transpose(1, 2).flatten(2))).mean(1)
+
+
 class Conv(nn.Module):
     """A convolution's parameters used by its parent: as they are, or standardised (timm's StdConv2d)."""
 
@@ -221,6 +242,14 @@ def test_convolution_rules_against_the_loop(d, standardised, options, dtype, gen
     torch.manual_seed(0)
     model = Conv(d, standardised, **options).to(dtype)
     _check(model, dtype, torch.randn(N, 4, *[T] * d, dtype=dtype))
+    assert generic[0] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_attention_mask_rule_against_the_loop(indexed, dtype, generic):
+    torch.manual_seed(0)
+    _check(Attention(indexed).to(dtype), dtype)
     assert generic[0] == []
 
 
