@@ -15,9 +15,9 @@ the second through the autograd graph of ``f`` itself, so anything between the l
 meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
 Where the operation has a rule of its own, that rule gives G_f instead of the VJP: a layer
 function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
-convolutions) whose weight or bias is ``f`` and whose input alone holds the batch; ``x + f``,
-``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the batch. Where ``f`` is a parameter
-itself, J_W = G_f.
+convolutions, attention's additive mask) whose weight or bias is ``f`` and whose input alone
+holds the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
+batch. Where ``f`` is a parameter itself, J_W = G_f.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
