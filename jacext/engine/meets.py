@@ -15,8 +15,8 @@ the second through the autograd graph of ``f`` itself, so anything between the l
 meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
 Where the operation has a rule of its own, that rule gives G_f instead of the VJP: a layer
 function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
-convolutions, attention's additive mask) whose weight or bias is ``f`` and whose input alone
-holds the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
+convolutions, attention's additive mask) whose weight or bias is ``f`` and whose other inputs
+hold the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
 batch. Where ``f`` is a parameter itself, J_W = G_f.
 """
 
@@ -144,8 +144,9 @@ class Meet:
 
     def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
         """G_f by a rule: a layer function's (jacext.rules.functional) whose weight arguments are
-        the free tensors and whose input alone holds the batch, an elementwise operation's, or
-        ``torch.cat``'s; None where none applies."""
+        the free tensors and whose other inputs hold the batch, an elementwise operation's, or
+        ``torch.cat``'s; None where none applies. Bound to the call once (:meth:`_function_rule`,
+        :meth:`_elementwise_rule`, :meth:`_cat_rule`: the rule as a function of G, or None)."""
         if self._rule is _UNBOUND:
             name = op_name(self.func)
             if name in FUNCTIONS:
@@ -209,7 +210,7 @@ class Meet:
 
     def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
         name = op_name(self.func)
-        bound = self._arguments(("input", "other", "alpha"), {"alpha": 1}) if name in ELEMENTWISE else None
+        bound = self._arguments(("input", "other", "alpha"), {"alpha": 1})
         if bound is None or len(self.free_at) != 1 or self.aligned:
             return None
         args, at = bound
@@ -232,7 +233,7 @@ class Meet:
         if bound is None:
             return None
         (args, at), d, m = bound, self.out_dims[0], len(self.out_shapes[0])
-        tensors, c = args["tensors"], args["dim"] % m
+        tensors, c = args["tensors"], args["dim"] % m if isinstance(args["dim"], int) else d
         if c == d or any(not isinstance(t, Tensor) or t.dim() != m for t in tensors):
             return None
         starts = [sum(t.shape[c] for t in tensors[:k]) for k in range(len(tensors))]

@@ -3,9 +3,9 @@
 A parameter used outside a module call that a hand-written rule covers (timm's LayerNorm
 subclass calling ``F.layer_norm(x, shape, self.weight, self.bias)``, a head tied to an
 embedding, ``F.linear(h, wte.weight)``, ``h @ emb.weight.t()``) meets the batch in the function
-itself (jacext.engine.meets). Where it enters as the function's weight or bias and only the
-function's input holds the batch, the cotangents of those arguments per sample are the layer's
-own rule on the function's arguments:
+itself (jacext.engine.meets). Where it enters as the function's weight or bias (attention's
+mask) and only the function's input (query, key, value) holds the batch, the cotangents of
+those arguments per sample are the layer's own rule on the function's arguments:
 
     F.linear(x, W, b)        J_W[n, v] = sum_t G[v, n, t]^T x[n, t],  J_b[n, v] = sum_t G[v, n, t]
     x @ W                    F.linear(x, W^T): J_W[n, v] = (sum_t G[v, n, t]^T x[n, t])^T
