@@ -13,9 +13,14 @@ cotangent G of the operation's output,
 
 the second through the autograd graph of ``f`` itself, so anything between the layer and the
 meeting operation (dropout, slicing, a second layer) is differentiated as the forward ran it.
+Where the operation has a rule of its own, that rule gives G_f instead of the VJP: a layer
+function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
+convolutions, attention's additive mask) whose weight or bias is ``f`` and whose other inputs
+hold the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
+batch. Where ``f`` is a parameter itself, J_W = G_f.
 """
 
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +29,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from jacext.errors import JacextError
+from jacext.rules.functional import ELEMENTWISE, FUNCTIONS, bind, elementwise
 from jacext.rules.util import autocast_as, autocast_state
 
 
@@ -83,6 +89,7 @@ class Meet:
         self.autocast = autocast_state(self.device_type)  # the operation is replayed under it
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
+        self._rule: Any = _UNBOUND  # see _by_rule
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"
@@ -96,17 +103,27 @@ class Meet:
             )
 
     def per_sample(self, leaf_grads: List[Optional[Tensor]], n: int) -> Dict[nn.Parameter, Tensor]:
-        """Per parameter the free tensors reach, its per-sample contraction (N, V, *p)."""
+        """Per parameter the free tensors reach, its per-sample contraction (N, V, *p): G_f
+        itself for a free tensor that is a parameter, the batched VJP through the free
+        tensor's graph for the others."""
         if n == 0 or any(g is not None and g.numel() == 0 for g in leaf_grads):  # an empty batch: nothing
             return {}
-        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (V, N, *f)
-        v = g_free[0].shape[0]
+        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (N, V, *f)
+        v = g_free[0].shape[1]
         params = [p for p in self.parameters if p.requires_grad]
+        ids = {id(p) for p in params}
+        out: Dict[nn.Parameter, Tensor] = {}
+        for f, g in zip(self.free, g_free, strict=True):
+            if id(f) in ids:
+                out[f] = out[f] + g if f in out else g
+        through = [(f, g) for f, g in zip(self.free, g_free, strict=True) if id(f) not in ids]
+        if not through:
+            return out
         try:
             grads = torch.autograd.grad(
-                self.free,
+                [f for f, _ in through],
                 params,
-                [g.flatten(0, 1) for g in g_free],
+                [g.transpose(0, 1).flatten(0, 1) for _, g in through],
                 retain_graph=True,
                 allow_unused=True,
                 is_grads_batched=True,
@@ -117,10 +134,125 @@ class Meet:
                 f"that computed its batch-free input ({error}). Expand that input to the batch (for "
                 "example position ids pos.expand(N, -1)) before the layer that computes it."
             ) from error
-        return {p: g.unflatten(0, (v, n)).transpose(0, 1) for p, g in zip(params, grads, strict=True) if g is not None}
+        for p, g in zip(params, grads, strict=True):
+            if g is not None:
+                g = g.unflatten(0, (v, n)).transpose(0, 1)
+                out[p] = out[p] + g if p in out else g
+        return out
 
     def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
-        """G_f (V, N, *f) per free tensor: vmap over seeds of vmap over samples (each slice
+        """G_f (N, V, *f) per free tensor: by the function's own rule where one applies, else
+        by the operation's VJP."""
+        by_rule = self._by_rule(leaf_grads, n)
+        return by_rule if by_rule is not None else self._by_vjp(leaf_grads, n)
+
+    def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
+        """G_f by a rule: a layer function's (jacext.rules.functional) whose weight arguments are
+        the free tensors and whose other inputs hold the batch, an elementwise operation's, or
+        ``torch.cat``'s; None where none applies. Bound to the call once (:meth:`_function_rule`,
+        :meth:`_elementwise_rule`, :meth:`_cat_rule`: the rule as a function of G, or None)."""
+        if self._rule is _UNBOUND:
+            name = op_name(self.func)
+            if name in FUNCTIONS:
+                self._rule = self._function_rule(n)
+            else:
+                self._rule = self._elementwise_rule(n) if name in ELEMENTWISE else self._cat_rule(n)
+        g = leaf_grads[self.grad_leaves[0]]
+        if self._rule is None or g is None or g.dtype != self.free[0].dtype:  # (autocast: one dtype)
+            return None
+        return self._rule(g)
+
+    def _arguments(self, names, defaults) -> Optional[Tuple[Dict, Callable[[Any], Optional[int]]]]:
+        """The arguments by name (the free ones detached) and the flat index of a tensor among
+        them, for a function of the arguments ``names`` with one output (None: not such a call)."""
+        if self.n_leaves != 1 or self.grad_leaves != [0]:
+            return None
+        values = list(self.flat)
+        for i, f in zip(self.free_at, self.free, strict=True):
+            values[i] = f.detach()
+        args = bind(names, defaults, *tree_unflatten(values, self.spec))
+        if args is None or any(f.dtype != self.free[0].dtype for f in self.free):
+            return None
+        index = {id(v): i for i, v in enumerate(values) if isinstance(v, Tensor)}
+        return args, lambda v: index.get(id(v))
+
+    def _function_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        function = FUNCTIONS[op_name(self.func)]
+        bound = self._arguments(function.names, function.defaults)
+        if bound is None or self.aligned:
+            return None
+        args, at = bound
+        wanted = {at(args[s]): s for s in function.slots if at(args[s]) in self.free_at}
+        x = args[function.names[0]]
+        x_at = at(x)
+        d = self.dims[x_at] if isinstance(x_at, int) else None
+        if len(wanted) != len(self.free_at) or d is None or d != self.out_dims[0]:
+            return None
+        inner = function.inner(args)
+        if inner is None or d >= x.dim() - inner or (x.is_floating_point() and x.dtype != self.free[0].dtype):
+            return None
+        also = {at(args[name]) for name in function.batched}
+        if any(e is not None and (i not in also or e != d) for i, e in enumerate(self.dims) if i != x_at):
+            return None
+        if not function.leading and (d != 0 or self.rows is not None):
+            return None
+        interleaved = None if self.rows is None else _folding(self.rows, n)
+        if self.rows is not None and interleaved is None:
+            return None
+        x = x.movedim(d, 0)
+        if interleaved is not None:  # folded rows: the samples' own dim, and one for the rows of each
+            x = _by_sample(x, 0, n, interleaved)
+
+        def rule(g: Tensor) -> List[Tensor]:
+            g = g.movedim(1 + d, 1)
+            if interleaved is not None:
+                g = _by_sample(g, 1, n, interleaved)
+            got = function.rule(args, x, g, frozenset(wanted.values()))
+            return [got[wanted[i]] for i in self.free_at]
+
+        return rule
+
+    def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        name = op_name(self.func)
+        bound = self._arguments(("input", "other", "alpha"), {"alpha": 1})
+        if bound is None or len(self.free_at) != 1 or self.aligned:
+            return None
+        args, at = bound
+        free = next((s for s in ("input", "other") if at(args[s]) == self.free_at[0]), None)
+        x = args["other" if free == "input" else "input"]
+        x_at = at(x)
+        if free is None or x_at is None or self.dims[x_at] is None:
+            return None
+        f, d = args[free], self.out_dims[0]
+        m = len(self.out_shapes[0])
+        if x.dtype != f.dtype or f.dim() > m or (m - f.dim() <= d and f.shape[d - m + f.dim()] != 1):
+            return None
+        return lambda g: [_per_sample(elementwise(name, args, free, g, d), self.rows, n)]
+
+    def _cat_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+        """``torch.cat`` of batched tensors and free ones expanded to the batch (stride 0 along
+        the output's batch dim d, ``cls_token.expand(N, -1, -1)``): G_f is G's slice of f,
+        sample r's entry on the diagonal (see :func:`_diagonal`)."""
+        bound = self._arguments(("tensors", "dim"), {"dim": 0}) if op_name(self.func) == "cat" else None
+        if bound is None:
+            return None
+        (args, at), d, m = bound, self.out_dims[0], len(self.out_shapes[0])
+        tensors, c = args["tensors"], args["dim"] % m if isinstance(args["dim"], int) else d
+        if c == d or any(not isinstance(t, Tensor) or t.dim() != m for t in tensors):
+            return None
+        starts = [sum(t.shape[c] for t in tensors[:k]) for k in range(len(tensors))]
+        slices = {at(t): (start, t.shape[c]) for t, start in zip(tensors, starts, strict=True)}
+        if any(self.aligned.get(i) != d or i not in slices for i in self.free_at):
+            return None
+
+        def rule(g: Tensor) -> List[Tensor]:
+            rows = [g.narrow(1 + c, *slices[i]).movedim(1 + d, 0).unsqueeze(2 + d) for i in self.free_at]
+            return [_per_sample(_diagonal(r, d), self.rows, n) for r in rows]  # (R, V, *f with 1 at d)
+
+        return rule
+
+    def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
+        """G_f (N, V, *f) per free tensor: vmap over seeds of vmap over samples (each slice
         keeping a batch dimension of size 1) of the operation's VJP in its free inputs.
 
         A free tensor with one entry per sample along the dimension that an elementwise
@@ -174,16 +306,49 @@ class Meet:
                 "pos.expand(N, -1)) before the layer that computes it."
             ) from error
         out = []
-        for g, i, f in zip(got, free_at, self.free, strict=True):
-            if i in self.aligned:  # (R, V, *f with 1 at d): onto the diagonal of (R, V, *f)
-                d = self.aligned[i]
-                full = g.new_zeros(g.shape[0], g.shape[1], *f.shape)
-                torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
-                g = full
-            if self.rows is not None:
-                g = g.new_zeros(n, *g.shape[1:]).index_add_(0, self.rows.to(g.device), g)
-            out.append(g.transpose(0, 1))
+        for g, i in zip(got, free_at, strict=True):
+            if i in self.aligned:
+                g = _diagonal(g, self.aligned[i])
+            out.append(_per_sample(g, self.rows, n))
         return out
+
+
+_UNBOUND = object()
+
+
+def _diagonal(g: Tensor, d: int) -> Tensor:
+    """G_f (R, V, *f with 1 at d) of a free tensor f with one entry per index r along its dim d
+    (which the operation aligns with the batch) onto the diagonal: (R, V, *f), zero but where
+    index r along d is r."""
+    full = g.new_zeros(g.shape[0], g.shape[1], *g.shape[2 : 2 + d], g.shape[0], *g.shape[3 + d :])
+    torch.diagonal(full, dim1=0, dim2=2 + d).copy_(g.squeeze(2 + d).movedim(0, -1))
+    return full
+
+
+def _per_sample(g: Tensor, rows: Optional[Tensor], n: int) -> Tensor:
+    """``g`` (R, ...) per index along the batch dim, summed per sample: (N, ...)."""
+    return g if rows is None else g.new_zeros(n, *g.shape[1:]).index_add_(0, rows.to(g.device), g)
+
+
+def _folding(rows: Tensor, n: int) -> Optional[bool]:
+    """How rows folded with another dim hold the ``n`` samples: in blocks (False: sample n's rows
+    are n k, ..., n k + k - 1), interleaved (True: n, n + N, ...), or otherwise (None)."""
+    k = rows.numel() // n
+    if k * n != rows.numel():
+        return None
+    samples = torch.arange(n, device=rows.device)
+    if torch.equal(rows.view(n, k), samples[:, None].expand(n, k)):
+        return False
+    if torch.equal(rows.view(k, n), samples.expand(k, n)):
+        return True
+    return None
+
+
+def _by_sample(t: Tensor, dim: int, n: int, interleaved: bool) -> Tensor:
+    """``t`` with the folded rows along ``dim`` as two dims: the samples, then each one's rows."""
+    if interleaved:
+        return t.unflatten(dim, (-1, n)).transpose(dim, dim + 1)
+    return t.unflatten(dim, (n, -1))
 
 
 def _aligned(name: str, flat, free: List[int], outputs: List[Tensor], out_dims) -> Dict[int, int]:

@@ -167,7 +167,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     if gw is not None:
         dp = dp + (gw.unsqueeze(2) / h if c.average else gw)
     gv = p.transpose(-2, -1) @ ga
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    ds = scores_cotangent(p, dp)
     gq = ds @ k * scale
     gk = ds.transpose(-2, -1) @ q * scale
     if module.add_zero_attn:
@@ -177,6 +177,12 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     if module.bias_k is not None:
         gbk, gbv, gk, gv = gk[:, :, -1], gv[:, :, -1], gk[:, :, :-1], gv[:, :, :-1]
     return _Pulled(a, gy, gq, gk, gv, gbk, gbv, ds)
+
+
+def scores_cotangent(p: Tensor, dp: Tensor) -> Tensor:
+    """dS = P * (dP - rowsum(dP * P)): the cotangent of the scores S, for P = softmax(S, -1)
+    and dP the cotangent of P."""
+    return p * (dp - (dp * p).sum(-1, keepdim=True))
 
 
 # pull-backs by the id of the cotangent they pulled back (dropped with it), then by what else they read

@@ -41,7 +41,7 @@ for jacext.fused (ClipGrad's clipped sums).
 """
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import for_squares, index_add_result
@@ -54,12 +54,18 @@ def embedding(module, args, kwargs, grads):
         return {}
     if isinstance(module, nn.EmbeddingBag):
         return {"weight": _embedding_bag(module, args, kwargs, g)}
-    x = args[0]
+    return {"weight": lookup_jacobian(module, args[0], g)}
+
+
+def lookup_jacobian(table, x: Tensor, g: Tensor) -> Tensor:
+    """J_W (N, V, E, D) of y = W[x] for indices x (N, ...) and G (V, N, ..., D); ``table`` has
+    the lookup's ``num_embeddings``, ``embedding_dim``, ``padding_idx`` (non-negative or None)
+    and ``scale_grad_by_freq`` (an nn.Embedding, or the arguments of F.embedding)."""
     v, n = g.shape[:2]
     idx = x.reshape(-1).long()
     sample = torch.arange(n, device=idx.device).repeat_interleave(x.shape[1:].numel())
-    src = g.reshape(v, -1, module.embedding_dim).transpose(0, 1)  # (L, V, D)
-    return {"weight": _scatter_rows(module, n, sample, idx, _scaled(module, idx, src))}
+    src = g.reshape(v, -1, table.embedding_dim).transpose(0, 1)  # (L, V, D)
+    return _scatter_rows(table, n, sample, idx, _scaled(table, idx, src))
 
 
 @register_norms(nn.Embedding)

@@ -22,16 +22,16 @@ from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_nor
 
 
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
-    """x as (N, T, in) in the dtype the layer ran in and G as (V, N, T, out); and the pair for
-    J_W, with T = 1 where G is constant over the positions. Once for the rule and the backward
-    of a fused call."""
-    return shared(("linear positions", id(module)), lambda: _positions_of(module, x, g))
+    """:func:`positions`, once for the rule and the backward of a fused call."""
+    return shared(("linear positions", id(module)), lambda: positions(x, g))
 
 
-def _positions_of(module: nn.Linear, x: Tensor, g: Tensor):
+def positions(x: Tensor, g: Tensor):
+    """x (N, ..., in) as (N, T, in) and G (V, N, ..., out) as (V, N, T, out); and the pair for
+    J_W, with T = 1 where G is constant over the positions."""
     n, t = x.shape[0], x.shape[1:-1].numel()
-    x = as_run(x, g).reshape(n, t, module.in_features)
-    g = g.reshape(g.shape[0], n, t, module.out_features)
+    x = as_run(x, g).reshape(n, t, x.shape[-1])  # in the dtype the layer ran in
+    g = g.reshape(g.shape[0], n, t, g.shape[-1])
     if _constant_over_positions(g):
         return x, g, x.sum(1, keepdim=True), g[:, :, :1]
     return x, g, x, g
@@ -54,12 +54,18 @@ def _constant_over_positions(g: Tensor) -> bool:
 
 @register(nn.Linear, min_dim=lambda m: 2, leading=True)
 def linear(module: nn.Linear, args, kwargs, grads):
-    x, g, xw, gw = _positions(module, args[0], grads[0])
+    xg = _positions(module, args[0], grads[0])
+    return linear_jacobians(xg, trainable(module, "weight"), trainable(module, "bias"))
+
+
+def linear_jacobians(positions, weight: bool, bias: bool):
+    """J_W (N, V, out, in) and J_b (N, V, out), those asked for, from :func:`positions`."""
+    x, g, xw, gw = positions
     out = {}
-    if trainable(module, "weight"):
-        (v, n, _, o), i = gw.shape, module.in_features
+    if weight:
+        (v, n, _, o), i = gw.shape, x.shape[2]
         out["weight"] = weight_products(gw, xw, result_buffer("weight", (n, v, o, i), x))
-    if trainable(module, "bias"):
+    if bias:
         out["bias"] = g.sum(2).transpose(0, 1)
     return out
 

@@ -13,7 +13,7 @@ without a weight takes twice as long (0.63 against 0.31 ms at 64 x 64 x 128, flo
 """
 
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from jacext.rules import register
 from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
@@ -23,12 +23,15 @@ from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
 def trailing_norm(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)
-    if type(module) is nn.LayerNorm:
-        ones = x.new_ones(module.normalized_shape)
-        xhat = F.layer_norm(x, module.normalized_shape, ones, eps=module.eps)
-    else:
-        xhat = F.rms_norm(x, module.normalized_shape, eps=module.eps)
+    xhat = trailing_xhat(x, module.normalized_shape, module.eps, rms=isinstance(module, nn.RMSNorm))
     return affine_jacobians(module, g, xhat, channel_dim=False)
+
+
+def trailing_xhat(x: Tensor, shape, eps, rms: bool) -> Tensor:
+    """xhat of LayerNorm (``rms=False``) or RMSNorm (``eps`` None: torch's default) over the trailing dims ``shape``."""
+    if rms:
+        return F.rms_norm(x, shape, eps=eps)
+    return F.layer_norm(x, shape, x.new_ones(shape), eps=eps)
 
 
 @register(nn.GroupNorm, min_dim=lambda m: 2)

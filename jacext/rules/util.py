@@ -165,7 +165,13 @@ def patches(x: Tensor, kernel_size, stride, dilation) -> Tensor:
 
 
 def affine_jacobians(module: Any, g: Tensor, xhat: Tensor, channel_dim: bool) -> dict:
-    """J of y = xhat * w + b for a normalisation layer, from the normalised input ``xhat``.
+    """:func:`affine_products` for a normalisation layer's trainable weight and bias."""
+    shape: torch.Size = (module.weight if module.weight is not None else module.bias).shape
+    return affine_products(g, xhat, shape, channel_dim, trainable(module, "weight"), trainable(module, "bias"))
+
+
+def affine_products(g: Tensor, xhat: Tensor, shape, channel_dim: bool, weight: bool, bias: bool) -> dict:
+    """J of y = xhat * w + b (w, b of ``shape``), from the normalised input ``xhat``: those asked for.
 
     ``channel_dim=True``: w, b have one entry per channel (dim 1 of the input), so
     J_w[n, v, c] = sum_s G[v, n, c, s] xhat[n, c, s]. Otherwise w, b have the shape of the
@@ -173,7 +179,6 @@ def affine_jacobians(module: Any, g: Tensor, xhat: Tensor, channel_dim: bool) ->
     J_b is the same contraction with xhat = 1.
     """
     v, n = g.shape[:2]
-    shape: torch.Size = (module.weight if module.weight is not None else module.bias).shape
     if channel_dim:  # (V, N, C, S): contract the positions s
         c = shape.numel()
         g, xhat, summed = g.reshape(v, n, c, -1), xhat.reshape(n, c, -1), 3
@@ -181,9 +186,9 @@ def affine_jacobians(module: Any, g: Tensor, xhat: Tensor, channel_dim: bool) ->
         e = shape.numel()
         g, xhat, summed = g.reshape(v, n, -1, e), xhat.reshape(n, -1, e), 2
     out = {}
-    if trainable(module, "weight"):  # a product and a sum: einsum's batched product costs 3x here
+    if weight:  # a product and a sum: einsum's batched product costs 3x here
         out["weight"] = (g * xhat).sum(summed).transpose(0, 1).reshape(n, v, *shape)
-    if trainable(module, "bias"):
+    if bias:
         out["bias"] = g.sum(summed).transpose(0, 1).reshape(n, v, *shape)
     return out
 
