@@ -107,9 +107,13 @@ class BatchTracker:
     def seed(self, tensors, dim: int) -> None:
         """The extended module's inputs: those with ``n`` entries along ``dim`` are the batch."""
         for t in tensors:
-            if isinstance(t, Tensor) and t.dim() > dim and t.shape[dim] == self.n:
+            if self.is_batch_input(t, dim):
                 self.tags[t] = Layout(dim)
                 self.seeded.add(id(t))
+
+    def is_batch_input(self, t, dim: int) -> bool:
+        """Whether an input ``t`` of the extended module carries the batch along ``dim``."""
+        return isinstance(t, Tensor) and t.dim() > dim and t.shape[dim] == self.n
 
     def declare(self, t: Tensor, dim: int) -> None:
         """A layer with its own layout flag (``batch_first=False``) is called on an input of the

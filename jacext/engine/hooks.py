@@ -235,7 +235,7 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
             )
         tape = Tape(root, Demand(ours, backpack=state.backpack), inputs[0].shape[dim])
         tape.foreign_fields = {e.savefield for e in others}
-        gated = _gate_inputs(tape, args, kwargs) if tape.demand.rescaler is not None else None
+        gated = _gate_inputs(tape, args, kwargs, dim) if tape.demand.rescaler is not None else None
         if gated is not None:
             args, kwargs = gated
             inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
@@ -252,13 +252,13 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
     return None
 
 
-def _gate_inputs(tape: Tape, args, kwargs):
-    """The root's inputs that require a gradient, each behind an :class:`InputGate` (``(args,
-    kwargs)``), or None where there is none."""
+def _gate_inputs(tape: Tape, args, kwargs, dim: int):
+    """The root's batched inputs that require a gradient, each behind an :class:`InputGate`
+    (``(args, kwargs)``), or None where there is none."""
     leaves, spec = tree_flatten((args, kwargs))
     ref = weakref.ref(tape)
     for i, t in enumerate(leaves):
-        if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0 and t.shape[0] == tape.batch.n:
+        if tape.batch.is_batch_input(t, dim) and t.requires_grad:
             place = InputPlace()
             leaves[i] = InputGate.apply(ref, place, t)
             tape.input_gates.append((place, leaves[i]))

@@ -287,6 +287,7 @@ class Tape:
         the output to hand on (aliased where the record needs it, or hanging from a FusedGrads
         node). ``own_output``: the module's output as its forward returned it (no forward hook
         ran before)."""
+        met_inside = len(self.meets) > self.meets_at.pop(id(module), len(self.meets))  # a meet inside the call
         trainable, ids = self.uses.covered(module)
         outs = _tensors(output)
         through = self.uses.owns_outputs(outs) & ids
@@ -327,8 +328,7 @@ class Tape:
         # a call on the batch moved (a seq-first model) only for clipping, whose gate scales its G
         # along the moved dimension (a fused BatchGrad would share the rule's moved layout)
         moved = clipping and placement is not None and placement.move and placement.rows is None
-        # a meet inside the call: a fused output would cut autograd's path to it
-        met_inside = len(self.meets) > self.meets_at.pop(id(module), len(self.meets))
+        # not around a meet inside the call: a fused output would cut autograd's path to it
         fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked and not met_inside
         fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
