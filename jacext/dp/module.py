@@ -124,7 +124,7 @@ class PrivateModule(nn.Module):
             with capturing() as tapes, backpack(*outer, self._clip):
                 out = self._module(*args, **kwargs)
             tape = next((t for t in tapes if t.root is inner), None)
-            if tape is None or all(r.fused for r in tape.records):
+            if tape is None or (all(r.fused for r in tape.records) and all(m.held for m in tape.meets)):
                 return out
             del out, tapes, tape
             self._materialise = True

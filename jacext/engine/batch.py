@@ -151,11 +151,32 @@ class BatchTracker:
             return args[0].detach().clone()
         return None
 
+    def held(self, args, kwargs, loose: AbstractSet[int], hold: Callable[[Tensor], Tensor]):
+        """For an operation with free and batched inputs (a meet, if its outputs need a gradient):
+        its arguments with ``hold(f)`` for each free ``f`` (jacext.engine.fused.HeldFree), and the
+        ids of the free tensors; None for any other operation."""
+        flat, spec = tree_flatten((args, kwargs))
+        free = [i for i, t in enumerate(flat) if self._is_free(t, loose) and t.requires_grad]
+        if not free or not any(isinstance(t, Tensor) and t in self.tags for t in flat):
+            return None
+        held = list(flat)
+        for i in free:
+            held[i] = hold(flat[i])
+        return (*tree_unflatten(held, spec), {id(flat[i]) for i in free})
+
     def after(
-        self, func, args, kwargs, out, written: Optional[Tensor] = None, loose: AbstractSet[int] = frozenset()
+        self,
+        func,
+        args,
+        kwargs,
+        out,
+        written: Optional[Tensor] = None,
+        loose: AbstractSet[int] = frozenset(),
+        held: AbstractSet[int] = frozenset(),
     ) -> None:
         """Tag the tensors of ``out`` from the inputs of ``func`` (``written``, ``loose``: see
-        :meth:`before`)."""
+        :meth:`before`; ``held``: the ids of the free tensors the operation took through
+        :meth:`held`)."""
         if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
             flat = tree_flatten((args, kwargs))[0]
         else:  # the common call, without pytree's cost
@@ -202,7 +223,7 @@ class BatchTracker:
             self._write_through(args[0], args[0]._base, name)
         if free and any(o.requires_grad for o in outs):
             flat, spec = tree_flatten((args, kwargs))
-            self._meet(func, name, flat, spec, free, outs, written)
+            self._meet(func, name, flat, spec, free, outs, written, all(id(flat[i]) in held for i in free))
 
     def _write_through(self, view: Tensor, base: Tensor, name: str) -> None:
         """``name`` wrote into ``view`` in place, and so into its ``base``: the base's layout,
@@ -229,9 +250,9 @@ class BatchTracker:
         if read is not None:
             self.tags[base] = read
 
-    def _meet(self, func, name, flat, spec, free, outs, written) -> None:
+    def _meet(self, func, name, flat, spec, free, outs, written, held: bool) -> None:
         """A free tensor meets the batch in ``func``: where the batch is in every input and
-        output, for :attr:`on_meet`."""
+        output, for :attr:`on_meet` (``held``: every free input went through ``hold``)."""
         if written is not None:
             if 0 in free:
                 raise JacextError(
@@ -257,7 +278,7 @@ class BatchTracker:
         if self.on_meet is not None:
             dims = [g.dim if isinstance(g, Layout) else None for g in tags]
             out_dims = [g.dim for g, o in zip(out_tags, outs, strict=True) if o.requires_grad]
-            self.on_meet(func, flat, spec, free, outs, dims, out_dims, layouts[0].rows)
+            self.on_meet(func, flat, spec, free, outs, dims, out_dims, layouts[0].rows, held)
 
     def _infer(self, func, name, args, kwargs, tagged, outs):
         layouts = [(t, g) for t, g in tagged]

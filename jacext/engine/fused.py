@@ -252,9 +252,10 @@ def _parameter(module: nn.Module, name: str) -> Optional[Tensor]:
 
 
 class ClipGate(torch.autograd.Function):
-    """Aliases of the parameters for the fused calls of a ClipGrad tape: autograd runs this node
-    after every node that uses them, so that the backward's plan can clip there
-    (:meth:`jacext.engine.plan.Plan.gate`); otherwise it passes the gradients on."""
+    """Aliases of the parameters for the fused calls (and the :class:`HeldFree` nodes) of a
+    ClipGrad tape: autograd runs this node after every node that uses them, so that the
+    backward's plan can clip there (:meth:`jacext.engine.plan.Plan.gate`); otherwise it passes
+    the gradients on."""
 
     @staticmethod
     def forward(ctx, tape, *params):
@@ -268,3 +269,24 @@ class ClipGate(torch.autograd.Function):
         if tape is not None and tape.plan is not None:
             grads = tape.plan.gate(grads)
         return (None, *grads)
+
+
+class HeldFree(torch.autograd.Function):
+    """A batch-free tensor f (computed from parameters) where it meets the batch, on a ClipGrad
+    tape: the meeting operation takes ``HeldFree(f)``, the identity. In the backward, where the
+    plan clips inline (:meth:`jacext.engine.plan.Plan.holds`), autograd's sum over the samples of
+    f's cotangent stops here: the meet's hook has caught the per-sample contributions, and the
+    gate hands the parameters their clipped sum. Elsewhere it passes the cotangent on. Its other
+    input, one of the gate's aliases, makes autograd run the gate after this node, and so after
+    the meet's hook."""
+
+    @staticmethod
+    def forward(ctx, tape, f, after_gate):
+        ctx.tape = weakref.ref(tape)
+        return f.view_as(f)
+
+    @staticmethod
+    def backward(ctx, g):
+        tape = ctx.tape()
+        held = tape is not None and tape.plan is not None and not tape.pulling and tape.plan.holds()
+        return None, None if held else g, None

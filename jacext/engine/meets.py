@@ -90,6 +90,7 @@ class Meet:
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
         self._rule: Any = _UNBOUND  # see _by_rule
+        self.held = False  # ClipGrad: its free inputs went through HeldFree (jacext.engine.fused)
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"

@@ -64,6 +64,10 @@ class Plan:
         """The parameter gradients the ClipGate hands on."""
         return grads
 
+    def holds(self) -> bool:
+        """Whether a :class:`jacext.engine.fused.HeldFree` node stops its cotangent."""
+        return False
+
 
 class PullBack(Plan):
     name = "pull-back"
@@ -153,6 +157,7 @@ class Inline(Plan):
         super().__init__(tape, out_shape, grad_out)
         self.results: Optional[Results] = None  # made when the backward starts, where rules run during it
         self.finished: Optional[Dict[nn.Parameter, list]] = None  # results computed inside the backward
+        self.met: List[Dict[nn.Parameter, Tensor]] = []  # the meets' per-sample contributions (N, 1, *p)
 
     def at_root(self, out_edge: GradientEdge) -> Optional[Tensor]:
         for rec in self.tape.records:
@@ -187,7 +192,8 @@ class Inline(Plan):
             self.tape.plan = None
 
     def from_caught(self) -> Tuple[Dict[nn.Parameter, list], Dict[Record, List[Tensor]]]:
-        """The results from the caught G, and the caught G per record (zeros where none came)."""
+        """The results from the caught G, and the caught G per record (zeros where none came);
+        the meets' per-sample contributions are kept in ``self.met`` (one dict per meet)."""
         tape, grad_out = self.tape, self.grad_out
         caught: Dict[Record, List[Tensor]] = {}
         for rec in tape.records:
@@ -204,9 +210,11 @@ class Inline(Plan):
                     for leaf, g in zip(rec.grad_leaves, caught[rec], strict=True):
                         leaf_grads[leaf] = g.unsqueeze(0)
                     results.add(rec, leaf_grads)
+                self.met = []
                 for meet in tape.meets:
                     blocks, meet.caught = meet.caught or {}, None
                     results.add_blocks(blocks)
+                    self.met.append(blocks)
             return results.finished(), caught
 
 
@@ -235,9 +243,13 @@ class InlineFused(Inline):
 
 
 class InlineClipping(Inline):
-    """ClipGrad where every call is fused: the parameter gradients come from the gate."""
+    """ClipGrad where every call is fused and every meet held: the parameter gradients come from
+    the gate."""
 
     name = "inline, clipping"
+
+    def holds(self) -> bool:
+        return not torch.is_grad_enabled()
 
     def fused_mode(self, g: Tensor) -> FusedMode:
         if torch.is_grad_enabled() or g.shape[0] == 0:
@@ -259,7 +271,8 @@ class InlineClipping(Inline):
         return tuple(clipped.get(p) for p in tape.parameters if p.requires_grad)
 
     def clipped_sums(self, caught, results) -> Dict[nn.Parameter, Tensor]:
-        """Per parameter, the sum over its calls of the gradient for w_n G[n]. A rescaler with
+        """Per parameter, the sum over its calls of the gradient for w_n G[n], and over its meets
+        of sum_n w_n J[n] (their per-sample contributions J, caught). A rescaler with
         ``parameter_weights`` (per-layer clipping, jacext.dp.PerLayerClipGrad) gives each parameter
         its own w_n: a call's parameters with different weights get their gradients from separately
         scaled cotangents."""
@@ -286,6 +299,15 @@ class InlineClipping(Inline):
                 for p, d in zip(call.params, ds, strict=True):
                     if any(p is m for m in members):
                         grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
+        for blocks in self.met:
+            for p, block in blocks.items():
+                d = torch.tensordot(weight_of[p].to(block.dtype), block[:, 0], dims=1)
+                grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
+        if n == 0:  # no sample: zeros, as the ordinary backward gives through the meets
+            for meet in tape.meets:
+                for p in meet.parameters:
+                    if p.requires_grad and p not in grads:
+                        grads[p] = torch.zeros_like(p)
         return grads
 
 
@@ -298,7 +320,7 @@ def choose_plan(
     backward (``will_run``; not where ``backward(inputs=...)`` prunes one, or an output does not
     reach the loss), meets with one output (each computes its contributions as the backward
     reaches it), and a hand-written rule for every record (the generic rule's errors must come
-    before the model's own backward); ClipGrad's inline plan, fused calls and no meets. Under
+    before the model's own backward); ClipGrad's inline plan, fused calls and held meets. Under
     ``create_graph=True``, ClipGrad pulls back first and rescales the cotangent the
     differentiable backward continues with (the weights as constants)."""
     demand, records = tape.demand, tape.records
@@ -311,7 +333,7 @@ def choose_plan(
     )
     if catchable and demand.one_cotangent:
         return InlineFused if tape.fused and out_shape[0] > 0 else Inline
-    fused = all(r.fused for r in records) and not tape.meets
+    fused = all(r.fused for r in records) and all(m.held for m in tape.meets)
     if catchable and demand.clipping and fused and not torch.is_grad_enabled():
         return InlineClipping  # (create_graph=True: the gate's clipped sums would not be differentiable)
     n_seeds = sum(1 if kind is Seeds.COTANGENT else out_shape[1:].numel() for kind in demand.seed_kinds())

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from jacext.engine.batch import BatchTracker, Placement, place
 from jacext.engine.demand import Demand
-from jacext.engine.fused import ClipGate, FusedMode, bind, fusable, fused_output
+from jacext.engine.fused import ClipGate, FusedMode, HeldFree, bind, fusable, fused_output
 from jacext.engine.meets import Meet
 from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
@@ -270,6 +270,8 @@ class Tape:
         self.input_gates: List[Tuple[InputPlace, Tensor]] = []  # until the forward ends
         self.input_weights: Optional[Tensor] = None  # the per-sample weights of a rescaled root cotangent
         self.uses = ParameterUses(root, self.batch)
+        if demand.clipping:
+            self.uses.hold = self.hold  # ClipGrad: free tensors meet the batch through HeldFree
         self.fused = False  # a record's output goes through FusedGrads
         self.gate: Optional[Dict[int, Tensor]] = None  # ClipGrad: the parameters out of a ClipGate, by id
         self.plan: Optional["Plan"] = None
@@ -332,10 +334,7 @@ class Tape:
         fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked and not met_inside
         fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
-            if clipping and self.gate is None:
-                params = [p for p in self.parameters if p.requires_grad]
-                self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
-            output = fused_output(module, args, kwargs, output, trainable, self.gate)
+            output = fused_output(module, args, kwargs, output, trainable, self.clip_gate() if clipping else None)
         rec = Record(module, args, kwargs, output, trainable, ids, layer)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on
@@ -356,10 +355,24 @@ class Tape:
                 rec.catch_inline()
         return output
 
-    def meet(self, func, flat, spec, free, outputs, dims, out_dims, rows) -> None:
-        """Record an operation where free tensors meet the batch (jacext.engine.batch)."""
+    def clip_gate(self) -> Dict[int, Tensor]:
+        """The parameters out of the tape's :class:`ClipGate` (made at its first use), by id."""
+        if self.gate is None:
+            params = [p for p in self.parameters if p.requires_grad]
+            self.gate = dict(zip(map(id, params), ClipGate.apply(self, *params), strict=True))
+        return self.gate
+
+    def hold(self, f: Tensor) -> Tensor:
+        """``f``, a free tensor where it meets the batch, through a :class:`HeldFree` node."""
+        gate = self.clip_gate()
+        return HeldFree.apply(self, f, next(iter(gate.values()))) if gate else f
+
+    def meet(self, func, flat, spec, free, outputs, dims, out_dims, rows, held: bool = False) -> None:
+        """Record an operation where free tensors meet the batch (jacext.engine.batch);
+        ``held``: it took them through :meth:`hold`."""
         params = list(self.batch.free_parameters.values())
         meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params)
+        meet.held = held
         self.meets.append(meet)
         if self.demand.catches and len(meet.edges) == 1:
             meet.edges[0].node.register_prehook(partial(_contract_meet, weakref.ref(meet), weakref.ref(self)))

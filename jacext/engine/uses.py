@@ -41,6 +41,7 @@ class ParameterUses(TorchFunctionMode):
         self.stale: Callable[[], bool] = lambda: False  # the forward ended without closing the tape (and stopped it)
         self.param_ops: Dict[int, List[Tuple[object, Set[int]]]] = {}  # per running module: outputs, parameters
         self._ruled: Dict[int, Set[int]] = {}  # per module: the ids of the parameters its hand-written rule covers
+        self.hold: Optional[Callable[[Tensor], Tensor]] = None  # ClipGrad: what free tensors meet the batch through
 
     @contextmanager
     def pausing(self):
@@ -111,13 +112,16 @@ class ParameterUses(TorchFunctionMode):
                 elif isinstance(a, Tensor) and a.requires_grad and isinstance(a.grad_fn, BackwardCFunction):
                     used += self._through_function(a.grad_fn)
         written = self.batch.before(func, args, kwargs, loose)
-        out = func(*args, **kwargs)
+        held = None
+        if self.hold is not None and graded and (loose or self.batch.free):
+            held = self.batch.held(args, kwargs, loose, self.hold)
+        out = func(*args, **kwargs) if held is None else func(*held[0], **held[1])
         differentiated = bool(loose or used) and any(
             isinstance(o, Tensor) and o.requires_grad for o in ([out] if isinstance(out, Tensor) else tree_leaves(out))
         )
         if loose and (not differentiated or self.stale()):  # (stale: code after an interrupted forward pass)
             loose = set()
-        self.batch.after(func, args, kwargs, out, written, loose)
+        self.batch.after(func, args, kwargs, out, written, loose, held[2] if held is not None else frozenset())
         if used and differentiated:
             for p in used:
                 if inside is None or id(p) not in self.covered(inside)[1]:

@@ -81,8 +81,29 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.emb(tokens).mean(1)))
 
 
-MODELS = {"mlp": MLP, "cnn_groupnorm": CNN, "lstm": LSTMNet, "transformer": Transformer, "tied": Tied}
-N_CLASSES = {"mlp": 3, "cnn_groupnorm": 3, "lstm": 3, "transformer": 3, "tied": 7}
+class Positions(nn.Module):
+    """nanoGPT-style, with parameters meeting the batch outside their modules' calls: positions
+    ``wpe(arange(T))`` (batch-free), a learnt class token concatenated, a loose gain computed
+    from a parameter (``gain.exp()``), and a head tied functionally to the token embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(7, 6), nn.Embedding(N, 6)
+        self.cls = nn.Parameter(torch.randn(1, 1, 6))
+        self.gain = nn.Parameter(torch.randn(6) / 2)
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, tokens):
+        n, t = tokens.shape
+        h = self.wte(tokens) + self.wpe(torch.arange(t, device=tokens.device))
+        h = torch.cat([self.cls.expand(n, -1, -1), h], 1)
+        h = torch.tanh(self.fc(h)) * self.gain.exp()
+        return nn.functional.linear(h.mean(1), self.wte.weight)
+
+
+MODELS = {"mlp": MLP, "cnn_groupnorm": CNN, "lstm": LSTMNet, "transformer": Transformer, "tied": Tied,
+          "positions": Positions}
+N_CLASSES = {"mlp": 3, "cnn_groupnorm": 3, "lstm": 3, "transformer": 3, "tied": 7, "positions": 7}
 
 
 def inputs(name: str, n: int, g: torch.Generator):
@@ -94,7 +115,7 @@ def inputs(name: str, n: int, g: torch.Generator):
         return torch.randn(n, 4, 4, dtype=F64, generator=g) * 3
     if name == "transformer":
         return torch.randn(n, 3, 8, dtype=F64, generator=g) * 3
-    return torch.randint(0, 7, (n, 4), generator=g)
+    return torch.randint(0, 7, (n, N if name == "positions" else 4), generator=g)  # (positions: T = N)
 
 
 def make_model(name: str) -> nn.Module:

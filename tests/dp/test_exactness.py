@@ -1,6 +1,7 @@
 """jacext.dp.PrivacyEngine against the float64 oracle: the clipped sums of every backward pass
 and the parameters after noisy steps, for flat, per-layer and adaptive clipping, "mean" and
-"sum" losses, on an MLP, a CNN with GroupNorm, an LSTM, a TransformerEncoder and tied weights."""
+"sum" losses, on an MLP, a CNN with GroupNorm, an LSTM, a TransformerEncoder, tied weights and
+parameters meeting the batch outside their modules (positions, a class token, a functional tied head)."""
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.filterwarnings(f) for f in FILTERS]
 pytest.importorskip("opacus")
 
 SIGMA, LR, SEED = 0.7, 0.5, 3
-FUSED = {"mlp", "cnn_groupnorm", "transformer", "tied"}  # per-layer clipping inside the backward (every call fused)
+# clipping inside the backward (every call fused, every meet held)
+FUSED = {"mlp", "cnn_groupnorm", "transformer", "tied", "positions"}
 
 
 def train(name, clipping, reduction, bound, data):
@@ -74,8 +76,8 @@ def test_private_training_equals_the_oracle(name, clipping, reduction):
         assert opt.max_grad_norm == pytest.approx(c_end, rel=1e-12) and c_end != bound
     if clipping == "per_layer":
         assert private._materialise == (name not in FUSED)
-        if name in FUSED:
-            assert jacext.backward_plan(model) == "inline, clipping"
+    if name in FUSED:
+        assert jacext.backward_plan(model) == "inline, clipping"
     assert sum(steps for _, _, steps in engine.accountant.history) == len(batches)
 
 

@@ -17,7 +17,7 @@ from jacext.dp import ClipGrad
 
 
 class PositionAdd(nn.Module):
-    """x + pos: a parameter meeting the batch (the pull-back plan under ClipGrad)."""
+    """x + pos: a parameter meeting the batch (held: ClipGrad clips inline)."""
 
     def __init__(self, d):
         super().__init__()
@@ -43,13 +43,13 @@ class SeqFirst(nn.Module):
 def discriminator(kind, d=4):
     if kind == "inline":
         return nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 2))
-    if kind == "pull-back":
+    if kind == "meet":
         return nn.Sequential(PositionAdd(d), nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 2))
     return SeqFirst(d, meet=kind == "seq-first, pull-back")
 
 
-KINDS = ["inline", "pull-back", "seq-first", "seq-first, pull-back"]
-PLANS = {"inline": "inline, clipping", "pull-back": "pull-back", "seq-first": "pull-back",
+KINDS = ["inline", "meet", "seq-first", "seq-first, pull-back"]
+PLANS = {"inline": "inline, clipping", "meet": "inline, clipping", "seq-first": "pull-back",
          "seq-first, pull-back": "pull-back"}
 
 

@@ -225,7 +225,7 @@ class Seq2Seq(nn.Module):
 @pytest.mark.parametrize("inside", [True, False], ids=["loss inside", "loss outside"])
 def test_output_leaf_reached_through_another(inside):
     """The backward from the logits reaches the encoder output's original too: one start of the
-    plan, not two (ClipGrad takes the pull-back plan here, positions meeting the batch)."""
+    plan, not two (ClipGrad clips inline here, positions meeting the batch through HeldFree)."""
     torch.manual_seed(0)
     model = Seq2Seq().double()
     ids, y = torch.randint(0, V, (N, T)), torch.randint(0, C, (N,))
@@ -256,13 +256,39 @@ def test_output_leaf_reached_through_another(inside):
     model.zero_grad()
     with backpack(ClipGrad(bound, loss_reduction="sum")):
         loss().backward()
-    assert jacext.backward_plan(model) == "pull-back"
+    assert jacext.backward_plan(model) == "inline, clipping"
     for name, p in model.named_parameters():
         assert_close(p.grad, torch.einsum("n,n...->...", weights, grads[name]), torch.float64, name)
 
 
+def test_loss_inside_reaching_two_output_leaves_clips_inline():
+    """A loss computed inside from the logits and the encoder output: ClipGrad's inline plan
+    catches every layer's cotangent as the one backward passes, exact against the loop."""
+    torch.manual_seed(0)
+    model = Seq2Seq(both=True).double()
+    ids, y = torch.randint(0, V, (N, T)), torch.randint(0, C, (N,))
+    per_sample = []
+    for n in range(N):
+        model.zero_grad()
+        model(ids[n : n + 1], y[n : n + 1])["loss"].backward()
+        per_sample.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    norms = torch.stack([sum(g.square().sum() for g in grads.values()) for grads in per_sample]).sqrt()
+    bound = float(norms.median())
+    weights = (bound / (norms + 1e-6)).clamp(max=1)
+    model.zero_grad()
+    jacext.extend(model)
+    with backpack(ClipGrad(bound, loss_reduction="sum")):
+        model(ids, y)["loss"].backward()
+    assert jacext.backward_plan(model) == "inline, clipping"
+    for name, p in model.named_parameters():
+        expected = sum(w * grads[name] for w, grads in zip(weights, per_sample))
+        assert_close(p.grad, expected, torch.float64, name)
+
+
 def test_loss_inside_reaching_two_output_leaves_is_refused_by_the_pull_back():
+    """The same under create_graph=True, where ClipGrad pulls back first: each output leaf would
+    start the pull-back, so it refuses."""
     model = jacext.extend(Seq2Seq(both=True))
     with backpack(ClipGrad(1.0, loss_reduction="sum")), pytest.raises(jacext.JacextError, match="several per-sample"):
-        model(torch.randint(0, V, (N, T)), torch.randint(0, C, (N,)))["loss"].backward()
+        model(torch.randint(0, V, (N, T)), torch.randint(0, C, (N,)))["loss"].backward(create_graph=True)
     assert all(p.grad is None for p in model.parameters())

@@ -61,6 +61,23 @@ class ClipTokenNet(nn.Module):
         return self.head(self.mid(torch.tanh(self.mid(self.norm(self.emb(x))))))
 
 
+class ClipMeetNet(nn.Module):
+    """Parameters meeting the batch outside their modules' calls, held there: positions
+    ``pos(arange(T))`` added, a class token concatenated, a loose gain; LayerNorm, Linear called
+    twice, a head tied functionally to the Embedding's weight; output (N, T, 30)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos, self.norm, self.mid = nn.Embedding(30, 6), nn.Embedding(7, 6), nn.LayerNorm(6), nn.Linear(6, 6)
+        self.cls, self.gain = nn.Parameter(torch.randn(1, 1, 6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        n, t = x.shape
+        h = torch.cat([self.cls.expand(n, -1, -1), self.emb(x) + self.pos(torch.arange(t))], 1)
+        h = self.mid(torch.tanh(self.mid(self.norm(h)))) * self.gain
+        return nn.functional.linear(h[:, 1:], self.emb.weight)
+
+
 EMBEDDINGS: dict[str, dict[str, Any]] = {
     "plain": {},
     "sparse": {"sparse": True},
@@ -77,6 +94,7 @@ CLIP_NETS: dict[str, tuple[Callable[[], nn.Module], list[str]]] = {
         for name, emb in EMBEDDINGS.items()
         for tie in ("", "tied_")
     },
+    "meets": (ClipMeetNet, ["emb", "norm", "mid"]),
 }
 
 
@@ -166,11 +184,12 @@ def test_clip_grad_with_a_call_that_cannot_be_fused_pulls_back_first(kind, reduc
     with backpack(ClipGrad(bound, loss_reduction=reduction)):
         lossfunc(model(x), y).backward()
     assert seen["lin"] == [FUSED] and seen["odd"] != [FUSED]  # the Linear is fused, but not every call
-    assert jacext.backward_plan(model) == "pull-back"
+    # (Scale's loose parameter meets the batch: held there, the tape still clips inline)
+    assert jacext.backward_plan(model) == ("pull-back" if kind == "bilinear" else "inline, clipping")
     assert_clipped(model, clipped, l2, dtype)
 
 
-@pytest.mark.parametrize("net", ["conv", "tied_plain", "sparse"])
+@pytest.mark.parametrize("net", ["conv", "tied_plain", "sparse", "meets"])
 def test_clip_grad_with_retain_graph_and_a_second_backward(net, dtype):
     """Both backward passes clip inside themselves: p.grad accumulates twice the clipped sum,
     per_sample_l2 is one backward's."""
@@ -192,7 +211,7 @@ def test_clip_grad_with_retain_graph_and_a_second_backward(net, dtype):
 
 
 @pytest.mark.parametrize("reduction", CLIP_LOSSES)
-@pytest.mark.parametrize("net", ["conv", "tied_plain", "scale_grad_by_freq"])
+@pytest.mark.parametrize("net", ["conv", "tied_plain", "scale_grad_by_freq", "meets"])
 def test_clip_grad_on_an_empty_batch_between_full_ones(net, reduction, dtype):
     """N = 0: zero gradients and empty norms (as tests/errors/test_batch_sizes.py expects), also with the
     results of a full batch on the parameters; the next full batch is exact again."""

@@ -86,9 +86,11 @@ def run_extensions(model, forward_loss):
 def clipped_reference(model, forward, loss, reference, n):
     """For a loss that is a mean over the batch: a bound C (the median of the samples' gradient
     norms ||g_n||, g_n = N times sample n's contribution, so that some are clipped and some not),
-    the squared norms ||g_n[p]||^2, and sum_n w_n g_n with w_n = min(1, C / (||g_n|| + 1e-6)), from
-    the output's cotangent scaled per sample, as jacext scales it (HF's RMSNorm and loss run in
-    float32, whose rounding differs by 1e-8 where the scaling comes before or after them)."""
+    the squared norms ||g_n[p]||^2, and sum_n w_n g_n with w_n = min(1, C / (||g_n|| + 1e-6)) twice,
+    as each ClipGrad plan scales: ``"inline"``, at the layers (sum_n w_n g_n of the loop's g_n);
+    ``"pull-back"``, at the output (the output's cotangent scaled per sample, then autograd). HF's
+    RMSNorm and loss run in float32, whose rounding differs by 1e-8 where the scaling comes before
+    or after them."""
     l2 = {name: (n * g).flatten(1).square().sum(1) for name, g in reference.items()}
     norms = sum(l2.values()).sqrt()
     bound = norms.median().item()
@@ -97,8 +99,9 @@ def clipped_reference(model, forward, loss, reference, n):
     params, out = _params(model), forward()
     (g,) = torch.autograd.grad(loss(out), [out], retain_graph=True)
     scaled = g * (n * w).view(-1, *[1] * (out.dim() - 1))
-    clipped = dict(zip([name for name, _ in params], _grads((out * scaled).sum(), params), strict=True))
-    return bound, clipped, l2
+    at_output = dict(zip([name for name, _ in params], _grads((out * scaled).sum(), params), strict=True))
+    at_layers = {name: torch.einsum("n,n...->...", n * w, g) for name, g in reference.items()}
+    return bound, {"inline": at_layers, "pull-back": at_output}, l2
 
 
 @contextmanager
@@ -133,6 +136,7 @@ def check_extensions(model, forward, loss, n, *, user_loss=None, jacobian=False,
     model.zero_grad()
     with backpack(ClipGrad(bound, loss_reduction="mean")):
         user_loss().backward()
+    clipped = clipped["inline" if jacext.backward_plan(model) == "inline, clipping" else "pull-back"]
     scale, scale_l2 = (max(t.abs().max().item() for t in d.values()) for d in (clipped, l2))
     for name, p in _params(model):
         got = p.grad if p.grad is not None else torch.zeros_like(p)
