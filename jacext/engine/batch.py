@@ -39,7 +39,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from jacext.engine.meets import LAYER_FUNCTIONS as _ROWS
 from jacext.engine.meets import MATMULS as _MATMULS
-from jacext.engine.meets import in_place, op_name
+from jacext.engine.meets import broadcast_shape, in_place, op_name
+from jacext.engine.trees import leaves
 from jacext.errors import JacextError
 
 
@@ -146,7 +147,7 @@ class BatchTracker:
         parameters that are free in this operation (jacext.engine.uses)."""
         if not (self.free or loose) or not args or not isinstance(args[0], Tensor) or not in_place(func):
             return None
-        flat = tree_flatten((args, kwargs))[0]
+        flat = leaves((args, kwargs))
         if any(self._is_free(t, loose) for t in flat):
             return args[0].detach().clone()
         return None
@@ -155,10 +156,11 @@ class BatchTracker:
         """For an operation with free and batched inputs (a meet, if its outputs need a gradient):
         its arguments with ``hold(f)`` for each free ``f`` (jacext.engine.fused.HeldFree), and the
         ids of the free tensors; None for any other operation."""
-        flat, spec = tree_flatten((args, kwargs))
+        flat = leaves((args, kwargs))
         free = [i for i, t in enumerate(flat) if self._is_free(t, loose) and t.requires_grad]
         if not free or not any(isinstance(t, Tensor) and t in self.tags for t in flat):
             return None
+        spec = tree_flatten((args, kwargs))[1]
         held = list(flat)
         for i in free:
             held[i] = hold(flat[i])
@@ -178,7 +180,7 @@ class BatchTracker:
         :meth:`before`; ``held``: the ids of the free tensors the operation took through
         :meth:`held`)."""
         if kwargs or any(isinstance(a, (list, tuple, dict)) for a in args):
-            flat = tree_flatten((args, kwargs))[0]
+            flat = leaves((args, kwargs))
         else:  # the common call, without pytree's cost
             flat = list(args)
         tagged = [(t, self.tags.get(t)) for t in flat if isinstance(t, Tensor)]
@@ -188,14 +190,14 @@ class BatchTracker:
             self.free_parameters.update((id(t), t) for t in flat if id(t) in loose)
         if not tagged:
             if free:  # computed from free tensors only: free too
-                self.mark_free([o for o in tree_flatten(out)[0] if isinstance(o, Tensor)])
+                self.mark_free([o for o in leaves(out) if isinstance(o, Tensor)])
             return
         name = op_name(func)
         if name == "batch_norm" and self.on_batch_statistics is not None:
             self.on_batch_statistics(args, kwargs)
         if name in {"__setitem__", "copy_"}:  # the batch written into args[0]
             out = args[0]
-        outs = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]
+        outs = [o for o in ([out] if isinstance(out, Tensor) else leaves(out)) if isinstance(o, Tensor)]
         if not outs:
             return
         live = [(t, g) for t, g in tagged if not (isinstance(g, Opaque) and g.inert)]  # inert: indices, masks
@@ -312,11 +314,8 @@ class BatchTracker:
         if name in {"lstm", "gru", "rnn_tanh", "rnn_relu"}:
             return _recurrent(name, args, layouts[0], outs)
         out = outs[0]
-        shapes = [t.shape for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-        try:
-            elementwise = len(outs) == 1 and torch.broadcast_shapes(*shapes) == out.shape
-        except RuntimeError:
-            elementwise = False
+        shapes = [t.shape for t in leaves((args, kwargs)) if isinstance(t, Tensor)]
+        elementwise = len(outs) == 1 and broadcast_shape(shapes) == out.shape
         if elementwise:
             dims = {(out.dim() - t.dim() + g.dim) for t, g in layouts}
             rows = [g.rows for _, g in layouts]
@@ -356,7 +355,7 @@ class BatchTracker:
             out = func(*p_args, **p_kwargs)
         if name in {"__setitem__", "copy_"}:
             out = probes[0]
-        results = [o for o in ([out] if isinstance(out, Tensor) else tree_flatten(out)[0]) if isinstance(o, Tensor)]
+        results = [o for o in ([out] if isinstance(out, Tensor) else leaves(out)) if isinstance(o, Tensor)]
         data = next((t, g) for t in flat if isinstance(t, Tensor) for g in [self.tags.get(t)] if isinstance(g, Layout))
         if any(p.numel() == 0 for p in results):  # nothing to read: where the batch's size is
             return _unique_size(name, data, outs)
@@ -453,7 +452,7 @@ def _moved_values(name: str, args, kwargs) -> AbstractSet[int]:
     found: set = set()
     i = 0
     for values, a in moved:
-        n = len(tree_flatten(a)[0])
+        n = len(leaves(a))
         if values:
             found.update(range(i, i + n))
         i += n

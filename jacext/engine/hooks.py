@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn.modules.module import _global_forward_hooks
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_leaves, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from jacext.engine import backpack_ctx
@@ -33,6 +33,7 @@ from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
 from jacext.engine.record import Alias, InputGate, InputPlace, Tape
+from jacext.engine.trees import leaves
 from jacext.errors import JacextError
 from jacext.extensions import BatchJacobian, JacextExtension
 from jacext.rules import layer_of
@@ -224,7 +225,7 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
     ours = tuple(e for e in exts if isinstance(e, JacextExtension))
     if ours:
         hook_recorders(root)  # modules added after extend()
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        inputs = [t for t in leaves((args, kwargs)) if isinstance(t, Tensor)]
         dim = 0  # the samples: the first dimension of the first tensor input
         if not inputs or inputs[0].dim() <= dim:
             shape = tuple(inputs[0].shape) if inputs else None
@@ -238,7 +239,7 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
         gated = _gate_inputs(tape, args, kwargs, dim) if tape.demand.rescaler is not None else None
         if gated is not None:
             args, kwargs = gated
-            inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+            inputs = [t for t in leaves((args, kwargs)) if isinstance(t, Tensor)]
         tape.batch.seed(inputs, dim)
         tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
         ref = weakref.ref(tape)
@@ -255,14 +256,14 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
 def _gate_inputs(tape: Tape, args, kwargs, dim: int):
     """The root's batched inputs that require a gradient, each behind an :class:`InputGate`
     (``(args, kwargs)``), or None where there is none."""
-    leaves, spec = tree_flatten((args, kwargs))
+    flat, spec = tree_flatten((args, kwargs))
     ref = weakref.ref(tape)
-    for i, t in enumerate(leaves):
+    for i, t in enumerate(flat):
         if tape.batch.is_batch_input(t, dim) and t.requires_grad:
             place = InputPlace()
-            leaves[i] = InputGate.apply(ref, place, t)
-            tape.input_gates.append((place, leaves[i]))
-    return tree_unflatten(leaves, spec) if tape.input_gates else None
+            flat[i] = InputGate.apply(ref, place, t)
+            tape.input_gates.append((place, flat[i]))
+    return tree_unflatten(flat, spec) if tape.input_gates else None
 
 
 def _settle_input_gates(tape: Tape) -> None:
@@ -403,19 +404,19 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
     captured = _captured.get()
     if captured is not None:
         captured.append(tape)
-    leaves, spec = tree_flatten(output)
-    at = _per_sample_leaves(tape, root, output, leaves)
-    watched = set() if isinstance(output, Tensor) else _reached_inside(leaves, at)
+    flat, spec = tree_flatten(output)
+    at = _per_sample_leaves(tape, root, output, flat)
+    watched = set() if isinstance(output, Tensor) else _reached_inside(flat, at)
     for i in at:
         # The hook (which holds the tape, which holds the records' autograd edges) lives on the
         # output's grad_fn. If that node were itself a record's edge (a root ending in a Linear),
         # node -> hook -> tape -> edge -> node would be a reference cycle through C++ that nothing
         # frees. An alias of the output has its own node, which no record references; not a
         # view, so that an in-place operation on the returned output (out /= T) builds on it.
-        original = leaves[i]
+        original = flat[i]
         alias = Alias.apply(original)
         alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
-        leaves[i] = alias
+        flat[i] = alias
         if i in watched:
             # a loss computed inside the forward (HuggingFace's labels=) uses the original: a
             # hook there holds the tape weakly; the loss's own node holds it (below)
@@ -424,23 +425,23 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
     if not at:
         return None
     if isinstance(output, Tensor):
-        return leaves[0]
-    for o in leaves:
+        return flat[0]
+    for o in flat:
         if isinstance(o, Tensor) and o.requires_grad and o.dim() == 0:
             o.register_hook(partial(_keep, tape))
-    return tree_unflatten(leaves, spec)
+    return tree_unflatten(flat, spec)
 
 
-def _reached_inside(leaves: List, at: List[int]) -> Set[int]:
+def _reached_inside(flat: List, at: List[int]) -> Set[int]:
     """The per-sample leaves ``at`` whose originals a loss computed inside the forward (another
     leaf with a gradient) reaches other than through another per-sample leaf: a backward from
     that loss starts the plan there. One reached only through another (the encoder's output, from
     which the decoder computes the logits) is a path of that one's plan, not a second start."""
     ends = {}
     for i in at:
-        edge = get_gradient_edge(leaves[i])
+        edge = get_gradient_edge(flat[i])
         ends[(id(edge.node), edge.output_nr)] = i
-    losses = [o for j, o in enumerate(leaves) if j not in at and isinstance(o, Tensor) and o.requires_grad]
+    losses = [o for j, o in enumerate(flat) if j not in at and isinstance(o, Tensor) and o.requires_grad]
     stack = [get_gradient_edge(o) for o in losses]
     found: Set[int] = set()
     seen: Set[int] = set()
@@ -466,7 +467,7 @@ def _inside(tape: "weakref.ref[Tape]", shape, output_nr: int, leaf: int, several
     return on_root_grad(t, shape, output_nr, leaf, several, grad)
 
 
-def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> List[int]:
+def _per_sample_leaves(tape: Tape, root: nn.Module, output, flat: List) -> List[int]:
     """Which output leaves the backward's plan starts from: the tensor output, or, in a tuple,
     dict or ``ModelOutput``, every leaf with a gradient that holds the samples in its first
     dimension (a loss computed inside the forward reaches the results through them)."""
@@ -481,10 +482,10 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
         return [0] if output.requires_grad else []
     at = [
         i
-        for i, o in enumerate(leaves)
+        for i, o in enumerate(flat)
         if isinstance(o, Tensor) and o.requires_grad and o.dim() > 0 and tape.batch.tag(o) == Layout(0)
     ]
-    if not at and any(isinstance(o, Tensor) and o.requires_grad for o in leaves):
+    if not at and any(isinstance(o, Tensor) and o.requires_grad for o in flat):
         raise JacextError(
             f"the extended module ({type(root).__name__}) returned a {type(output).__name__} without a "
             "tensor that holds the samples in its first dimension; jacext needs an output per sample, "
@@ -492,17 +493,17 @@ def _per_sample_leaves(tape: Tape, root: nn.Module, output, leaves: List) -> Lis
         )
     jacobians = [e for e in tape.extensions if isinstance(e, BatchJacobian)]
     if jacobians:
-        at = _differentiated(root, output, leaves, at, jacobians[0])
-    _refuse_complex_jacobian(tape, root, [leaves[i] for i in at])
+        at = _differentiated(root, output, flat, at, jacobians[0])
+    _refuse_complex_jacobian(tape, root, [flat[i] for i in at])
     return at
 
 
-def _differentiated(root: nn.Module, output, leaves: List, at: List[int], ext: BatchJacobian) -> List[int]:
+def _differentiated(root: nn.Module, output, flat: List, at: List[int], ext: BatchJacobian) -> List[int]:
     """The one leaf BatchJacobian differentiates: the one ``output=`` names, or the only one
     with the samples in its first dimension."""
     chosen = ext.select(output)
     if chosen is not None:
-        found = [i for i in at if leaves[i] is chosen]
+        found = [i for i in at if flat[i] is chosen]
         if not found:
             raise JacextError(
                 f"BatchJacobian(output={ext.output!r}) selects a tensor of the output of {type(root).__name__} that "
@@ -511,7 +512,7 @@ def _differentiated(root: nn.Module, output, leaves: List, at: List[int], ext: B
         return found
     if len(at) > 1:
         paths = [keystr(path) for path, _ in tree_flatten_with_path(output)[0]]
-        candidates = ", ".join(f"output{paths[i]} {tuple(leaves[i].shape)}" for i in at)
+        candidates = ", ".join(f"output{paths[i]} {tuple(flat[i].shape)}" for i in at)
         raise JacextError(
             f"the output of {type(root).__name__} holds several tensors with the samples in their first "
             f"dimension ({candidates}); name the one BatchJacobian differentiates: BatchJacobian(output=key), "

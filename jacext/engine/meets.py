@@ -38,6 +38,22 @@ def op_name(func) -> str:
     return getattr(func, "__name__", str(func))
 
 
+def broadcast_shape(shapes) -> Optional[Tuple[int, ...]]:
+    """The shape ``shapes`` broadcast to (None: they do not broadcast); ``torch.broadcast_shapes``
+    for concrete sizes, without its cost per call."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for s in shapes:
+        at = ndim - len(s)
+        for i, d in enumerate(s):
+            if d != out[at + i]:
+                if out[at + i] != 1 and d != 1:
+                    return None
+                if d != 1:
+                    out[at + i] = d
+    return tuple(out)
+
+
 MATMULS = {"matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "baddbmm", "addmm", "addbmm", "mv"}
 LAYER_FUNCTIONS = {
     "linear", "embedding", "embedding_bag", "layer_norm", "rms_norm", "group_norm", "instance_norm", "conv1d",
@@ -363,10 +379,7 @@ def _aligned(name: str, flat, free: List[int], outputs: List[Tensor], out_dims) 
     if len(graded) != 1:
         return {}
     out, d_out = graded[0], out_dims[0]
-    try:
-        broadcast = torch.broadcast_shapes(*[t.shape for t in flat if isinstance(t, Tensor)]) == out.shape
-    except RuntimeError:
-        broadcast = False
+    broadcast = broadcast_shape([t.shape for t in flat if isinstance(t, Tensor)]) == out.shape
     elementwise = broadcast and name not in MATMULS | LAYER_FUNCTIONS | {"einsum"}  # (square factors broadcast too)
     found = {}
     for i in free:

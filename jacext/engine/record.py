@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from jacext.engine.batch import BatchTracker, Placement, place
 from jacext.engine.demand import Demand
 from jacext.engine.fused import ClipGate, FusedMode, HeldFree, bind, fusable, fused_output
 from jacext.engine.meets import Meet
+from jacext.engine.trees import leaves
 from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension
@@ -116,16 +117,16 @@ class Record:
             self.inputs = list(self.args)
         else:
             self.args, self.kwargs = tree_map(_detached, (tuple(args), dict(kwargs)))
-            self.inputs = [a for a in tree_leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
+            self.inputs = [a for a in leaves((self.args, self.kwargs)) if isinstance(a, Tensor)]
         self.placement: Optional[Placement] = None  # where the rule finds the samples (Tape.record)
         self.versions = self._versions()
         self.named = dict(trainable)  # the trainable parameters the call covers, by name
         self.parameters = ids
-        leaves = [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
-        self.grad_leaves = [i for i, o in enumerate(leaves) if o.requires_grad]
-        self.n_leaves = len(leaves)
+        outs = [output] if isinstance(output, Tensor) else [o for o in leaves(output) if isinstance(o, Tensor)]
+        self.grad_leaves = [i for i, o in enumerate(outs) if o.requires_grad]
+        self.n_leaves = len(outs)
         several = len(self.grad_leaves) > 1
-        if several or any(leaves[i]._is_view() for i in self.grad_leaves):
+        if several or any(outs[i]._is_view() for i in self.grad_leaves):
             # Hand out aliases (nodes of their own, not views) where one output may be computed
             # from another inside the module (LSTMCell's h' from c': the edge of c' itself would
             # also collect what flows back through h'), and for outputs that are views: changed
@@ -133,11 +134,11 @@ class Record:
             # grad_fn and the edge taken here would fall off the path; an alias's node stays on it.
             aliased = lambda o: isinstance(o, Tensor) and o.requires_grad and (several or o._is_view())  # noqa: E731
             output = tree_map(lambda o: Alias.apply(o) if aliased(o) else o, output)
-            leaves = [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+            outs = [o for o in leaves(output) if isinstance(o, Tensor)]
         self.output = output  # handed on by the forward hook, then dropped (see Tape.record)
-        self.edges = [get_gradient_edge(leaves[i]) for i in self.grad_leaves]
-        self.out_shapes = [leaves[i].shape for i in self.grad_leaves]
-        self.out_dtypes = [leaves[i].dtype for i in self.grad_leaves]  # of the zeros where no G comes
+        self.edges = [get_gradient_edge(outs[i]) for i in self.grad_leaves]
+        self.out_shapes = [outs[i].shape for i in self.grad_leaves]
+        self.out_dtypes = [outs[i].dtype for i in self.grad_leaves]  # of the zeros where no G comes
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
         self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node
         self.fused = False  # its output hangs from a FusedGrads node
@@ -163,7 +164,7 @@ class Record:
 
 
 def _tensors(output) -> List[Tensor]:
-    return [output] if isinstance(output, Tensor) else [o for o in tree_leaves(output) if isinstance(o, Tensor)]
+    return [output] if isinstance(output, Tensor) else [o for o in leaves(output) if isinstance(o, Tensor)]
 
 
 def _require_batch_dim(module: nn.Module, layer: Layer, inputs: List[Tensor], placement: "Placement") -> None:
@@ -317,7 +318,7 @@ class Tape:
                 if not trainable:
                     return output
         layer = _layer_of_call(module, graded, ids, ops)
-        flat = tree_leaves((args, kwargs))
+        flat = leaves((args, kwargs))
         placement = place(self.batch, module, layer, module_label(module), args, flat, graded) if graded else None
         if placement is not None and placement.free:
             self.batch.mark_free(graded)

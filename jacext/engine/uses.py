@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import BackwardCFunction
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
 
 from jacext.engine.batch import BatchTracker
+from jacext.engine.trees import leaves
 from jacext.errors import JacextError
 from jacext.rules import layer_of
 from jacext.state import module_label
@@ -117,7 +117,7 @@ class ParameterUses(TorchFunctionMode):
             held = self.batch.held(args, kwargs, loose, self.hold)
         out = func(*args, **kwargs) if held is None else func(*held[0], **held[1])
         differentiated = bool(loose or used) and any(
-            isinstance(o, Tensor) and o.requires_grad for o in ([out] if isinstance(out, Tensor) else tree_leaves(out))
+            isinstance(o, Tensor) and o.requires_grad for o in ([out] if isinstance(out, Tensor) else leaves(out))
         )
         if loose and (not differentiated or self.stale()):  # (stale: code after an interrupted forward pass)
             loose = set()
