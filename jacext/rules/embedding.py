@@ -28,7 +28,8 @@ c[i] = per_sample_weights[i] (sum), 1 / |bag n| (mean) or 1 (sum without weights
     y[n] = sum_{i in bag n} c[i] W[x[i]]  =>  J_W[n, v, e] = sum_{i in bag n : x[i] = e} c[i] s[i] G[v, n]
 
 For max, y[n, d] = W[r, d] with r = r(n, d) the row of bag n holding the
-maximum (recomputed from W and the indices when the backward runs, so W must
+maximum, the first in the bag where several do, as torch's kernels choose
+(recomputed from W and the indices when the backward runs, so W must
 not be changed in between), so J_W[n, v, r(n, d), d] = G[v, n, d]
 and zero elsewhere; empty bags give y[n] = 0 and J = 0. torch refuses
 scale_grad_by_freq and per_sample_weights with max.
@@ -174,9 +175,12 @@ def _max_rows(module, n, sample, idx, keep, g):
     vals = module.weight.detach()[idx].masked_fill(~keep[:, None], float("-inf"))  # (L, D)
     bag = sample[:, None].expand(-1, d)
     top = vals.new_full((n, d), float("-inf")).scatter_reduce_(0, bag, vals, "amax")
-    # one row per (bag, column) even when a bag repeats the maximal index; -1 for empty bags
-    hit = torch.where((vals == top[sample]) & keep[:, None], idx[:, None], -1)
-    rows = torch.full((n, d), -1, device=idx.device).scatter_reduce_(0, bag, hit, "amax")
+    # one row per (bag, column): of the bag's entries holding the maximum, the first, as torch's
+    # kernels take it (ties: rows renormalised to max_norm); -1 for empty bags
+    at = torch.arange(len(idx), device=idx.device)[:, None].expand(-1, d)
+    hit = torch.where((vals == top[sample]) & keep[:, None], at, len(idx))
+    first = torch.full((n, d), len(idx), device=idx.device).scatter_reduce_(0, bag, hit, "amin")
+    rows = torch.cat([idx, idx.new_full((1,), -1)])[first]
     src = g.transpose(0, 1) * (rows >= 0)[:, None, :]  # (N, V, D)
     jw = g.new_zeros(n, v, module.num_embeddings, d)
     return jw.scatter_(2, rows.clamp(min=0)[:, None, None, :].expand(n, v, 1, d), src[:, :, None, :])

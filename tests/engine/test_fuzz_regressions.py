@@ -194,6 +194,33 @@ def test_embedding_bags_that_are_all_empty():
     check(model, torch.full((1, 1), -1))  # one sample: the bag's rule reads the offsets, not the 0 tokens
 
 
+class TiedBags(nn.Module):
+    """EmbeddingBag (max, max_norm) of one-dimensional rows: renormalised, the rows hold equal
+    maxima (+-max_norm), and torch's kernels take the first row of a bag that holds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(6, 1, mode="max", max_norm=0.5)
+        with torch.no_grad():
+            self.bag.weight.copy_(torch.tensor([[2.0], [2.0], [-2.0], [0.25], [2.0], [-2.0]]))
+
+    def forward(self, x):
+        return self.bag(x) * 2
+
+
+def test_embedding_bag_max_over_equal_rows_takes_the_first_as_torch_does():
+    """Found by the fuzzer (seed 942, float32): where two rows of a bag hold the maximum, the rule
+    took the one of the larger index, torch the first in the bag, so grad_batch did not sum to
+    p.grad."""
+    x = torch.tensor([[4, 0, 1], [1, 4, 3], [3, 5, 2], [2, 2, 5]])
+    model = TiedBags().double()
+    check(model, x)
+    model.zero_grad()
+    with backpack(jacext.BatchGrad()):
+        model(x).sum().backward()
+    assert_close(model.bag.weight.grad_batch.sum(0), model.bag.weight.grad, torch.float64, "sum of grad_batch")
+
+
 class CrossAttention(nn.Module):
     """Seq-first cross-attention (kdim = vdim = 1) with a per-sample float mask, N = L = S = E = 2."""
 
