@@ -91,3 +91,36 @@ def test_parametrized_weights_give_the_loops_numbers(kind, where, dtype):
     for name, p in trainable(model):
         clipped = torch.einsum("n,n...->...", w, expected[name])
         assert_close(p.grad, clipped, dtype, f"clipped sum of {name}", scale)
+
+
+@pytest.mark.parametrize("extension", ["BatchGrad", "ClipGrad"])
+def test_spectral_norm_in_train_mode_differentiates_the_power_step_that_ran(extension, dtype):
+    """In train mode, each forward first takes a power-iteration step on the buffers u, v (without
+    gradient), then computes W / (u^T W v): the per-sample results are those of the forward that
+    ran, that is of the model in eval mode with the buffers as that step left them."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    parametrizations.spectral_norm(model[0])
+    jacext.extend(model.train())
+    x = torch.randn(N, T, 5, dtype=dtype)
+    y = torch.randn(N, T, 3, dtype=dtype)
+    loss = nn.MSELoss(reduction="sum")
+    u = model[0].parametrizations.weight[0]._u.clone()
+    ext = jacext.BatchGrad() if extension == "BatchGrad" else ClipGrad(1.0, loss_reduction="sum")
+    with backpack(ext):
+        loss(model(x), y).backward()
+    assert not torch.equal(u, model[0].parametrizations.weight[0]._u)  # the power step ran
+    ran = copy.deepcopy(model).eval()  # the buffers as the step left them, no further step
+    expected = loop_grad_batch(ran, loss, y, x)
+    scale = overall_scale(expected)
+    if extension == "BatchGrad":
+        for name, p in trainable(model):
+            assert_close(p.grad_batch, expected[name], dtype, f"grad_batch of {name}", scale)
+        return
+    norms = torch.stack([g.flatten(1).square().sum(1) for g in expected.values()]).sum(0).sqrt()
+    assert (norms > 1).all()  # every sample clipped
+    w = (1.0 / (norms + EPS)).clamp(max=1.0)
+    for name, p in trainable(model):
+        assert_close(p.grad, torch.einsum("n,n...->...", w, expected[name]), dtype, f"clipped sum of {name}", scale)
