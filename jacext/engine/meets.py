@@ -17,7 +17,9 @@ Where the operation has a rule of its own, that rule gives G_f instead of the VJ
 function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
 convolutions, attention's additive mask) whose weight or bias is ``f`` and whose other inputs
 hold the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
-batch. Where ``f`` is a parameter itself, J_W = G_f.
+batch. Where ``f`` is a parameter itself, J_W = G_f. Under ClipGrad, ``f`` enters the
+operation through a :class:`jacext.engine.fused.HeldFree` node, so that the parameters get
+sum_n w_n J_W[n] from the gate instead of autograd's unclipped sum.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple

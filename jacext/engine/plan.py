@@ -14,9 +14,10 @@ run; the plan then owns the rest of that backward:
   callback at its end.
 * :class:`InlineFused`: inline, with fused calls (jacext.engine.fused) whose nodes run the
   rule on the G they receive and give the parameter gradients from its results.
-* :class:`InlineClipping`: ClipGrad where every call is fused: the nodes hold the parameter
-  gradients back, and the :class:`jacext.engine.fused.ClipGate`, which autograd runs after all
-  of them, computes the norms, the weights and the clipped sums in one backward pass.
+* :class:`InlineClipping`: ClipGrad where every call is fused and every meet held: the nodes
+  hold the parameter gradients back, the :class:`jacext.engine.fused.HeldFree` nodes the meets'
+  summed cotangents, and the :class:`jacext.engine.fused.ClipGate`, which autograd runs after
+  all of them, computes the norms, the weights and the clipped sums in one backward pass.
 
 The plan of the last backward of an extended model is ``jacext.backward_plan(model)``.
 """
