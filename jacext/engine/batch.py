@@ -29,13 +29,13 @@ Writes move values too: a tensor made by a factory (``ids.new_zeros(ids.shape)``
 indices), then it has the batch where the write put it, a write into a view reaching its base.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import AbstractSet, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from jacext.engine.meets import LAYER_FUNCTIONS as _ROWS
 from jacext.engine.meets import MATMULS as _MATMULS
@@ -89,6 +89,32 @@ _ALONG = {"softmax", "log_softmax", "cumsum", "cumprod", "cummax", "cummin", "so
           "logcumsumexp", "normalize", "glu"}
 
 
+class TensorMap:
+    """Tensors, by identity and held weakly, to values: ``torch.utils.weak.WeakIdKeyDictionary``
+    without the weak reference it makes at every lookup (the tracker looks up every tensor of
+    every operation). An entry whose tensor has died stays until the map does (one forward
+    pass's), and never answers for a new tensor that took its id."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self):
+        self._entries: Dict[int, Tuple[weakref.ref, object]] = {}
+
+    def get(self, t, default=None):
+        entry = self._entries.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else default
+
+    def __contains__(self, t) -> bool:
+        entry = self._entries.get(id(t))
+        return entry is not None and entry[0]() is t
+
+    def __setitem__(self, t: Tensor, value) -> None:
+        self._entries[id(t)] = (weakref.ref(t), value)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+
 class BatchTracker:
     """The layouts of the tensors of one forward pass (held weakly), from its ``n`` samples."""
 
@@ -96,11 +122,11 @@ class BatchTracker:
 
     def __init__(self, n: int):
         self.n = n
-        self.tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.tags = TensorMap()
         self.seeded: set = set()  # ids of the extended module's inputs (alive while it runs)
         # tensors computed by layers without the batch (their calls not recorded), and what
         # they were computed from: where one meets the batch, on_meet records the operation
-        self.free: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.free = TensorMap()
         self.free_parameters: Dict[int, Tensor] = {}  # the trainable parameters free tensors are computed from
         self.on_meet: Optional[Callable] = None
         self.on_batch_statistics: Optional[Callable] = None  # batch_norm(training=True) on the batch: (args, kwargs)
