@@ -360,7 +360,7 @@ class BatchTracker:
     def _probe(self, func, name, args, kwargs, outs):
         """Run ``func`` on probes (sample + 1 per element, 0 where no sample) and read where
         each output's samples went."""
-        flat, spec = tree_flatten((args, kwargs))
+        flat = leaves((args, kwargs))
         values = _moved_values(name, args, kwargs)
         key = (func, self.n, tuple(_signature(a, self.tags.get(a) if isinstance(a, Tensor) else None) for a in flat))
         # the signature holds shapes, not values: integer and boolean tensors beside the data
@@ -376,7 +376,7 @@ class BatchTracker:
             probes = [self._probe_of(a, i in values) if isinstance(a, Tensor) else a for i, a in enumerate(flat)]
         except _Stale:
             return Opaque(f"{name} on a tensor changed in place since its batch was read", mixed=False)
-        p_args, p_kwargs = tree_unflatten(probes, spec)
+        p_args, p_kwargs = tree_unflatten(probes, tree_flatten((args, kwargs))[1])
         with torch.no_grad():
             out = func(*p_args, **p_kwargs)
         if name in {"__setitem__", "copy_"}:
