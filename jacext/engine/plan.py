@@ -37,6 +37,9 @@ from jacext.engine.results import Results, apply_rule, assign, dropped_if_half_w
 from jacext.extensions import Seeds
 
 ONE_SEED: Spans = {Seeds.COTANGENT: (0, 1)}
+# bytes of per-sample results ClipGrad's inline plan may materialise where that beats a layer's
+# norm rule (the clipped sum then costs N |p| multiply-adds instead of the layer's gradient again)
+BLOCKS_BUDGET = 256 * 2**20
 
 
 class Plan:
@@ -153,12 +156,13 @@ class ChunkedPullBack(PullBack):
 
 class Inline(Plan):
     name = "inline"
+    blocks_budget = 0  # see Results
 
     def __init__(self, tape: Tape, out_shape: torch.Size, grad_out: Tensor):
         super().__init__(tape, out_shape, grad_out)
         self.results: Optional[Results] = None  # made when the backward starts, where rules run during it
         self.finished: Optional[Dict[nn.Parameter, list]] = None  # results computed inside the backward
-        self.met: List[Dict[nn.Parameter, Tensor]] = []  # the meets' per-sample contributions (N, 1, *p)
+        self.blocks: Dict[nn.Parameter, Tensor] = {}  # the materialised results (N, 1, *p), from from_caught
 
     def at_root(self, out_edge: GradientEdge) -> Optional[Tensor]:
         for rec in self.tape.records:
@@ -194,7 +198,7 @@ class Inline(Plan):
 
     def from_caught(self) -> Tuple[Dict[nn.Parameter, list], Dict[Record, List[Tensor]]]:
         """The results from the caught G, and the caught G per record (zeros where none came);
-        the meets' per-sample contributions are kept in ``self.met`` (one dict per meet)."""
+        the materialised ones, per parameter, are kept in ``self.blocks`` (N, 1, *p)."""
         tape, grad_out = self.tape, self.grad_out
         caught: Dict[Record, List[Tensor]] = {}
         for rec in tape.records:
@@ -204,18 +208,17 @@ class Inline(Plan):
                 for c, s, d in zip(got, rec.out_shapes, rec.out_dtypes, strict=True)
             ]
         with backpack_ctx.paused():
-            results = self.results or Results(tape, ONE_SEED, self.out_shape)
+            results = self.results or Results(tape, ONE_SEED, self.out_shape, blocks_budget=self.blocks_budget)
             with results.written_safely():
                 for rec in tape.records if self.out_shape[0] > 0 else []:
                     leaf_grads: List[Optional[Tensor]] = [None] * rec.n_leaves
                     for leaf, g in zip(rec.grad_leaves, caught[rec], strict=True):
                         leaf_grads[leaf] = g.unsqueeze(0)
                     results.add(rec, leaf_grads)
-                self.met = []
                 for meet in tape.meets:
                     blocks, meet.caught = meet.caught or {}, None
                     results.add_blocks(blocks)
-                    self.met.append(blocks)
+            self.blocks = {p: kinds[Seeds.COTANGENT] for p, kinds in results.blocks.items() if Seeds.COTANGENT in kinds}
             return results.finished(), caught
 
 
@@ -248,6 +251,7 @@ class InlineClipping(Inline):
     the gate."""
 
     name = "inline, clipping"
+    blocks_budget = BLOCKS_BUDGET
 
     def holds(self) -> bool:
         return not torch.is_grad_enabled()
@@ -272,8 +276,9 @@ class InlineClipping(Inline):
         return tuple(clipped.get(p) for p in tape.parameters if p.requires_grad)
 
     def clipped_sums(self, caught, results) -> Dict[nn.Parameter, Tensor]:
-        """Per parameter, the sum over its calls of the gradient for w_n G[n], and over its meets
-        of sum_n w_n J[n] (their per-sample contributions J, caught). A rescaler with
+        """Per parameter, the sum over its calls of the gradient for w_n G[n] or, where its
+        per-sample contributions J are materialised (its meets', the calls of layers whose norm
+        rule would not be cheaper, parameters several calls share), sum_n w_n J[n]. A rescaler with
         ``parameter_weights`` (per-layer clipping, jacext.dp.PerLayerClipGrad) gives each parameter
         its own w_n: a call's parameters with different weights get their gradients from separately
         scaled cotangents."""
@@ -289,8 +294,11 @@ class InlineClipping(Inline):
             w = rescaler.weights(n, [values[i] for values in results.values()], grad_out).to(grad_out.dtype)
             weight_of = {p: w for p in results}
         grads: Dict[nn.Parameter, Tensor] = {}
+        blocks = {p: b for p, b in self.blocks.items() if not _sparse(tape, p)}
         for rec in tape.records:
             call = call_of(rec.edges[0].node)  # every record is fused when the tape clips inline
+            if all(p in blocks for p in call.params):
+                continue  # clipped from its materialised results, below
             g = caught[rec][0]
             groups: Dict[int, Tuple[Tensor, List[nn.Parameter]]] = {}
             for p in call.params:
@@ -298,18 +306,22 @@ class InlineClipping(Inline):
             for w, members in groups.values():
                 ds = call.clipped_grads(g, w)
                 for p, d in zip(call.params, ds, strict=True):
-                    if any(p is m for m in members):
+                    if any(p is m for m in members) and p not in blocks:
                         grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
-        for blocks in self.met:
-            for p, block in blocks.items():
-                d = torch.tensordot(weight_of[p].to(block.dtype), block[:, 0], dims=1)
-                grads[p] = d if p not in grads else (d + grads[p] if grads[p].is_sparse else grads[p] + d)
+        for p, block in blocks.items():  # every call's and meet's contribution to p, per sample
+            grads[p] = torch.tensordot(weight_of[p].to(block.dtype), block[:, 0], dims=1)
         if n == 0:  # no sample: zeros, as the ordinary backward gives through the meets
             for meet in tape.meets:
                 for p in meet.parameters:
                     if p.requires_grad and p not in grads:
                         grads[p] = torch.zeros_like(p)
         return grads
+
+
+def _sparse(tape: Tape, p: nn.Parameter) -> bool:
+    """Whether a call of ``p`` gives it a sparse gradient (an Embedding with ``sparse=True``),
+    which its clipped sum keeps."""
+    return any(getattr(r.module, "sparse", False) and id(p) in r.parameters for r in tape.records)
 
 
 def choose_plan(

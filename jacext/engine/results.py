@@ -29,8 +29,18 @@ PerParameter = Dict[nn.Parameter, Dict[Seeds, Tensor]]
 class Results:
     """The per-parameter results of one backward, for seeds in ``spans``."""
 
-    def __init__(self, tape: Tape, spans: Spans, out_shape, slots: Optional[Dict[tuple, ResultSlot]] = None):
+    def __init__(
+        self,
+        tape: Tape,
+        spans: Spans,
+        out_shape,
+        slots: Optional[Dict[tuple, ResultSlot]] = None,
+        blocks_budget: int = 0,
+    ):
         self.tape, self.spans, self.out_shape = tape, spans, out_shape
+        # bytes of results that records may materialise instead of norms, where their layers' norm
+        # rules are not cheaper (ClipGrad's inline plan clips them by their blocks: see plan.py)
+        self.blocks_budget = blocks_budget
         if slots is None:
             slots = result_slots(tape, spans, out_shape)
             require_result_memory(tape, spans, out_shape, slots)
@@ -49,6 +59,8 @@ class Results:
         only_norms = [k for k in tape.demand.only_norms if k in spans]
         plain = rec.placement is None or rec.placement.plain
         by_norms = [] if tape.coupled or norm_rule is None or self.shared & rec.parameters or not plain else only_norms
+        if by_norms and self.blocks_budget and self._materialises_instead(rec, leaf_grads):
+            by_norms = []
         for kind in by_norms:
             for name, sq in apply_rule(rec, seed_slice(leaf_grads, [spans[kind]]), norm_rule).items():
                 self._require_batch_first(rec, sq)
@@ -68,6 +80,19 @@ class Results:
             parts = [block] if len(ranges) == 1 else block.split([b - a for a, b in ranges], dim=1)
             for kind, part in zip(materialised, parts, strict=True):
                 _accumulate(self.blocks, rec.named[name], kind, part)
+
+    def _materialises_instead(self, rec: Record, leaf_grads) -> bool:
+        """Whether ``rec`` materialises its results instead of running its layer's norm rule:
+        where the layer says that rule is not cheaper, within :attr:`blocks_budget`."""
+        cheaper = rec.layer.norms_cheaper
+        if cheaper is None or getattr(rec.module, "sparse", False) or cheaper(rec.module, rec.args, leaf_grads):
+            return False
+        v = sum(b - a for a, b in self.spans.values())
+        nbytes = self.out_shape[0] * v * sum(p.numel() * p.element_size() for p in rec.named.values())
+        if nbytes > self.blocks_budget:
+            return False
+        self.blocks_budget -= nbytes
+        return True
 
     def add_blocks(self, blocks: Dict[nn.Parameter, Tensor]) -> None:
         """Per-sample contributions (N, V, *p) for all seeds, to be materialised."""

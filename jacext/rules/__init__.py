@@ -69,6 +69,7 @@ class Layer:
     batch_dim: Optional[Callable[[Any], int]] = None  # where the rule reads the batch (default 0)
     leading: bool = False  # the rule treats all leading dims alike: the batch may be moved to dim 0
     norms: Optional[Rule] = None  # squared norms (N, V) without materialising
+    norms_cheaper: Optional[Callable[..., bool]] = None  # whether they beat materialising (default: always)
     backward: Optional[OwnBackward] = None
     ntk_factors: Optional[Callable[..., Dict[str, Any]]] = None
     policy: Optional[Policy] = None
@@ -167,14 +168,19 @@ def layer_of_class(cls: Class) -> Layer:
     return NAMED.get(cls, _NONE) if isinstance(cls, str) else LAYERS.get(cls, _NONE)
 
 
-def register_norms(*classes: Class) -> Callable[[Rule], Rule]:
+def register_norms(*classes: Class, cheaper: Optional[Callable[..., bool]] = None) -> Callable[[Rule], Rule]:
     """Register a squared-norm rule (decorator): same arguments as a rule, returns
     ``{param_name: (N, V)}``, the squared norms of the per-sample contractions, computed
     without materialising them (Gram matrices over positions). Optional: without one, norms
-    come from the rule's materialised result."""
+    come from the rule's materialised result.
+
+    ``cheaper(module, args, grads)``: whether the norm rule costs less than the rule where it
+    would materialise the products anyway; where it says no, ClipGrad's inline plan runs the rule
+    instead and takes the clipped sum from its results (N |p| multiply-adds) rather than from the
+    layer's gradients again (jacext.engine.plan.InlineClipping). Default: always cheaper."""
 
     def decorator(rule: Rule) -> Rule:
-        _update(classes, norms=rule)
+        _update(classes, norms=rule, norms_cheaper=cheaper)
         return rule
 
     return decorator

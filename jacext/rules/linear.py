@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, register_ntk_factors, trainable
-from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, by_gram, for_squares, result_buffer, shared, sq_norms_of_products
 
 
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
@@ -104,7 +104,11 @@ def _outer_products(g: Tensor, x: Tensor, jw: Tensor) -> None:
         torch.mul(g.unsqueeze(-1), x.reshape(n, 1, 1, i), out=jw)
 
 
-@register_norms(nn.Linear)
+def _norms_cheaper(module: nn.Linear, args, grads) -> bool:
+    return by_gram(args[0].shape[1:-1].numel(), module.out_features, module.in_features)
+
+
+@register_norms(nn.Linear, cheaper=_norms_cheaper)
 def linear_norms(module: nn.Linear, args, kwargs, grads):
     """||J_W[n, v]||^2 via Gram matrices over the positions t, ||J_b[n, v]||^2 = ||sum_t G[v, n, t]||^2."""
     _, g, xw, gw = _positions(module, args[0], grads[0])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, by_gram, for_squares, result_buffer, shared, sq_norms_of_products
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -43,7 +43,11 @@ def conv1d(module, args, kwargs, grads):
     return out
 
 
-@register_norms(CONV1D)
+def _norms_cheaper(module, args, grads) -> bool:
+    return by_gram(args[0].shape[1:-1].numel(), module.nf, module.nx)
+
+
+@register_norms(CONV1D, cheaper=_norms_cheaper)
 def conv1d_norms(module, args, kwargs, grads):
     """||J_W[n, v]||^2 = ||sum_t G[v, n, t]^T x[n, t]||^2 (the transpose's), by Gram matrices over
     the positions where cheaper; ||J_b[n, v]||^2 = ||sum_t G[v, n, t]||^2."""

@@ -202,6 +202,12 @@ def running_stats_xhat(module: Any, x: Tensor) -> Tensor:
 PRODUCTS = 32 * 2**20  # bytes of per-sample products that sq_norms_of_products holds at once
 
 
+def by_gram(t: int, o: int, i: int) -> bool:
+    """Whether :func:`sq_norms_of_products` of T positions, O outputs and I inputs avoids the
+    (O, I) products (Gram matrices, or one position)."""
+    return t == 1 or 2 * t * (o + i) < o * i
+
+
 def sq_norms_of_products(g: Tensor, x: Tensor) -> Tensor:
     """||sum_t g[v, b, t] x[b, t]^T||^2 of shape (V, B), for g (V, B, T, O) and x (B, T, I).
 
@@ -218,7 +224,7 @@ def sq_norms_of_products(g: Tensor, x: Tensor) -> Tensor:
     i = x.shape[2]
     if t == 1:
         return g.square().sum((2, 3)) * x.square().sum((1, 2))
-    if 2 * t * (o + i) < o * i:
+    if by_gram(t, o, i):
         return (torch.matmul(g, g.transpose(2, 3)) * torch.bmm(x, x.transpose(1, 2))).sum((2, 3))
     per = max(1, PRODUCTS // (v * o * i * g.element_size()))
     parts = [

@@ -311,3 +311,47 @@ def test_clip_grad_with_modules_called_twice_on_both_paths(inner, bilinear, dtyp
     scale = overall_scale(clipped)
     for name, p in model.named_parameters():
         assert_close(p.grad, clipped[name], dtype, f"clipped grad of {name}", scale)
+
+
+class TwoRegimes(nn.Module):
+    """A Linear whose per-sample norms come from Gram matrices (2 positions, 16 x 16: the norm rule
+    is cheaper) and one whose norm rule would materialise the products (32 positions, 4 x 4: the
+    inline plan materialises its results and clips them by their blocks), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gram, self.products, self.head = nn.Linear(16, 16), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # (N, 2, 16) and (N, 32, 4), as one (N, 2, 16 + 64) input
+        a, b = x[:, :, :16], x[:, :, 16:].reshape(x.shape[0], -1, 4)
+        return self.head(torch.tanh(self.gram(a)).mean(1)[:, :4] + torch.tanh(self.products(b)).mean(1))
+
+
+@pytest.mark.parametrize("budget", ["default", "none"])
+@pytest.mark.parametrize("reduction", CLIP_LOSSES)
+def test_clip_grad_by_norm_rules_and_by_materialised_results(budget, reduction, dtype, monkeypatch):
+    """Both ways to the clipped sum of a Linear agree with the loop: by its norm rule and its own
+    gradient of the rescaled cotangent, and by its materialised results (where the norm rule would
+    not be cheaper, within the plan's budget of bytes; with none, every layer takes its norm rule)."""
+    from jacext.engine import plan
+    from jacext.engine.results import Results
+
+    if budget == "none":
+        monkeypatch.setattr(plan.InlineClipping, "blocks_budget", 0)
+    chosen: list = []
+    original = Results._materialises_instead
+    monkeypatch.setattr(
+        Results, "_materialises_instead", lambda self, rec, g: chosen.append(original(self, rec, g)) or chosen[-1]
+    )
+    torch.manual_seed(0)
+    model, plain = twins(TwoRegimes(), dtype)
+    x, y = torch.randn(5, 2, 80, dtype=dtype), torch.randint(0, 3, (5,))
+    lossfunc = CLIP_LOSSES[reduction]
+    per_sample, _ = expected(plain, lossfunc, y, x)
+    bound, clipped, l2 = clipped_reference(per_sample, reduction)
+    with backpack(ClipGrad(bound, loss_reduction=reduction)):
+        lossfunc(model(x), y).backward()
+    assert jacext.backward_plan(model) == "inline, clipping"
+    # head (one position: norms), products (materialised), gram (norms); none consulted without a budget
+    assert chosen == ([False, True, False] if budget == "default" else [])
+    assert_clipped(model, clipped, l2, dtype)
