@@ -281,7 +281,7 @@ def test_loss_inside_reaching_two_output_leaves_clips_inline():
         model(ids, y)["loss"].backward()
     assert jacext.backward_plan(model) == "inline, clipping"
     for name, p in model.named_parameters():
-        expected = sum(w * grads[name] for w, grads in zip(weights, per_sample))
+        expected = sum(w * grads[name] for w, grads in zip(weights, per_sample, strict=True))
         assert_close(p.grad, expected, torch.float64, name)
 
 

@@ -68,7 +68,8 @@ class ClipMeetNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.emb, self.pos, self.norm, self.mid = nn.Embedding(30, 6), nn.Embedding(7, 6), nn.LayerNorm(6), nn.Linear(6, 6)
+        self.emb, self.pos = nn.Embedding(30, 6), nn.Embedding(7, 6)
+        self.norm, self.mid = nn.LayerNorm(6), nn.Linear(6, 6)
         self.cls, self.gain = nn.Parameter(torch.randn(1, 1, 6)), nn.Parameter(torch.randn(6))
 
     def forward(self, x):
