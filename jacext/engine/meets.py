@@ -87,7 +87,17 @@ class Meet:
     (None: index n is sample n)."""
 
     def __init__(
-        self, func, flat: List, spec, free: List[int], dims, outputs: List[Tensor], out_dims, rows, parameters
+        self,
+        func,
+        flat: List,
+        spec,
+        free: List[int],
+        dims,
+        outputs: List[Tensor],
+        out_dims,
+        rows,
+        parameters,
+        held: bool = False,
     ):
         self.func, self.spec, self.free_at, self.dims = func, spec, free, dims
         self.free = [flat[i] for i in free]  # kept with their graphs: the second VJP runs through them
@@ -108,7 +118,7 @@ class Meet:
         # inline plans: {} while armed, then the contributions computed as the backward passed
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
         self._rule: Any = _UNBOUND  # see _by_rule
-        self.held = False  # ClipGrad: its free inputs went through HeldFree (jacext.engine.fused)
+        self.held = held  # ClipGrad: its free inputs went through HeldFree (jacext.engine.fused)
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"

@@ -372,8 +372,7 @@ class Tape:
         """Record an operation where free tensors meet the batch (jacext.engine.batch);
         ``held``: it took them through :meth:`hold`."""
         params = list(self.batch.free_parameters.values())
-        meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params)
-        meet.held = held
+        meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params, held)
         self.meets.append(meet)
         if self.demand.catches and len(meet.edges) == 1:
             meet.edges[0].node.register_prehook(partial(_contract_meet, weakref.ref(meet), weakref.ref(self)))
