@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.data import DataLoader, RandomSampler
 
+from jacext.engine.apply import apply_rule
 from jacext.engine.meets import Meet
 from jacext.engine.plan import PullBack
-from jacext.engine.results import apply_rule
 from jacext.extending import recorded
 from jacext.extensions import BatchJacobian
 

@@ -17,12 +17,16 @@ Where the operation has a rule of its own, that rule gives G_f instead of the VJ
 function (jacext.rules.functional: ``F.linear``, ``x @ W``, the norms, ``F.embedding``, the
 convolutions, attention's additive mask) whose weight or bias is ``f`` and whose other inputs
 hold the batch; ``x + f``, ``x - f``, ``x * f``; ``torch.cat`` with ``f`` expanded to the
-batch. Where ``f`` is a parameter itself, J_W = G_f. Under ClipGrad, ``f`` enters the
+batch. Where ``f`` is a parameter itself, J_W = G_f. Where ``f`` comes from calls of layers
+whose rules treat every leading dim alike, on inputs u without gradients (``wpe(arange(T))``),
+those rules give J_W from the calls' cotangents, with u expanded to the batch (:meth:`_by_calls`,
+:meth:`_by_rows`), instead of the second VJP. Under ClipGrad, ``f`` enters the
 operation through a :class:`jacext.engine.fused.HeldFree` node, so that the parameters get
 sum_n w_n J_W[n] from the gate instead of autograd's unclipped sum.
 """
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import copy
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +34,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from jacext.engine.apply import apply_rule
 from jacext.errors import JacextError
 from jacext.rules.functional import ELEMENTWISE, FUNCTIONS, bind, elementwise
 from jacext.rules.util import autocast_as, autocast_state
@@ -77,6 +82,18 @@ def in_place(func) -> bool:
     return name.endswith("_")
 
 
+class Rows(NamedTuple):
+    """G_f (R, V, *f with 1 at d) of a free tensor f with one entry per index r along its dim d,
+    which the operation aligns with the batch: index r's cotangent, zero at the other entries
+    (:func:`_diagonal` writes it whole)."""
+
+    g: Tensor
+    d: int
+
+
+Cotangents = List[Union[Tensor, Rows]]  # G_f per free tensor: (N, V, *f), or by rows
+
+
 class Meet:
     """One operation whose inputs include tensors ``free`` (batch-free, computed from
     parameters) and batched ones, and whose outputs carry the batch.
@@ -98,6 +115,7 @@ class Meet:
         rows,
         parameters,
         held: bool = False,
+        free_calls: Sequence = (),
     ):
         self.func, self.spec, self.free_at, self.dims = func, spec, free, dims
         self.free = [flat[i] for i in free]  # kept with their graphs: the second VJP runs through them
@@ -119,6 +137,7 @@ class Meet:
         self.caught: Optional[Dict[nn.Parameter, Tensor]] = None
         self._rule: Any = _UNBOUND  # see _by_rule
         self.held = held  # ClipGrad: its free inputs went through HeldFree (jacext.engine.fused)
+        self.free_calls = free_calls  # the tape's calls without the batch whose rules may serve (_by_calls)
 
     def label(self) -> str:
         return f"operation {op_name(self.func)}"
@@ -133,20 +152,38 @@ class Meet:
 
     def per_sample(self, leaf_grads: List[Optional[Tensor]], n: int) -> Dict[nn.Parameter, Tensor]:
         """Per parameter the free tensors reach, its per-sample contraction (N, V, *p): G_f
-        itself for a free tensor that is a parameter, the batched VJP through the free
-        tensor's graph for the others."""
+        itself for a free tensor that is a parameter; for the others, the rules of the free calls
+        that computed them (:meth:`_by_rows`, :meth:`_by_calls`), else the batched VJP through
+        the free tensor's graph."""
         if n == 0 or any(g is not None and g.numel() == 0 for g in leaf_grads):  # an empty batch: nothing
             return {}
-        g_free = self.free_cotangents(leaf_grads, n)  # per free tensor (N, V, *f)
-        v = g_free[0].shape[1]
         params = [p for p in self.parameters if p.requires_grad]
         ids = {id(p) for p in params}
         out: Dict[nn.Parameter, Tensor] = {}
-        for f, g in zip(self.free, g_free, strict=True):
+
+        def add(p: nn.Parameter, g: Tensor) -> None:
+            out[p] = out[p] + g if p in out else g
+
+        through = []
+        for f, g in zip(self.free, self.free_cotangents(leaf_grads, n), strict=True):
+            if isinstance(g, Rows):
+                served = None if id(f) in ids else self._by_rows(f, g, n)
+                if served is not None:
+                    for p, j in served.items():
+                        add(p, j)
+                    continue
+                g = _per_sample(_diagonal(g.g, g.d), self.rows, n)
             if id(f) in ids:
-                out[f] = out[f] + g if f in out else g
-        through = [(f, g) for f, g in zip(self.free, g_free, strict=True) if id(f) not in ids]
+                add(f, g)
+            else:
+                through.append((f, g))
         if not through:
+            return out
+        v = through[0][1].shape[1]
+        calls = self._calls_reached([f for f, _ in through])
+        if calls:
+            for p, g in self._by_calls(calls, through, n).items():
+                add(p, g)
             return out
         try:
             grads = torch.autograd.grad(
@@ -165,17 +202,93 @@ class Meet:
             ) from error
         for p, g in zip(params, grads, strict=True):
             if g is not None:
-                g = g.unflatten(0, (v, n)).transpose(0, 1)
-                out[p] = out[p] + g if p in out else g
+                add(p, g.unflatten(0, (v, n)).transpose(0, 1))
         return out
 
-    def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
-        """G_f (N, V, *f) per free tensor: by the function's own rule where one applies, else
-        by the operation's VJP."""
+    def _by_rows(self, f: Tensor, rows: "Rows", n: int) -> Optional[Dict[nn.Parameter, Tensor]]:
+        """J_W of a free call's parameters for its output f itself, with one entry per index r
+        along its dim d, which the operation aligns with the batch (token type embeddings of ids
+        expanded to (N, T)): index r's J_W is the rule's for row r of the call's inputs and
+        row r of G_f, then summed per sample. None where f is no free call's output, or d is not
+        one of the leading dims its rule treats alike."""
+        rec = next((r for r in self.free_calls if r.edges[0].node is get_gradient_edge(f).node), None)
+        if rec is None:
+            return None
+        d, trailing = rows.d, rec.layer.min_dim(rec.module) - 1 if rec.layer.min_dim is not None else None
+        if trailing is None or any(d >= a.dim() - trailing or a.shape[d] != f.shape[d] for a in rec.args):
+            return None
+        rec.check_unmodified()
+        call = copy.copy(rec)
+        call.args = tuple(a.movedim(d, 0).unsqueeze(d + 1) for a in rec.args)  # (R, ..., 1 at d, ...)
+        got = apply_rule(call, [rows.g.transpose(0, 1)])  # (R, V, *p)
+        return {rec.named[name]: _per_sample(j, self.rows, n) for name, j in got.items()}
+
+    def _calls_reached(self, fs: List[Tensor]) -> Optional[List[Any]]:
+        """The free calls (records of the tape's ``free_calls``) that the graphs of ``fs`` reach,
+        where every path from them to a trainable parameter passes through one; None where one
+        does not (a parameter used on a batch-free tensor outside any such call)."""
+        stops = {rec.edges[0].node: rec for rec in self.free_calls}
+        found: Dict[int, Any] = {}
+        seen = set()
+        stack = [f.grad_fn for f in fs]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            rec = stops.get(node)
+            if rec is not None:
+                found[id(rec)] = rec
+            elif hasattr(node, "variable"):  # an AccumulateGrad: a leaf reached outside the calls
+                if node.variable.requires_grad:
+                    return None
+            else:
+                stack.extend(next_node for next_node, _ in node.next_functions)
+        return list(found.values())
+
+    def _by_calls(self, calls: List[Any], through, n: int) -> Dict[nn.Parameter, Tensor]:
+        """J_W of the parameters of free calls u -> layer(u) by the layer's own rule: the
+        cotangents G_c (V, N, *c) of each call's output c, pulled back from G_f (N, V, *f)
+        (G_f itself where f is c), and the rule applied to u expanded to the batch,
+        (N, *u.shape): its rule treats every leading dim alike, so that sample n's J_W is the
+        rule's for the input u and G_c[:, n]."""
+        of = {rec.edges[0].node: rec for rec in calls}
+        owners = [of.get(get_gradient_edge(f).node) for f, _ in through]
+        cotangents: Dict[int, Tensor] = {}
+        if all(owners) and len({id(rec) for rec in owners}) == len(calls):
+            for rec, (_, g) in zip(owners, through, strict=True):
+                c = g.transpose(0, 1)
+                cotangents[id(rec)] = cotangents[id(rec)] + c if id(rec) in cotangents else c
+        else:
+            v = through[0][1].shape[1]
+            got = torch.autograd.grad(
+                [f for f, _ in through],
+                [rec.edges[0] for rec in calls],
+                [g.transpose(0, 1).flatten(0, 1) for _, g in through],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            cotangents = {id(rec): g.unflatten(0, (v, n)) for g, rec in zip(got, calls, strict=True) if g is not None}
+        out: Dict[nn.Parameter, Tensor] = {}
+        for rec in calls:
+            if id(rec) not in cotangents:
+                continue
+            rec.check_unmodified()
+            call = copy.copy(rec)
+            call.args = tuple(a.unsqueeze(0).expand(n, *a.shape) for a in rec.args)
+            for name, j in apply_rule(call, [cotangents[id(rec)]]).items():
+                p = rec.named[name]
+                out[p] = out[p] + j if p in out else j
+        return out
+
+    def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> Cotangents:
+        """G_f (N, V, *f) per free tensor (:class:`Rows` for one aligned with the batch): by the
+        function's own rule where one applies, else by the operation's VJP."""
         by_rule = self._by_rule(leaf_grads, n)
         return by_rule if by_rule is not None else self._by_vjp(leaf_grads, n)
 
-    def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[List[Tensor]]:
+    def _by_rule(self, leaf_grads: List[Optional[Tensor]], n: int) -> Optional[Cotangents]:
         """G_f by a rule: a layer function's (jacext.rules.functional) whose weight arguments are
         the free tensors and whose other inputs hold the batch, an elementwise operation's, or
         ``torch.cat``'s; None where none applies. Bound to the call once (:meth:`_function_rule`,
@@ -205,7 +318,7 @@ class Meet:
         index = {id(v): i for i, v in enumerate(values) if isinstance(v, Tensor)}
         return args, lambda v: index.get(id(v))
 
-    def _function_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+    def _function_rule(self, n: int) -> Optional[Callable[[Tensor], Cotangents]]:
         function = FUNCTIONS[op_name(self.func)]
         bound = self._arguments(function.names, function.defaults)
         if bound is None or self.aligned:
@@ -232,7 +345,7 @@ class Meet:
         if interleaved is not None:  # folded rows: the samples' own dim, and one for the rows of each
             x = _by_sample(x, 0, n, interleaved)
 
-        def rule(g: Tensor) -> List[Tensor]:
+        def rule(g: Tensor) -> Cotangents:
             g = g.movedim(1 + d, 1)
             if interleaved is not None:
                 g = _by_sample(g, 1, n, interleaved)
@@ -241,7 +354,7 @@ class Meet:
 
         return rule
 
-    def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+    def _elementwise_rule(self, n: int) -> Optional[Callable[[Tensor], Cotangents]]:
         name = op_name(self.func)
         bound = self._arguments(("input", "other", "alpha"), {"alpha": 1})
         if bound is None or len(self.free_at) != 1 or self.aligned:
@@ -258,7 +371,7 @@ class Meet:
             return None
         return lambda g: [_per_sample(elementwise(name, args, free, g, d), self.rows, n)]
 
-    def _cat_rule(self, n: int) -> Optional[Callable[[Tensor], List[Tensor]]]:
+    def _cat_rule(self, n: int) -> Optional[Callable[[Tensor], Cotangents]]:
         """``torch.cat`` of batched tensors and free ones expanded to the batch (stride 0 along
         the output's batch dim d, ``cls_token.expand(N, -1, -1)``): G_f is G's slice of f,
         sample r's entry on the diagonal (see :func:`_diagonal`)."""
@@ -274,13 +387,13 @@ class Meet:
         if any(self.aligned.get(i) != d or i not in slices for i in self.free_at):
             return None
 
-        def rule(g: Tensor) -> List[Tensor]:
+        def rule(g: Tensor) -> Cotangents:
             rows = [g.narrow(1 + c, *slices[i]).movedim(1 + d, 0).unsqueeze(2 + d) for i in self.free_at]
-            return [_per_sample(_diagonal(r, d), self.rows, n) for r in rows]  # (R, V, *f with 1 at d)
+            return [Rows(r, d) for r in rows]  # (R, V, *f with 1 at d)
 
         return rule
 
-    def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> List[Tensor]:
+    def _by_vjp(self, leaf_grads: List[Optional[Tensor]], n: int) -> Cotangents:
         """G_f (N, V, *f) per free tensor: vmap over seeds of vmap over samples (each slice
         keeping a batch dimension of size 1) of the operation's VJP in its free inputs.
 
@@ -334,15 +447,14 @@ class Meet:
                 f"the batch, failed ({error}). Expand that tensor to the batch (for example position ids "
                 "pos.expand(N, -1)) before the layer that computes it."
             ) from error
-        out = []
-        for g, i in zip(got, free_at, strict=True):
-            if i in self.aligned:
-                g = _diagonal(g, self.aligned[i])
-            out.append(_per_sample(g, self.rows, n))
-        return out
+        return [
+            Rows(g, self.aligned[i]) if i in self.aligned else _per_sample(g, self.rows, n)
+            for g, i in zip(got, free_at, strict=True)
+        ]
 
 
 _UNBOUND = object()
+
 
 
 def _diagonal(g: Tensor, d: int) -> Tensor:

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 
 from jacext.engine import backpack_ctx
+from jacext.engine.apply import apply_rule
 from jacext.engine.fused import FusedMode, call_of
 from jacext.engine.pullback import PerRecord, Spans, cotangents, seed_spans, seeds
 from jacext.engine.record import Record, Tape
-from jacext.engine.results import Results, apply_rule, assign, dropped_if_half_written
+from jacext.engine.results import Results, assign, dropped_if_half_written
 from jacext.extensions import Seeds
 
 ONE_SEED: Spans = {Seeds.COTANGENT: (0, 1)}

@@ -267,6 +267,7 @@ class Tape:
         self.batch = BatchTracker(n)
         self.batch.on_meet = self.meet
         self.meets: List[Meet] = []  # where tensors computed without the batch meet it
+        self.free_calls: List[Record] = []  # calls without the batch whose rules serve meets (_keep_free_call)
         self.meets_at: Dict[int, int] = {}  # per module being called, len(meets) when its call began
         self.input_gates: List[Tuple[InputPlace, Tensor]] = []  # until the forward ends
         self.input_weights: Optional[Tensor] = None  # the per-sample weights of a rescaled root cotangent
@@ -323,6 +324,7 @@ class Tape:
         if placement is not None and placement.free:
             self.batch.mark_free(graded)
             self.batch.free_parameters.update((id(p), p) for _, p in trainable)
+            self._keep_free_call(module, layer, args, kwargs, output, trainable, ids, flat)
             return output
         clipping = self.demand.clipping
         # not under saved-tensor hooks (non-reentrant checkpointing): a fused call saves other
@@ -356,6 +358,27 @@ class Tape:
                 rec.catch_inline()
         return output
 
+    def _keep_free_call(self, module, layer: Layer, args, kwargs, output, trainable, ids, flat) -> None:
+        """A call without the batch whose rule may serve the meets it reaches (jacext.engine.meets:
+        :meth:`Meet.per_sample`): a layer whose rule treats every leading dim alike, on inputs that
+        need no gradient, of one output that is no view, all its trainable parameters used by its
+        own operation, and no count over its whole input (``scale_grad_by_freq``, which an input
+        expanded to the batch would change)."""
+        if (
+            layer.leading
+            and layer.rule is not None
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and not output._is_view()
+            and all(isinstance(a, Tensor) for a in args)
+            and not any(isinstance(t, Tensor) and t.requires_grad for t in flat)
+            and not any(isinstance(t, Tensor) for t in leaves(kwargs))
+            and not getattr(module, "scale_grad_by_freq", False)
+        ):
+            rec = Record(module, args, kwargs, output, trainable, ids, layer)
+            rec.output = None
+            self.free_calls.append(rec)
+
     def clip_gate(self) -> Dict[int, Tensor]:
         """The parameters out of the tape's :class:`ClipGate` (made at its first use), by id."""
         if self.gate is None:
@@ -372,7 +395,7 @@ class Tape:
         """Record an operation where free tensors meet the batch (jacext.engine.batch);
         ``held``: it took them through :meth:`hold`."""
         params = list(self.batch.free_parameters.values())
-        meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params, held)
+        meet = Meet(func, flat, spec, free, dims, outputs, out_dims, rows, params, held, self.free_calls)
         self.meets.append(meet)
         if self.demand.catches and len(meet.edges) == 1:
             meet.edges[0].node.register_prehook(partial(_contract_meet, weakref.ref(meet), weakref.ref(self)))

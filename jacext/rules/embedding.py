@@ -48,7 +48,8 @@ from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import for_squares, index_add_result
 
 
-@register(nn.Embedding, nn.EmbeddingBag, min_dim=lambda m: 1)
+@register(nn.EmbeddingBag, min_dim=lambda m: 1)
+@register(nn.Embedding, min_dim=lambda m: 1, leading=True)  # a lookup per entry: every dim alike
 def embedding(module, args, kwargs, grads):
     (g,) = grads
     if not trainable(module, "weight"):

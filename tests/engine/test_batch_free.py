@@ -20,14 +20,23 @@ class Positions(nn.Module):
     def __init__(self, how):
         super().__init__()
         self.how = how
-        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.tok = nn.Embedding(V, D)
+        self.pos = nn.Embedding(T, D, scale_grad_by_freq=how == "counted")
         self.scale = nn.Linear(D, D)  # a second layer on the batch-free positions
         self.head = nn.Linear(D, 3)
+        self.register_buffer("types", torch.tensor([[0, 1, 1, 0, 1, 0]]))  # (1, T), as HF's token types
+        self.register_buffer("grid", torch.linspace(-1, 1, T * D).view(T, D))
 
     def forward(self, idx):
-        pos = self.pos(torch.arange(idx.shape[1]))
+        pos = self.pos(torch.arange(idx.shape[1]) % (3 if self.how == "counted" else T))
         if self.how == "chain":
             pos = torch.tanh(self.scale(pos))[None]
+        elif self.how == "views":  # between the layer and the meet: views and a scaling
+            pos = 2 * pos.t()[None].transpose(1, 2)
+        elif self.how == "expanded ids":  # one entry per sample, ids expanded to the batch
+            pos = self.pos(self.types.expand(idx.shape[0], -1))
+        elif self.how == "linear":  # a Linear on a batch-free buffer
+            pos = self.scale(self.grid)
         h = self.tok(idx)
         if self.how == "in place":
             h += pos
@@ -37,7 +46,7 @@ class Positions(nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("how", ["add", "in place", "chain"])
+@pytest.mark.parametrize("how", ["add", "in place", "chain", "views", "expanded ids", "linear", "counted"])
 def test_batch_free_layers_against_the_loop(how, dtype):
     torch.manual_seed(0)
     model = Positions(how).to(dtype)

@@ -8,7 +8,8 @@ autocast, at a tolerance of the dtype's precision relative to the largest expect
 (``TOL``); every result has its parameter's dtype. Skipped by ``assume``: models that torch
 itself cannot run under autocast (a Bilinear or a GRU given a bfloat16 input by the layer
 before, oneDNN's LSTM in float16), derivatives near the end of float16's range, normalisations
-of groups of two entries (whose derivatives are rounding noise, ``normalises_pairs``); and two cases
+of groups of two entries (whose derivatives are rounding noise, ``normalises_pairs``), cases where
+the loop itself in low precision disagrees with float32 (``determined``); and two cases
 that fail in float32 too (open bugs, not of autocast): packed sequences, where jacext's batch
 tracking can take a packed RNN's padded output as batched along its features, and EmbeddingBag
 in max mode with max_norm (rows renormalised to one norm tie for the maximum).
@@ -97,6 +98,19 @@ def normalises_pairs(model, x):
     return any(found)
 
 
+def determined(model, y, x, out_shape, expected, tol, scales):
+    """Whether the oracle's low-precision results agree with float32's to ``tol``: where they do
+    not, rounding decides them (attention of width 1 before a normalisation of three entries:
+    the loop in bfloat16 gave -0.090 where float32 gives -0.233 and jacext -0.237), and the loop
+    is no judge."""
+    jac, grad = expected_results(copy.deepcopy(model), sq_loss, y, x, out_shape)
+    exact = {"jacobian": jac, "grad_batch": grad}
+    return all(
+        torch.allclose(v.float(), exact[f][k].float(), rtol=tol, atol=tol * scales[f])
+        for f in exact for k, v in expected[f].items()
+    )
+
+
 def close(actual, expected, tol, scale, what):
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
@@ -122,6 +136,7 @@ def check(case, n, dtype, seed):
     # well inside float16's range: near its end, where a sum overflows depends on the order of its terms
     assume(all(v.abs().max() < 2**14 for values in expected.values() for v in values.values() if v.numel()))
     scales = {f: max([v.abs().max().item() for v in vs.values() if v.numel()] + [FLOOR]) for f, vs in expected.items()}
+    assume(determined(model, y, x, out.shape, expected, TOL[dtype], scales))
     jacext.extend(model)
     with backpack(jacext.BatchJacobian(), jacext.BatchGrad(), jacext.BatchL2Grad()):
         with torch.autocast("cpu", dtype=dtype):
