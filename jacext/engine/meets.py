@@ -167,10 +167,7 @@ class Meet:
         through = []
         for f, g in zip(self.free, self.free_cotangents(leaf_grads, n), strict=True):
             if isinstance(g, Rows):
-                served = None if id(f) in ids else self._by_rows(f, g, n)
-                if served is not None:
-                    for p, j in served.items():
-                        add(p, j)
+                if id(f) not in ids and self._by_rows(f, g, n, add):
                     continue
                 g = _per_sample(_diagonal(g.g, g.d), self.rows, n)
             if id(f) in ids:
@@ -182,8 +179,7 @@ class Meet:
         v = through[0][1].shape[1]
         calls = self._calls_reached([f for f, _ in through])
         if calls:
-            for p, g in self._by_calls(calls, through, n).items():
-                add(p, g)
+            self._by_calls(calls, through, n, add)
             return out
         try:
             grads = torch.autograd.grad(
@@ -205,23 +201,23 @@ class Meet:
                 add(p, g.unflatten(0, (v, n)).transpose(0, 1))
         return out
 
-    def _by_rows(self, f: Tensor, rows: "Rows", n: int) -> Optional[Dict[nn.Parameter, Tensor]]:
+    def _by_rows(self, f: Tensor, rows: "Rows", n: int, add: Callable[[nn.Parameter, Tensor], None]) -> bool:
         """J_W of a free call's parameters for its output f itself, with one entry per index r
         along its dim d, which the operation aligns with the batch (token type embeddings of ids
         expanded to (N, T)): index r's J_W is the rule's for row r of the call's inputs and
-        row r of G_f, then summed per sample. None where f is no free call's output, or d is not
-        one of the leading dims its rule treats alike."""
-        rec = next((r for r in self.free_calls if r.edges[0].node is get_gradient_edge(f).node), None)
-        if rec is None:
-            return None
-        d, trailing = rows.d, rec.layer.min_dim(rec.module) - 1 if rec.layer.min_dim is not None else None
-        if trailing is None or any(d >= a.dim() - trailing or a.shape[d] != f.shape[d] for a in rec.args):
-            return None
-        rec.check_unmodified()
-        call = copy.copy(rec)
-        call.args = tuple(a.movedim(d, 0).unsqueeze(d + 1) for a in rec.args)  # (R, ..., 1 at d, ...)
-        got = apply_rule(call, [rows.g.transpose(0, 1)])  # (R, V, *p)
-        return {rec.named[name]: _per_sample(j, self.rows, n) for name, j in got.items()}
+        row r of G_f, then summed per sample, handed to ``add``. False (nothing added) where f is
+        no free call's output, or d is not one of the leading dims its rule treats alike."""
+        node = get_gradient_edge(f).node
+        rec = next((r for r in self.free_calls if r.edges[0].node is node), None)
+        if rec is None or rec.layer.min_dim is None:
+            return False
+        d, trailing = rows.d, rec.layer.min_dim(rec.module) - 1
+        if any(d >= a.dim() - trailing or a.shape[d] != f.shape[d] for a in rec.args):
+            return False
+        inputs = tuple(a.movedim(d, 0).unsqueeze(d + 1) for a in rec.args)  # (R, ..., 1 at d, ...)
+        for p, j in _rule_of_call(rec, inputs, rows.g.transpose(0, 1)):  # (R, V, *p)
+            add(p, _per_sample(j, self.rows, n))
+        return True
 
     def _calls_reached(self, fs: List[Tensor]) -> Optional[List[Any]]:
         """The free calls (records of the tape's ``free_calls``) that the graphs of ``fs`` reach,
@@ -246,12 +242,12 @@ class Meet:
                 stack.extend(next_node for next_node, _ in node.next_functions)
         return list(found.values())
 
-    def _by_calls(self, calls: List[Any], through, n: int) -> Dict[nn.Parameter, Tensor]:
+    def _by_calls(self, calls: List[Any], through, n: int, add: Callable[[nn.Parameter, Tensor], None]) -> None:
         """J_W of the parameters of free calls u -> layer(u) by the layer's own rule: the
         cotangents G_c (V, N, *c) of each call's output c, pulled back from G_f (N, V, *f)
         (G_f itself where f is c), and the rule applied to u expanded to the batch,
         (N, *u.shape): its rule treats every leading dim alike, so that sample n's J_W is the
-        rule's for the input u and G_c[:, n]."""
+        rule's for the input u and G_c[:, n]; each handed to ``add``."""
         of = {rec.edges[0].node: rec for rec in calls}
         owners = [of.get(get_gradient_edge(f).node) for f, _ in through]
         cotangents: Dict[int, Tensor] = {}
@@ -270,17 +266,11 @@ class Meet:
                 is_grads_batched=True,
             )
             cotangents = {id(rec): g.unflatten(0, (v, n)) for g, rec in zip(got, calls, strict=True) if g is not None}
-        out: Dict[nn.Parameter, Tensor] = {}
         for rec in calls:
-            if id(rec) not in cotangents:
-                continue
-            rec.check_unmodified()
-            call = copy.copy(rec)
-            call.args = tuple(a.unsqueeze(0).expand(n, *a.shape) for a in rec.args)
-            for name, j in apply_rule(call, [cotangents[id(rec)]]).items():
-                p = rec.named[name]
-                out[p] = out[p] + j if p in out else j
-        return out
+            if id(rec) in cotangents:
+                expanded = tuple(a.unsqueeze(0).expand(n, *a.shape) for a in rec.args)
+                for p, j in _rule_of_call(rec, expanded, cotangents[id(rec)]):
+                    add(p, j)
 
     def free_cotangents(self, leaf_grads: List[Optional[Tensor]], n: int) -> Cotangents:
         """G_f (N, V, *f) per free tensor (:class:`Rows` for one aligned with the batch): by the
@@ -455,6 +445,14 @@ class Meet:
 
 _UNBOUND = object()
 
+
+def _rule_of_call(rec, inputs, g: Tensor):
+    """(parameter, result) of a free call's rule (``rec``, a record of the tape's ``free_calls``)
+    on ``inputs`` in place of the call's own and the cotangents ``g`` (V, R, *output)."""
+    rec.check_unmodified()
+    call = copy.copy(rec)
+    call.args = inputs
+    return [(rec.named[name], j) for name, j in apply_rule(call, [g]).items()]
 
 
 def _diagonal(g: Tensor, d: int) -> Tensor:

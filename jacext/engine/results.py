@@ -227,5 +227,3 @@ def seed_slice(grads, ranges) -> List[Optional[Tensor]]:
 def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor) -> None:
     per_kind = store.setdefault(p, {})
     per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
-
-
