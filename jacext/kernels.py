@@ -346,9 +346,14 @@ def _linear_block(a, b, mode: str) -> Tensor:
 def _parameter_block(a: Tensor, b: Tensor, mode: str) -> Tensor:
     """One parameter's block from a (C, Na, P) and b (C, Nb, P): full (C, Na, C, Nb) is one
     matrix product (C Na, P) (P, C Nb); diagonal (C, Na, Nb) a batched product over the
-    outputs, trace (Na, Nb) its sum over the outputs."""
+    outputs, trace (Na, Nb) its sum over the outputs. A complex parameter's J = d/da + i d/db
+    (autograd's convention) counts as its real and imaginary parts: Re(J_a J_b^H)."""
+    if b.is_complex():
+        b = b.conj()
     if mode == "full":
         c, na, p = a.shape
-        return (a.reshape(c * na, p) @ b.reshape(-1, p).T).view(c, na, c, b.shape[1])
-    per_output = torch.bmm(a, b.transpose(1, 2))
-    return per_output.sum(0) if mode == "trace" else per_output
+        block = (a.reshape(c * na, p) @ b.reshape(-1, p).T).view(c, na, c, b.shape[1])
+    else:
+        block = torch.bmm(a, b.transpose(1, 2))
+        block = block.sum(0) if mode == "trace" else block
+    return block.real if block.is_complex() else block

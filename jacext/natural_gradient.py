@@ -88,7 +88,10 @@ class SR(torch.optim.Optimizer):
     Each step consumes the Jacobians: ``p.jacobian`` is deleted, so that a step after a
     backward pass outside the ``backpack`` context raises instead of reusing stale ones.
     ``lr`` may differ between parameter groups; damping, mode and center are global, since
-    the solve couples all parameters.
+    the solve couples all parameters. The step is real: a complex parameter p = a + i b counts
+    as its real and imaginary parts (its ``p.jacobian``, d/da + i d/db, gives the columns of
+    a and b), and the output and the residual are real (a complex log psi returned as
+    ``torch.view_as_real``).
     """
 
     def __init__(
@@ -118,7 +121,10 @@ class SR(torch.optim.Optimizer):
                 "backward pass inside `with backpack(jacext.BatchJacobian()):` before each step"
             )
         if residual.is_complex():
-            raise ValueError("the parameters are real: stack real and imaginary parts (see jacext.natural_gradient)")
+            raise ValueError(
+                "the step is real (a complex parameter counts as its real and imaginary parts): return "
+                "torch.view_as_real(output) from the model and pass the residual the same way"
+            )
         n = residual.shape[0]
         for i, p in enumerate(params):
             if p.jacobian.shape[: residual.dim()] != residual.shape:
@@ -126,7 +132,7 @@ class SR(torch.optim.Optimizer):
                     f"parameter {i}: p.jacobian {tuple(p.jacobian.shape)} does not start with the "
                     f"residual's shape {tuple(residual.shape)}"
                 )
-        jac = torch.cat([p.jacobian.reshape(n, residual[0].numel(), -1) for p in params], dim=2)  # (N, C, P)
+        jac = torch.cat([_real_columns(p.jacobian.reshape(n, residual[0].numel(), -1)) for p in params], dim=2)
         r = residual.reshape(n, -1)
         w = None if weights is None else (weights / weights.mean()).to(jac.dtype)
         if self.center:
@@ -141,9 +147,19 @@ class SR(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
-                    p.sub_(group["lr"] * delta[offset : offset + p.numel()].view_as(p))
-                    offset += p.numel()
+                    size = p.numel() * (2 if p.is_complex() else 1)
+                    step = delta[offset : offset + size]
+                    if p.is_complex():  # (real parts, imaginary parts)
+                        step = torch.complex(step[: p.numel()], step[p.numel() :])
+                    p.sub_(group["lr"] * step.view_as(p))
+                    offset += size
                     del p.jacobian
+
+
+def _real_columns(J: Tensor) -> Tensor:
+    """A parameter's Jacobian (N, C, P) as real columns: a complex parameter's J = d/da + i d/db
+    (autograd's convention, p = a + i b) as the 2P real columns (d/da, d/db)."""
+    return torch.cat([J.real, J.imag], dim=2) if J.is_complex() else J
 
 
 def _rows(J: Tensor, vector: Tensor, row_count: bool = True):

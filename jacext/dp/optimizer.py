@@ -30,22 +30,26 @@ from jacext.errors import JacextError
 def gaussian_noise(
     std: float, like: Tensor, generator: Optional[torch.Generator] = None, secure: bool = False
 ) -> Tensor:
-    """N(0, std^2) noise shaped like ``like``, drawn as Opacus draws it (nothing drawn for std 0).
+    """N(0, std^2) noise shaped like ``like``, drawn as Opacus draws it (nothing drawn for std 0);
+    for a complex ``like``, N(0, std^2) in its real and in its imaginary part (clipping bounds
+    the norm of both together: a complex parameter counts as its two real ones).
 
     ``secure``: Opacus's defence against floating-point attacks on the Gaussian sampler (one draw
     discarded, then the sum of four draws over 2; Mironov's and Holohan's attacks, arXiv
     2107.10138 section 5.1). It does not make the generator cryptographically secure."""
     if std == 0:
         return torch.zeros(like.shape, device=like.device, dtype=like.dtype)
+    shape, dtype = (*like.shape, 2) if like.is_complex() else like.shape, like.real.dtype
+
+    def draw() -> Tensor:
+        return torch.normal(mean=0, std=std, size=shape, device=like.device, generator=generator, dtype=dtype)
+
     if secure:
         torch.normal(mean=0, std=std, size=(1, 1), device=like.device, generator=generator)
-        total = torch.zeros(like.shape, device=like.device, dtype=like.dtype)
-        for _ in range(4):
-            total += torch.normal(
-                mean=0, std=std, size=like.shape, device=like.device, generator=generator, dtype=like.dtype
-            )
-        return total / 2
-    return torch.normal(mean=0, std=std, size=like.shape, device=like.device, generator=generator, dtype=like.dtype)
+        noise = sum((draw() for _ in range(4)), torch.zeros(shape, device=like.device, dtype=dtype)) / 2
+    else:
+        noise = draw()
+    return torch.view_as_complex(noise) if like.is_complex() else noise
 
 
 def urandom_generator(device="cpu") -> torch.Generator:

@@ -23,6 +23,7 @@ from jacext.dp.guard import (
     owner_of,
     stamp_of,
 )
+from jacext.dp.optimizer import gaussian_noise
 from jacext.errors import JacextError
 
 
@@ -110,8 +111,7 @@ class DPSGD(torch.optim.SGD):
                     continue
                 if p.grad is None:  # an empty batch, or a parameter the loss does not reach
                     p.grad = torch.zeros_like(p)
-                noise = torch.normal(0.0, std, p.shape, generator=self.generator, dtype=p.dtype, device=p.device)
-                p.grad.add_(noise).div_(self.expected_batch_size)
+                p.grad.add_(gaussian_noise(std, p, self.generator)).div_(self.expected_batch_size)
 
     def _accepts(self, record: ClipRecord) -> Optional[str]:
         if record.scale is not None:

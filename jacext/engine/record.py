@@ -177,30 +177,28 @@ def _require_batch_dim(module: nn.Module, layer: Layer, inputs: List[Tensor], pl
 _GENERIC = Layer()  # a call that only the generic rule differentiates
 
 
-def _layer_of_call(module: nn.Module, outputs: List[Tensor], ids: Set[int], param_ops) -> Layer:
+def _layer_of_call(module: nn.Module, outputs: List[Tensor], params: List[Tensor], ids: Set[int], param_ops) -> Layer:
     """The registry's entry for the module's class where this call is what its hand-written rule
     assumes: one operation used all its trainable parameters and returned the module's output
     (or what the output views); else the generic rule, which differentiates whatever the call
     did. A forward patched on the instance (``2 * F.linear(...)``) or a parameter added to a
-    registered layer (LoRA on an ``nn.Linear``) is then exact, not silently wrong."""
+    registered layer (LoRA on an ``nn.Linear``) is then exact, not silently wrong. Complex
+    parameters take the generic rule too: its vjp gives autograd's convention (the
+    derivatives by the real and the imaginary part, as d/da + i d/db), which the hand-written
+    rules, written for real parameters, do not."""
     layer = layer_of(module)
-    if layer.rule is None or not param_ops:  # no operation seen (the layer's own kernel): as registered
+    if layer.rule is None:
+        return layer
+    generic = replace(_GENERIC, subtree=layer.subtree, policy=layer.policy)
+    if any(p.is_complex() for p in params):
+        return generic
+    if not param_ops:  # no operation seen (the layer's own kernel): as registered
         return layer
     (out, used), *more = param_ops
     fits = not more and used == ids
     if fits and isinstance(out, Tensor):
         fits = all(_base(o) is _base(out) for o in outputs)
-    return layer if fits else replace(_GENERIC, subtree=layer.subtree, policy=layer.policy)
-
-
-def _refuse_complex(module: nn.Module, trainable) -> None:
-    name = next((name for name, p in trainable if p.is_complex()), None)
-    if name is not None:
-        raise JacextError(
-            f"parameter '{name}' of module {module_label(module)} is complex; jacext's per-sample results are "
-            "defined for real parameters only. Keep the real and imaginary parts as two real parameters "
-            "(torch.view_as_real, torch.complex(re, im) in the forward), or freeze it."
-        )
+    return layer if fits else generic
 
 
 def _base(t: Tensor) -> Tensor:
@@ -297,7 +295,6 @@ class Tape:
         through = self.uses.owns_outputs(outs) & ids
         if not trainable:
             return output
-        _refuse_complex(module, trainable)
         graded = [o for o in outs if o.requires_grad]
         ops = self.uses.take_param_ops(module)
         if layer_of(module).rule is None:
@@ -318,7 +315,7 @@ class Tape:
                 trainable, ids = [(name, p) for name, p in trainable if id(p) not in outside], ids - outside
                 if not trainable:
                     return output
-        layer = _layer_of_call(module, graded, ids, ops)
+        layer = _layer_of_call(module, graded, [p for _, p in trainable], ids, ops)
         flat = leaves((args, kwargs))
         placement = place(self.batch, module, layer, module_label(module), args, flat, graded) if graded else None
         if placement is not None and placement.free:

@@ -133,7 +133,7 @@ class Results:
             return ext.finish(block, self.out_shape)
         sq = self.norms.get(p, {}).get(ext.seeds)
         if sq is None:
-            sq = block.reshape(*block.shape[:2], -1).square().sum(-1) if block is not None else p.new_zeros(n, b - a)
+            sq = squared_norms(block) if block is not None else p.new_zeros(n, b - a, dtype=p.real.dtype)
         return ext.finish(sq, self.out_shape)
 
     def _require_batch_first(self, rec: Record, value: Tensor) -> None:
@@ -227,3 +227,12 @@ def seed_slice(grads, ranges) -> List[Optional[Tensor]]:
 def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor) -> None:
     per_kind = store.setdefault(p, {})
     per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
+
+
+def squared_norms(block: Tensor) -> Tensor:
+    """(N, V, *p.shape) -> (N, V): each block's sum of squared moduli (of the real and the
+    imaginary parts of a complex parameter's)."""
+    flat = block.reshape(*block.shape[:2], -1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).flatten(2)
+    return flat.square().sum(-1)

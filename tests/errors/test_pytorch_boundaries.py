@@ -340,14 +340,6 @@ def test_generic_rule_leaves_the_attributes_its_forward_wrote():
     assert_close(model[0].cached, x * model[0].scale.detach(), torch.float64)
 
 
-def test_complex_parameters_are_refused():
-    model = jacext.extend(nn.Linear(IN, OUT, dtype=torch.complex128))
-    with pytest.raises(jacext.JacextError, match="complex"):
-        with backpack(jacext.BatchGrad()):
-            model(torch.randn(N, IN, dtype=torch.complex128)).abs().square().sum().backward()
-    assert nothing_left_behind() and model.weight.grad is None
-
-
 class ComplexOutput(nn.Module):
     def __init__(self):
         super().__init__()

@@ -842,7 +842,9 @@ def scale_of(values, dtype, power=1):
 
 
 def squared_norms(g):
-    """(N, *shape) -> (N,): the squared norm of every sample's entry."""
+    """(N, *shape) -> (N,): the squared norm of every sample's entry (of a complex one, the
+    squared moduli)."""
+    g = g.abs() if g.is_complex() else g
     return g.square().flatten(1).sum(1) if g.dim() > 1 else g.square()
 
 
@@ -891,7 +893,10 @@ class Oracle:
 
             def in_float64():
                 if not exact:
-                    exact.append(cls.of(twin.double(), lossfunc, as_float64(y), as_float64(x)))
+                    twin.double()
+                    for p in twin.parameters():  # complex64 to complex128
+                        p.data = p.data.to(torch.promote_types(p.dtype, torch.float64))
+                    exact.append(cls.of(twin, lossfunc, as_float64(y), as_float64(x)))
                 return exact[0]
 
         return cls(fields, plain, scales, out.shape, in_float64)
