@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from jacext.rules import layer_of
+from jacext.rules import Layer
 from jacext.rules.util import sharing
 
 
@@ -53,9 +53,9 @@ class FusedCall:
     needs. Its inputs are the distinct tensors of ``args`` and ``kwargs`` (one, but for layers
     whose own backward takes every input)."""
 
-    def __init__(self, module: nn.Module, args, kwargs, output: Tensor, trainable):
+    def __init__(self, module: nn.Module, layer: Layer, args, kwargs, output: Tensor, trainable):
         self.module, self.training = module, module.training
-        layer = layer_of(module)
+        self.rule = layer.rule
         own = layer.backward
         self.backward: Optional[Callable[..., Any]] = own.backward if own else None
         self.every_input = own is not None and own.every_input
@@ -141,7 +141,7 @@ class FusedCall:
     def _summed_rule(self, inputs, g: Tensor):
         if g.shape[0] == 0:  # rules need a sample
             return {name: torch.zeros_like(p) for name, p in zip(self.names, self.params, strict=True)}
-        rule: Any = layer_of(self.module).rule  # fused calls have a hand-written rule
+        rule: Any = self.rule  # fused calls have a hand-written rule
         training, self.module.training = self.module.training, self.training
         try:
             per_sample = rule(self.module, *self.call_args(inputs), [g.unsqueeze(0)])
@@ -183,13 +183,13 @@ def fusable(module: nn.Module, layer, args, kwargs, output, *, clipping: bool, o
     return own is not None and own.when is not None and own.when(module, args[0] if args else None, out)
 
 
-def fused_output(module: nn.Module, args, kwargs, output, trainable, gated=None):
+def fused_output(module: nn.Module, layer: Layer, args, kwargs, output, trainable, gated=None):
     """``output`` with its tensor's values hanging from a :class:`FusedGrads` node (tell it its
     record with :func:`bind`); ``trainable``: ``(name, parameter)`` of the parameters the call
     covers; ``gated``: the parameters' aliases out of a :class:`ClipGate`, by id."""
     leaf = fused_leaf(output)
     assert leaf is not None
-    call = FusedCall(module, args, kwargs, leaf, trainable)
+    call = FusedCall(module, layer, args, kwargs, leaf, trainable)
     params = [gated[id(p)] for p in call.params] if gated is not None else call.params
     inputs, call.inputs = call.inputs, []
     values = FusedGrads.apply(call, leaf.detach(), len(inputs), *inputs, *params)

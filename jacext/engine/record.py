@@ -183,22 +183,37 @@ def _layer_of_call(module: nn.Module, outputs: List[Tensor], params: List[Tensor
     (or what the output views); else the generic rule, which differentiates whatever the call
     did. A forward patched on the instance (``2 * F.linear(...)``) or a parameter added to a
     registered layer (LoRA on an ``nn.Linear``) is then exact, not silently wrong. Complex
-    parameters take the generic rule too: its vjp gives autograd's convention (the
-    derivatives by the real and the imaginary part, as d/da + i d/db), which the hand-written
-    rules, written for real parameters, do not."""
+    parameters: see :func:`_for_complex`."""
     layer = layer_of(module)
     if layer.rule is None:
         return layer
     generic = replace(_GENERIC, subtree=layer.subtree, policy=layer.policy)
+    if param_ops:  # none seen: the layer's own kernel, as registered
+        (out, used), *more = param_ops
+        fits = not more and used == ids
+        if fits and isinstance(out, Tensor):
+            fits = all(_base(o) is _base(out) for o in outputs)
+        if not fits:
+            return generic
     if any(p.is_complex() for p in params):
-        return generic
-    if not param_ops:  # no operation seen (the layer's own kernel): as registered
-        return layer
-    (out, used), *more = param_ops
-    fits = not more and used == ids
-    if fits and isinstance(out, Tensor):
-        fits = all(_base(o) is _base(out) for o in outputs)
-    return layer if fits else generic
+        return _for_complex(layer) if layer.holomorphic else generic
+    return layer
+
+
+def _for_complex(layer: Layer) -> Layer:
+    """A holomorphic layer's rule for complex parameters, in autograd's convention (p = a + i b:
+    d/da + i d/db of the real loss). With cotangents G = dL/d conj(y), autograd gives
+    sum G conj(dy/dp) = conj(sum conj(G) dy/dp), and for y holomorphic in p, dy/dp is the
+    rule's real formula (dy/dW = x for Linear): the rule on conj(G), conjugated. Without its
+    norm rule, own backward and NTK factors, which are written for real numbers."""
+    rule = layer.rule
+    assert rule is not None
+
+    def conjugated(module, args, kwargs, grads):
+        results = rule(module, args, kwargs, [None if g is None else g.conj() for g in grads])
+        return {k: v.conj() if v.is_conj() else v.conj_physical_() for k, v in results.items()}
+
+    return replace(layer, rule=conjugated, norms=None, norms_cheaper=None, backward=None, ntk_factors=None)
 
 
 def _base(t: Tensor) -> Tensor:
@@ -334,7 +349,8 @@ class Tape:
         fuse = (placement is None or placement.plain or moved) and self.demand.fuses and not hooked and not met_inside
         fuse = fuse and fusable(module, layer, args, kwargs, output, clipping=clipping, own_output=own_output)
         if fuse:
-            output = fused_output(module, args, kwargs, output, trainable, self.clip_gate() if clipping else None)
+            gated = self.clip_gate() if clipping else None
+            output = fused_output(module, layer, args, kwargs, output, trainable, gated)
         rec = Record(module, args, kwargs, output, trainable, ids, layer)
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on

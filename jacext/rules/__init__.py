@@ -68,6 +68,7 @@ class Layer:
     min_dim: Optional[Callable[[Any], int]] = None  # fewest dims of the first input with a batch dimension
     batch_dim: Optional[Callable[[Any], int]] = None  # where the rule reads the batch (default 0)
     leading: bool = False  # the rule treats all leading dims alike: the batch may be moved to dim 0
+    holomorphic: bool = False  # the output is holomorphic in the parameters: the rule serves complex ones too
     norms: Optional[Rule] = None  # squared norms (N, V) without materialising
     norms_cheaper: Optional[Callable[..., bool]] = None  # whether they beat materialising (default: always)
     backward: Optional[OwnBackward] = None
@@ -123,6 +124,7 @@ def register(
     min_dim: Optional[Callable[[Any], int]] = None,
     batch_dim: Optional[Callable[[Any], int]] = None,
     leading: bool = False,
+    holomorphic: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
@@ -136,6 +138,10 @@ def register(
             the rule takes the samples from (default 0; ``1`` for a seq-first layer).
         leading: the rule treats every leading dimension of the input alike (y = x W^T + b),
             so a batch found elsewhere (a seq-first model) is moved to dimension 0 for it.
+        holomorphic: the output is a holomorphic function of the parameters (a product with the
+            input: Linear, Conv), so the rule, written for real parameters, also gives complex
+            ones, in autograd's convention, as conj(rule(conj G)); otherwise complex parameters
+            take the generic rule.
 
     Example:
         >>> import torch
@@ -158,7 +164,10 @@ def register(
         for cls in classes:
             if layer_of_class(cls).rule is not None:
                 raise ValueError(f"{cls} already has a jacext rule: {layer_of_class(cls).rule}")
-        _update(classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading)
+        _update(
+            classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading,
+            holomorphic=holomorphic,
+        )
         return rule
 
     return decorator

@@ -31,7 +31,7 @@ from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import as_run, channel_sums, for_squares, patches, result_buffer, sq_norms_of_products
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True)
 def conv(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

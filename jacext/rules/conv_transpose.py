@@ -17,7 +17,10 @@ from jacext.rules import register, trainable
 from jacext.rules.util import as_run, channel_sums, kernel_letters, patches, spatial_letters
 
 
-@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, min_dim=lambda m: len(m.kernel_size) + 2)
+@register(
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True,
+)
 def conv_transpose(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

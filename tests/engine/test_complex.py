@@ -3,7 +3,9 @@
 A complex parameter p = a + i b gets, per sample, autograd's p.grad of that sample's loss,
 d l/da + i d l/db (``grad_batch``); the sum of the squared real and imaginary parts
 (``batch_l2``); for a real output z, the same of each z[n, c] (``jacobian``); ClipGrad clips
-the norm of (d l/da, d l/db); the NTK and the SR step count a complex parameter as its real
+the norm of (d l/da, d l/db). Layers whose output is holomorphic in their parameters (Linear,
+Conv, ConvTranspose) keep their hand-written rules, on conj(G) and conjugated; the
+NTK and the SR step count a complex parameter as its real
 and imaginary parts, and the DP noise is drawn in each part. Complex outputs are returned as
 ``torch.view_as_real``. N equals the sequence length.
 """
@@ -69,6 +71,22 @@ def conv(dtype):
     return nn.Sequential(nn.Conv1d(2, 3, 3, dtype=c), nn.Tanh(), nn.Flatten(), nn.Linear(6, 2, dtype=c), AsReal())
 
 
+def transposed(dtype):
+    c = COMPLEX[dtype]
+    return nn.Sequential(nn.ConvTranspose1d(2, 2, 3, stride=2, dtype=c), nn.Flatten(), nn.Linear(18, 1, dtype=c), AsReal())
+
+
+class Shared(nn.Module):
+    """One complex Linear called twice (its results summed over the calls)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=COMPLEX[dtype])
+
+    def forward(self, x):
+        return torch.view_as_real(self.lin(torch.tanh(self.lin(x)))).flatten(1)
+
+
 def modulus(dtype):  # |z|: a real output that is no holomorphic function of the parameters
     c = COMPLEX[dtype]
     return nn.Sequential(nn.Linear(3, 2, dtype=c), Modulus())
@@ -83,6 +101,8 @@ MODELS = {
     "mlp": (mlp, lambda d: torch.randn(N, 3, dtype=COMPLEX[d])),
     "sequence": (sequence, lambda d: torch.randn(N, T, 3, dtype=COMPLEX[d])),
     "conv": (conv, lambda d: torch.randn(N, 2, 4, dtype=COMPLEX[d])),
+    "transposed": (transposed, lambda d: torch.randn(N, 2, 4, dtype=COMPLEX[d])),
+    "shared": (Shared, lambda d: torch.randn(N, 3, dtype=COMPLEX[d])),
     "modulus": (modulus, lambda d: torch.randn(N, 3, dtype=COMPLEX[d])),
     "functional head": (Head, lambda d: torch.randn(N, 3, dtype=d)),
     "batch-free": (Positions, lambda d: torch.randn(N, T, 3, dtype=d)),
