@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from jacext.errors import JacextError
 from jacext.rules import register, register_backward, register_norms, register_policy, trainable
 from jacext.rules.linear import weight_products
-from jacext.rules.util import as_run, for_squares, result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, result_buffer, shared, sq_norms_of_products, sq_sums
 from jacext.state import module_label
 
 T = TypeVar("T", Tensor, Optional[Tensor])
@@ -285,7 +285,7 @@ def multihead_attention_norms(module: nn.MultiheadAttention, args, kwargs, grads
     out = {}
     for name, blocks in _products(module, c, p).items():
         out[name] = torch.stack([sq_norms_of_products(g, x) for g, x in blocks]).sum(0).T
-    out.update({name: for_squares(j).flatten(2).square().sum(-1).T for name, j in _sums(module, p).items()})
+    out.update({name: sq_sums(j.flatten(2), -1).T for name, j in _sums(module, p).items()})
     return out
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import as_run, channel_sums, for_squares, patches, result_buffer, sq_norms_of_products
+from jacext.rules.util import as_run, channel_sums, patches, result_buffer, sq_norms_of_products, sq_sums
 
 
 @register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True)
@@ -140,7 +140,7 @@ def conv_norms(module, args, kwargs, grads):
             gg = gg.flatten(4).transpose(3, 4).flatten(1, 2)  # (V, N g, S, Cout/g)
             out["weight"] = sq_norms_of_products(gg, p).view(v, n, groups).sum(-1).T
         else:
-            out["weight"] = for_squares(_weight_jacobian(module, x, g)).flatten(2).square().sum(-1)
+            out["weight"] = sq_sums(_weight_jacobian(module, x, g).flatten(2), -1)
     if trainable(module, "bias"):
-        out["bias"] = for_squares(channel_sums(g)).square().sum(-1)
+        out["bias"] = sq_sums(channel_sums(g), -1)
     return out

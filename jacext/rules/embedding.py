@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import for_squares, index_add_result
+from jacext.rules.util import for_squares, index_add_result, sq_sums
 
 
 @register(nn.EmbeddingBag, min_dim=lambda m: 1)
@@ -89,7 +89,7 @@ def embedding_norms(module, args, kwargs, grads):
     src = for_squares(_scaled(module, idx, g.reshape(v, -1, module.embedding_dim).transpose(0, 1)))  # (L, V, D)
     slot, owner = _distinct_pairs(sample, idx, module.num_embeddings)
     rows = torch.zeros_like(src).index_add_(0, slot, src)  # R: row slot[i] sums the entries of i's pair
-    sq = rows.square().sum(-1)  # (L, V); zero in the slots no pair uses
+    sq = sq_sums(rows, -1)  # (L, V); zero in the slots no pair uses
     return {"weight": sq.new_zeros(n, v).index_add_(0, owner, sq)}
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from jacext.rules import register, register_backward, register_norms, register_ntk_factors, trainable
-from jacext.rules.util import as_run, by_gram, for_squares, result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, by_gram, result_buffer, shared, sq_norms_of_products, sq_sums
 
 
 def _positions(module: nn.Linear, x: Tensor, g: Tensor):
@@ -116,7 +116,7 @@ def linear_norms(module: nn.Linear, args, kwargs, grads):
     if trainable(module, "weight"):
         out["weight"] = sq_norms_of_products(gw, xw).T
     if trainable(module, "bias"):
-        out["bias"] = for_squares(g.sum(2)).square().sum(-1).T
+        out["bias"] = sq_sums(g.sum(2), -1).T
     return out
 
 

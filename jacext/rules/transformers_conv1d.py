@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from jacext.rules import register, register_backward, register_norms, trainable
-from jacext.rules.util import as_run, by_gram, for_squares, result_buffer, shared, sq_norms_of_products
+from jacext.rules.util import as_run, by_gram, result_buffer, shared, sq_norms_of_products, sq_sums
 
 CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -56,7 +56,7 @@ def conv1d_norms(module, args, kwargs, grads):
     if trainable(module, "weight"):
         out["weight"] = sq_norms_of_products(g, x).T
     if trainable(module, "bias"):
-        out["bias"] = for_squares(g.sum(2)).square().sum(-1).T
+        out["bias"] = sq_sums(g.sum(2), -1).T
     return out
 
 
