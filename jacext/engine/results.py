@@ -231,5 +231,6 @@ def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor
 
 def squared_norms(block: Tensor) -> Tensor:
     """(N, V, *p.shape) -> (N, V): each block's sum of squared moduli (of the real and the
-    imaginary parts of a complex parameter's), in one pass (:func:`jacext.rules.util.sq_sums`)."""
+    imaginary parts of a complex parameter's): the norm, squared, in one pass (as
+    :func:`jacext.rules.util.sq_sums`)."""
     return torch.linalg.vector_norm(block.reshape(*block.shape[:2], -1), dim=-1).square()

@@ -73,7 +73,8 @@ def conv(dtype):
 
 def transposed(dtype):
     c = COMPLEX[dtype]
-    return nn.Sequential(nn.ConvTranspose1d(2, 2, 3, stride=2, dtype=c), nn.Flatten(), nn.Linear(18, 1, dtype=c), AsReal())
+    layers = [nn.ConvTranspose1d(2, 2, 3, stride=2, dtype=c), nn.Flatten(), nn.Linear(18, 1, dtype=c), AsReal()]
+    return nn.Sequential(*layers)
 
 
 class Shared(nn.Module):
