@@ -231,6 +231,9 @@ def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor
 
 def squared_norms(block: Tensor) -> Tensor:
     """(N, V, *p.shape) -> (N, V): each block's sum of squared moduli (of the real and the
-    imaginary parts of a complex parameter's): the norm, squared, in one pass (as
-    :func:`jacext.rules.util.sq_sums`)."""
-    return torch.linalg.vector_norm(block.reshape(*block.shape[:2], -1), dim=-1).square()
+    imaginary parts of a complex parameter's), as ``grad_batch[n].square().sum()`` gives it
+    for a real one, bit for bit (BackPACK's semantics)."""
+    flat = block.reshape(*block.shape[:2], -1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).flatten(2)
+    return flat.square().sum(-1)
