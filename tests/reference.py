@@ -48,6 +48,13 @@ def loop_grad_batch(model, lossfunc, y, *args):
     return {name: torch.stack([g[i] for g in per_sample]) for i, (name, _) in enumerate(params)}
 
 
+def squared_norms(g):
+    """(N, *shape) -> (N,): the squared norm of every sample's entry (of a complex one, the sum
+    of the squares of its real and imaginary parts)."""
+    r = torch.view_as_real(g) if g.is_complex() else g
+    return r.square().flatten(1).sum(1) if r.dim() > 1 else r.square()
+
+
 def tolerances(dtype):
     return (1e-10, 1e-10) if dtype == torch.float64 else (1e-4, 1e-5)
 

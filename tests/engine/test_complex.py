@@ -13,7 +13,7 @@ and imaginary parts, and the DP noise is drawn in each part. Complex outputs are
 import pytest
 import torch
 from backpack import backpack
-from reference import assert_close, loop_grad_batch, loop_jacobian, trainable
+from reference import assert_close, loop_grad_batch, loop_jacobian, squared_norms, trainable
 from torch import nn
 
 import jacext
@@ -108,10 +108,6 @@ MODELS = {
     "functional head": (Head, lambda d: torch.randn(N, 3, dtype=d)),
     "batch-free": (Positions, lambda d: torch.randn(N, T, 3, dtype=d)),
 }
-
-
-def squared_norms(g):
-    return torch.view_as_real(g).flatten(1).square().sum(1) if g.is_complex() else g.flatten(1).square().sum(1)
 
 
 def sq_loss(out, y):

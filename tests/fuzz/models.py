@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 from hypothesis import strategies as st
-from reference import assert_close, loop_grad_batch, loop_jacobian, overall_scale, tolerances, trainable
+from reference import (
+    assert_close,
+    loop_grad_batch,
+    loop_jacobian,
+    overall_scale,
+    squared_norms,
+    tolerances,
+    trainable,
+)
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -839,13 +847,6 @@ def scale_of(values, dtype, power=1):
     """The scale of the absolute floor for comparing ``values`` ({name: tensor}) of quantities of
     degree ``power`` in the gradients (2: squared norms)."""
     return max(overall_scale(values), NOISE_SCALE[dtype] ** power)
-
-
-def squared_norms(g):
-    """(N, *shape) -> (N,): the squared norm of every sample's entry (of a complex one, the
-    squared moduli)."""
-    g = g.abs() if g.is_complex() else g
-    return g.square().flatten(1).sum(1) if g.dim() > 1 else g.square()
 
 
 # float32: jacext's error from the float64 loop may be this many times the float32 loop's own
