@@ -32,7 +32,7 @@ from jacext.engine import backpack_ctx
 from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
 from jacext.engine.plan import Inline, choose_plan
-from jacext.engine.record import Alias, InputGate, InputPlace, Tape
+from jacext.engine.record import Alias, InputGate, InputPlace, Tape, drop_results
 from jacext.engine.trees import leaves
 from jacext.errors import JacextError
 from jacext.extensions import BatchJacobian, JacextExtension
@@ -44,7 +44,7 @@ _recording: ContextVar[Optional[Tape]] = ContextVar("jacext_recording", default=
 _captured: ContextVar[Optional[List[Tape]]] = ContextVar("jacext_captured", default=None)
 _serving: "weakref.WeakValueDictionary[int, Tape]" = weakref.WeakValueDictionary()  # by graph task
 _abandoned: List = []  # the modes of tapes whose forward ended without closing them
-_last_tape = WeakIdKeyDictionary()  # parameter -> a weak reference to the tape that last recorded it
+_last_tape = WeakIdKeyDictionary()  # parameter -> the _LastForward that recorded it (None: not yet)
 SCRIPTING = "__prepare_scriptable__"  # what torch.jit.script calls on every module first (see adopt)
 
 
@@ -151,14 +151,29 @@ def hook_recorders(root: nn.Module) -> None:
             )
             hooked = [(n, p) for n, p in own if p.requires_grad and p not in _last_tape]  # (a tied one: once)
             for _, p in hooked:
-                _last_tape[p] = _no_tape
+                _last_tape[p] = None
             state.handles["grads"] = tuple(
                 p.register_hook(partial(on_parameter_grad, weakref.ref(p), f"'{state.path}.{n}'")) for n, p in hooked
             )
 
 
-def _no_tape() -> None:
-    return None
+class _LastForward:
+    """A parameter's link to the forward pass that last recorded it: its tape, weakly (the graph
+    holds the tape, which dies with it), and what dropping that pass's results needs after the
+    tape has died: the root, weakly, and the attributes BackPACK's own extensions write."""
+
+    __slots__ = ("tape", "root", "foreign_fields")
+
+    def __init__(self, tape: Tape):
+        self.tape, self.root = weakref.ref(tape), weakref.ref(tape.root)
+        self.foreign_fields = frozenset(tape.foreign_fields)
+
+    def drop_results(self) -> None:
+        tape, root = self.tape(), self.root()
+        if tape is not None:
+            tape.drop_results()
+        elif root is not None:
+            drop_results(root.parameters(), self.foreign_fields)
 
 
 def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tensor) -> None:
@@ -173,7 +188,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     p = param()
     if p is None or not backpack_ctx.jacext_active():
         return
-    tape = _last_tape.get(p, _no_tape)()
+    last = _last_tape.get(p)
+    tape = last.tape() if last is not None else None
     task = torch._C._current_graph_task_id()
     if tape is not None and tape.served == task:
         if tape.built_graph not in (None, task):
@@ -199,8 +215,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
         return
     if tape is not None and tape.pulling:
         return
-    if tape is not None:
-        tape.drop_results()
+    if last is not None:
+        last.drop_results()
     raise JacextError(
         f"a backward pass inside a context with jacext extensions reaches parameter {name} of an extended "
         "model without passing through the output of a forward pass jacext recorded in this context, so "
@@ -242,9 +258,9 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
             inputs = [t for t in leaves((args, kwargs)) if isinstance(t, Tensor)]
         tape.batch.seed(inputs, dim)
         tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
-        ref = weakref.ref(tape)
+        last = _LastForward(tape)
         for p in tape.parameters:
-            _last_tape[p] = ref
+            _last_tape[p] = last
         tape.frame = sys._getframe(1)  # the root's call, running until close_tape
         tape.uses.stale = partial(abandon_if_stale, tape)
         _recording.set(tape)
@@ -380,7 +396,7 @@ def close_tape(root: nn.Module, args, output) -> Optional[Tensor]:
         return None
     _recording.set(None)
     tape.frame = None
-    tape.uses.__exit__(None, None, None)
+    tape.end_forward()
     _settle_input_gates(tape)
     if output is None:  # the forward pass raised (a refusal of jacext's too): the last batch's results are stale
         tape.drop_results()

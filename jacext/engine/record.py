@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from types import FrameType
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -263,6 +263,14 @@ def _require_served(tape: "weakref.ref[Tape]", module: nn.Module, grad_outputs) 
     )
 
 
+def drop_results(parameters: Iterable[nn.Parameter], foreign_fields: AbstractSet[str]) -> None:
+    """No parameter keeps a result of any jacext extension (but the fields BackPACK's own write)."""
+    fields = JacextExtension.savefields() - foreign_fields
+    for p in parameters:
+        for field in fields:
+            vars(p).pop(field, None)
+
+
 class Tape:
     """The records of one forward pass of an extended root module, for a set of extensions.
 
@@ -298,6 +306,16 @@ class Tape:
         self.no_grad_calls: Set[int] = set()  # ids of parameterised modules called without gradients
         self.foreign_fields: Set[str] = set()  # the attributes BackPACK's own active extensions write
         self._reached: Optional[Set[int]] = None  # see reaches
+
+    def end_forward(self) -> None:
+        """The root's forward has returned: leave the parameter-use mode and drop the callbacks
+        that point from the tracker and the mode back to this tape. They are the tape's only
+        reference cycles; without them the tape, and the inputs its records hold, are freed as
+        soon as the graph is, not when the cyclic garbage collector next runs (a training loop
+        would otherwise hold each step's activations into the next steps and allocate fresh
+        memory for them)."""
+        self.uses.close()
+        self.batch.on_meet = self.batch.on_batch_statistics = None
 
     def record(self, module: nn.Module, args, kwargs, output, own_output: bool = True):
         """Record a call of a module with trainable parameters (others are not recorded); returns
@@ -449,7 +467,4 @@ class Tape:
 
     def drop_results(self) -> None:
         """No parameter keeps a result of any jacext extension."""
-        fields = JacextExtension.savefields() - self.foreign_fields
-        for p in self.parameters:
-            for field in fields:
-                vars(p).pop(field, None)
+        drop_results(self.parameters, self.foreign_fields)

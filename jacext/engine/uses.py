@@ -27,6 +27,10 @@ from jacext.rules import layer_of
 from jacext.state import module_label
 
 
+def _never() -> bool:
+    return False
+
+
 class ParameterUses(TorchFunctionMode):
     """A torch-function mode that knows which parameterised module is running."""
 
@@ -38,10 +42,15 @@ class ParameterUses(TorchFunctionMode):
         self._covered: Dict[int, Tuple[List[Tuple[str, nn.Parameter]], Set[int]]] = {}
         self.paused = False  # while jacext's own hooks run inside another mode (see pausing)
         self._functions: Dict[int, object] = {}  # autograd.Function nodes already attributed
-        self.stale: Callable[[], bool] = lambda: False  # the forward ended without closing the tape (and stopped it)
+        self.stale: Callable[[], bool] = _never  # the forward ended without closing the tape (and stopped it)
         self.param_ops: Dict[int, List[Tuple[object, Set[int]]]] = {}  # per running module: outputs, parameters
         self._ruled: Dict[int, Set[int]] = {}  # per module: the ids of the parameters its hand-written rule covers
         self.hold: Optional[Callable[[Tensor], Tensor]] = None  # ClipGrad: what free tensors meet the batch through
+
+    def close(self) -> None:
+        """Leave the mode and drop the callbacks into the tape that entered it (its cycles)."""
+        self.__exit__(None, None, None)
+        self.hold, self.stale = None, _never
 
     @contextmanager
     def pausing(self):

@@ -373,7 +373,7 @@ def test_nothing_stale_after_a_refused_call(make, dtype, device):
         field = first_batch(model, x, make, device, dtype)
         with autocast(device, dtype):
             model(x)
-        with pytest.raises(jacext.JacextError, match="without passing through an output"):
+        with pytest.raises(jacext.JacextError, match="without passing through (an|the) output"):
             model.hidden.float().sum().backward()
     assert not any(hasattr(p, field) for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())

@@ -130,7 +130,7 @@ def test_backward_not_through_the_output_leaves_no_stale_result():
     assert model.a.weight.grad_batch.shape[0] == 4
     with backpack(jacext.BatchGrad()):
         model(torch.randn(2, 3))
-        with pytest.raises(jacext.JacextError, match="without passing through an output"):
+        with pytest.raises(jacext.JacextError, match="without passing through (an|the) output"):
             model.hidden.sum().backward()
     assert not hasattr(model.a.weight, "grad_batch")
 

@@ -6,12 +6,18 @@ result was changed in place since. Results the user keeps are left untouched, an
 flat over many steps.
 """
 
+import gc
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 from backpack import backpack
 from torch import nn
 
 import jacext
+from jacext.dp import ClipGrad
+from jacext.engine.record import Tape
 
 from .fused_nets import Tiny, assert_matches, ce_loss, data, expected, twins
 
@@ -121,6 +127,48 @@ def test_memory_is_flat_over_many_steps():
 
     warm = steps(200)
     assert steps(2000) - warm < 4 * 1024, "peak memory grew by more than 4 MiB over 2000 steps"
+
+
+class WithPositions(nn.Module):
+    """A meet (positions without the batch), a train-mode BatchNorm and a tied head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(7, 4), nn.Embedding(5, 4)
+        self.norm, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        h = self.fc(self.norm(h.transpose(1, 2)).transpose(1, 2))
+        return F.linear(h, self.emb.weight)
+
+
+@pytest.mark.parametrize(
+    "make, batchnorm",
+    [
+        (lambda: (jacext.BatchGrad(), jacext.BatchL2Grad()), "exact"),
+        (lambda: (jacext.BatchJacobian(),), "exact"),
+        (lambda: (ClipGrad(1.0, loss_reduction="sum"),), "eval"),
+    ],
+    ids=["BatchGrad", "BatchJacobian", "ClipGrad"],
+)
+def test_a_tape_is_freed_with_its_graph_not_by_the_garbage_collector(make, batchnorm):
+    """No reference cycle runs through a tape: once a step's graph is gone, so are its tape and
+    the activations its records hold, without waiting for the cyclic garbage collector (a
+    training loop would otherwise keep earlier steps' activations and allocate fresh memory)."""
+    model = jacext.extend(WithPositions(), batchnorm=batchnorm)
+    ids = torch.randint(0, 7, (3, 5))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(2):
+            with backpack(*make()):
+                model(ids).square().sum().backward()
+        with warnings.catch_warnings():  # (isinstance on some of torch's deprecated objects warns)
+            warnings.simplefilter("ignore")
+            assert not any(isinstance(o, Tape) for o in gc.get_objects())
+    finally:
+        gc.enable()
 
 
 def test_a_result_kept_only_through_its_storage_is_not_overwritten():
