@@ -19,6 +19,7 @@ from jacext.engine.memory import ResultSlot, require_fits, reusable
 from jacext.engine.record import Record, Tape
 from jacext.errors import JacextError
 from jacext.extensions import JacextExtension, Seeds
+from jacext.rules.util import sq_sums
 from jacext.state import module_label
 
 Spans = Dict[Seeds, Tuple[int, int]]  # each kind's range of seeds
@@ -133,7 +134,10 @@ class Results:
             return ext.finish(block, self.out_shape)
         sq = self.norms.get(p, {}).get(ext.seeds)
         if sq is None:
-            sq = squared_norms(block) if block is not None else p.new_zeros(n, b - a, dtype=p.real.dtype)
+            if block is None:
+                sq = p.new_zeros(n, b - a, dtype=p.real.dtype)
+            else:  # clipping needs no BackPACK bit-for-bit semantics: one pass
+                sq = sq_sums(block.reshape(*block.shape[:2], -1), -1) if ext.rescales else squared_norms(block)
         return ext.finish(sq, self.out_shape)
 
     def _require_batch_first(self, rec: Record, value: Tensor) -> None:
