@@ -150,7 +150,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
         v = torch.cat([v, run(module.bias_v).expand(n, 1, e)], 1)
 
     def heads(t: Tensor) -> Tensor:  # (..., T, E) -> (..., H, T, d)
-        return t.unflatten(-1, (h, d)).transpose(-3, -2)
+        return t.reshape(*t.shape[:-1], h, d).transpose(-3, -2)
 
     q, k, v = heads(q), heads(k), heads(v)
     if module.add_zero_attn:
@@ -158,7 +158,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     scale = d**-0.5
     scores = (q * scale) @ k.transpose(-2, -1)
     p = torch.softmax(scores if c.mask is None else scores + run(c.mask), -1)  # (N, H, L, S')
-    a = (p @ v).transpose(1, 2).flatten(2)  # (N, L, E)
+    a = (p @ v).transpose(1, 2).reshape(n, -1, e)  # (N, L, E)
 
     gy = grads[0] if module.batch_first else grads[0].transpose(1, 2)  # (V, N, L, E)
     ga = heads(gy @ run(module.out_proj.weight))  # (V, N, H, L, d)
@@ -172,7 +172,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     gk = ds.transpose(-2, -1) @ q * scale
     if module.add_zero_attn:
         gk, gv = gk[..., :-1, :], gv[..., :-1, :]
-    gq, gk, gv = (t.transpose(-3, -2).flatten(-2) for t in (gq, gk, gv))  # (V, N, T, E)
+    gq, gk, gv = (t.transpose(-3, -2).reshape(*t.shape[:-3], t.shape[-2], -1) for t in (gq, gk, gv))  # (V, N, T, E)
     gbk = gbv = None
     if module.bias_k is not None:
         gbk, gbv, gk, gv = gk[:, :, -1], gv[:, :, -1], gk[:, :, :-1], gv[:, :, :-1]
@@ -197,9 +197,12 @@ def _pulled(module: nn.MultiheadAttention, args, kwargs, grads) -> Tuple[_Call, 
     memory, layout and version counter: the record's and the node's tensors differ, their values not."""
     c = _call(module, args, kwargs)
     g = grads[0]
-    if len(grads) > 1 and grads[1] is not None:  # the attention weights' cotangent too: not kept
+    read = (c.xq, c.xk, c.xv, g)
+    # not kept: with the attention weights' cotangent too; or under a batched pull-back's vmap
+    # (batchnorm="exact"), whose batched cotangent has no memory to compare
+    if len(grads) > 1 and grads[1] is not None or not all(map(torch._C._has_storage, read)):
         return c, _pull_back(module, c, grads)
-    key = (id(module), *map(_stamp, (c.xq, c.xk, c.xv, g)), *(p._version for p in module.parameters()))
+    key = (id(module), *map(_stamp, read), *(p._version for p in module.parameters()))
     root = g if g._base is None else g._base
     memo = _PULLED.get(id(root))
     if memo is None:
@@ -208,6 +211,12 @@ def _pulled(module: nn.MultiheadAttention, args, kwargs, grads) -> Tuple[_Call, 
     if key not in memo:
         memo[key] = shared(("multihead attention", id(module)), lambda: _pull_back(module, c, grads))
     return c, memo[key]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(N, T, ...) -> (N T, ...), by reshape, which the legacy vmap of a batched pull-back
+    (``is_grads_batched``, batchnorm="exact") has a batching rule for (flatten has none)."""
+    return t.reshape(-1, *t.shape[2:])
 
 
 def _stamp(t: Tensor) -> tuple:
@@ -244,7 +253,7 @@ def _sums(module: nn.MultiheadAttention, p: _Pulled) -> Dict[str, Tensor]:
         out["out_proj.bias"] = p.gy.sum(2)
     for name, g in (("bias_k", p.gbk), ("bias_v", p.gbv)):
         if g is not None and trainable(module, name):
-            out[name] = g.unflatten(-1, (1, 1, -1))
+            out[name] = g.reshape(*g.shape[:-1], 1, 1, g.shape[-1])
     return out
 
 
@@ -320,7 +329,7 @@ def multihead_attention_backward(
         s = c.xk.shape[1]
         ds = p.ds[0, ..., :s]  # (N, H, L, S): the additive mask's cotangent, rows of bias_k and zeros dropped
         if c.attn_mask is not None and c.attn_mask.requires_grad:
-            pairs.append((c.attn_mask, ds.sum((0, 1)) if c.attn_mask.dim() == 2 else ds.flatten(0, 1)))
+            pairs.append((c.attn_mask, ds.sum((0, 1)) if c.attn_mask.dim() == 2 else ds.reshape(-1, *ds.shape[2:])))
         if c.key_padding_mask is not None and c.key_padding_mask.requires_grad:
             pairs.append((c.key_padding_mask, ds.sum((1, 2))))
     grads = {}
@@ -331,7 +340,7 @@ def multihead_attention_backward(
             w = weights.view(-1, 1, 1) if weights is not None else None
             for name, blocks in _products(module, c, p).items():
                 gs = [(gb[0] if w is None else gb[0] * w, x) for gb, x in blocks]
-                grads[name] = torch.cat([gb.flatten(0, 1).T @ x.flatten(0, 1) for gb, x in gs])
+                grads[name] = torch.cat([_rows(gb).T @ _rows(x) for gb, x in gs])
             for name, j in _sums(module, p).items():
                 grads[name] = (j[0] if w is None else j[0] * weights.view(-1, *[1] * (j.dim() - 2))).sum(0)
     return pairs, grads

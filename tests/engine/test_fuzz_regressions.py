@@ -8,6 +8,8 @@ dimension from others. Each model's Jacobians are compared with the loop of
 ``tests/reference.py``, its per-sample gradients with the loop too.
 """
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -297,3 +299,40 @@ def test_zero_cotangents_of_a_layer_take_its_dtype_not_the_outputs(extension):
             assert_close(p.grad_batch, expected[name], torch.float64, name)
         else:
             assert_close(p.batch_l2, expected[name].flatten(1).square().sum(1), torch.float64, name)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, e, heads):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(e, heads, batch_first=True, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("positions", [1, 3])
+def test_attention_in_the_batched_pull_back_of_batch_statistics(positions):
+    """Found by the fuzzer: with batchnorm="exact" the samples are coupled, so BatchGrad pulls
+    N seeds back at once (autograd's is_grads_batched, a vmap of the backward), through the
+    fused MultiheadAttention's own backward: its cache of pull-backs keyed by memory met a
+    batched cotangent without storage, and its reshapes were flatten/unflatten, which that vmap
+    cannot batch. Reference: every sample's loss of the whole batch's forward, differentiated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm1d(positions, dtype=torch.float64),
+        nn.Linear(5, 4, dtype=torch.float64),
+        SelfAttention(4, 2),
+        nn.Linear(4, 1, dtype=torch.float64),
+    )
+    x = torch.randn(4, positions, 5, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    losses = reference(x).square().flatten(1).sum(1)
+    expected = {
+        name: torch.stack([torch.autograd.grad(losses[n], p, retain_graph=True)[0] for n in range(len(x))])
+        for name, p in reference.named_parameters()
+    }
+    jacext.extend(model, batchnorm="exact")
+    with backpack(jacext.BatchGrad()):
+        model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert_close(p.grad_batch, expected[name], torch.float64, name)
