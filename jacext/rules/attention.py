@@ -158,7 +158,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     scale = d**-0.5
     scores = (q * scale) @ k.transpose(-2, -1)
     p = torch.softmax(scores if c.mask is None else scores + run(c.mask), -1)  # (N, H, L, S')
-    a = (p @ v).transpose(1, 2).reshape(n, -1, e)  # (N, L, E)
+    a = _merge_heads((p @ v).transpose(1, 2))  # (N, L, E)
 
     gy = grads[0] if module.batch_first else grads[0].transpose(1, 2)  # (V, N, L, E)
     ga = heads(gy @ run(module.out_proj.weight))  # (V, N, H, L, d)
@@ -172,7 +172,7 @@ def _pull_back(module: nn.MultiheadAttention, c: _Call, grads) -> _Pulled:
     gk = ds.transpose(-2, -1) @ q * scale
     if module.add_zero_attn:
         gk, gv = gk[..., :-1, :], gv[..., :-1, :]
-    gq, gk, gv = (t.transpose(-3, -2).reshape(*t.shape[:-3], t.shape[-2], -1) for t in (gq, gk, gv))  # (V, N, T, E)
+    gq, gk, gv = (_merge_heads(t.transpose(-3, -2)) for t in (gq, gk, gv))  # (V, N, T, E)
     gbk = gbv = None
     if module.bias_k is not None:
         gbk, gbv, gk, gv = gk[:, :, -1], gv[:, :, -1], gk[:, :, :-1], gv[:, :, :-1]
@@ -213,10 +213,18 @@ def _pulled(module: nn.MultiheadAttention, args, kwargs, grads) -> Tuple[_Call, 
     return c, memo[key]
 
 
+# Reshapes by explicit sizes (any may be 0): the legacy vmap of a batched pull-back
+# (``is_grads_batched``, batchnorm="exact") has a batching rule for reshape, none for flatten.
+
+
 def _rows(t: Tensor) -> Tensor:
-    """(N, T, ...) -> (N T, ...), by reshape, which the legacy vmap of a batched pull-back
-    (``is_grads_batched``, batchnorm="exact") has a batching rule for (flatten has none)."""
-    return t.reshape(-1, *t.shape[2:])
+    """(A, B, ...) -> (A B, ...)."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    """(..., H, d) -> (..., H d)."""
+    return t.reshape(*t.shape[:-2], t.shape[-2] * t.shape[-1])
 
 
 def _stamp(t: Tensor) -> tuple:
@@ -329,7 +337,7 @@ def multihead_attention_backward(
         s = c.xk.shape[1]
         ds = p.ds[0, ..., :s]  # (N, H, L, S): the additive mask's cotangent, rows of bias_k and zeros dropped
         if c.attn_mask is not None and c.attn_mask.requires_grad:
-            pairs.append((c.attn_mask, ds.sum((0, 1)) if c.attn_mask.dim() == 2 else ds.reshape(-1, *ds.shape[2:])))
+            pairs.append((c.attn_mask, ds.sum((0, 1)) if c.attn_mask.dim() == 2 else _rows(ds)))
         if c.key_padding_mask is not None and c.key_padding_mask.requires_grad:
             pairs.append((c.key_padding_mask, ds.sum((1, 2))))
     grads = {}

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import jacext
+from jacext.dp import ClipGrad
 from jacext.engine.batch import BatchTracker
 
 
@@ -336,3 +337,16 @@ def test_attention_in_the_batched_pull_back_of_batch_statistics(positions):
         model(x).square().sum().backward()
     for name, p in model.named_parameters():
         assert_close(p.grad_batch, expected[name], torch.float64, name)
+
+
+@pytest.mark.parametrize("make", [jacext.BatchGrad, lambda: ClipGrad(0.05)], ids=["BatchGrad", "ClipGrad"])
+def test_attention_on_an_empty_batch(make):
+    """Found by the fuzzer: the attention's reshapes must not infer a size from 0 elements."""
+    model = jacext.extend(nn.Sequential(SelfAttention(2, 1), nn.Flatten(), nn.Linear(6, 1, dtype=torch.float64)))
+    x = torch.randn(0, 3, 2, dtype=torch.float64)
+    with backpack(make()):
+        model(x).sum().backward()
+    for p in model.parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+        if isinstance(make(), jacext.BatchGrad):
+            assert p.grad_batch.shape == (0, *p.shape)
