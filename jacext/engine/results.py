@@ -136,8 +136,8 @@ class Results:
         if sq is None:
             if block is None:
                 sq = p.new_zeros(n, b - a, dtype=p.real.dtype)
-            else:  # clipping needs no BackPACK bit-for-bit semantics: one pass
-                sq = sq_sums(block.reshape(*block.shape[:2], -1), -1) if ext.rescales else squared_norms(block)
+            else:  # clipping needs no BackPACK bit-for-bit semantics
+                sq = squared_norms(block, bitwise=not ext.rescales)
         return ext.finish(sq, self.out_shape)
 
     def _require_batch_first(self, rec: Record, value: Tensor) -> None:
@@ -233,11 +233,13 @@ def _accumulate(store: PerParameter, p: nn.Parameter, kind: Seeds, value: Tensor
     per_kind[kind] = value if kind not in per_kind else per_kind[kind] + value
 
 
-def squared_norms(block: Tensor) -> Tensor:
+def squared_norms(block: Tensor, bitwise: bool = True) -> Tensor:
     """(N, V, *p.shape) -> (N, V): each block's sum of squared moduli (of the real and the
-    imaginary parts of a complex parameter's), as ``grad_batch[n].square().sum()`` gives it
-    for a real one, bit for bit (BackPACK's semantics)."""
+    imaginary parts of a complex parameter's): ``bitwise``, as ``grad_batch[n].square().sum()``
+    gives it for a real one, bit for bit (BackPACK's semantics); else in one pass (:func:`sq_sums`)."""
     flat = block.reshape(*block.shape[:2], -1)
+    if not bitwise:
+        return sq_sums(flat, -1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).flatten(2)
     return flat.square().sum(-1)
