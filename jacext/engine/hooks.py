@@ -28,10 +28,10 @@ from torch.nn.modules.module import _global_forward_hooks
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from jacext.engine import backpack_ctx
+from jacext.engine import backpack_ctx, penalty
 from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
-from jacext.engine.plan import Inline, choose_plan
+from jacext.engine.plan import Inline, InlineFused, choose_plan
 from jacext.engine.record import Alias, InputGate, InputPlace, Tape, drop_results
 from jacext.engine.trees import leaves
 from jacext.errors import JacextError
@@ -183,8 +183,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     parameter (else: ``module.forward(x)`` called directly, a forward outside the context, a loss
     of parameters alone: the attributes would hold an earlier batch). And no backward that
     jacext serves may also run through a graph that an earlier ``create_graph=True`` backward
-    built (a gradient penalty, a Hessian-vector product): its terms would reach ``p.grad``
-    through no recorded call, so the per-sample results would miss them."""
+    built (a Hessian-vector product) unless it is served as a gradient penalty
+    (jacext.engine.penalty): its terms would reach ``p.grad`` through no recorded call."""
     p = param()
     if p is None or not backpack_ctx.jacext_active():
         return
@@ -192,16 +192,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     tape = last.tape() if last is not None else None
     task = torch._C._current_graph_task_id()
     if tape is not None and tape.served == task:
-        if tape.built_graph not in (None, task):
-            tape.drop_results()
-            raise JacextError(
-                "this backward pass runs through the graph of an earlier backward(create_graph=True) "
-                "(a gradient penalty, a Hessian-vector product) as well as through the extended model's "
-                f"output ({type(tape.root).__name__}); jacext's per-sample results would miss the terms of "
-                "that graph. Run that earlier backward outside the backpack context and without "
-                "create_graph where its result is only needed as a value, or compute the penalty's "
-                "per-sample gradients with torch.func."
-            )
+        if tape.built_graph not in (None, task) and tape.penalty_task != task:
+            raise penalty.refusal(tape)
         # (zeros: a parameter that ClipGrad's gate hands on without a use)
         if not tape.reaches(p) and grad is not None and bool(grad.ne(0).any()):
             tape.drop_results()
@@ -215,6 +207,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
         return
     if tape is not None and tape.pulling:
         return
+    if tape is not None and tape.built_graph not in (None, task):
+        raise penalty.refusal(tape)
     if last is not None:
         last.drop_results()
     raise JacextError(
@@ -257,6 +251,7 @@ def open_tape(root: nn.Module, args, kwargs) -> Optional[Tuple[tuple, dict]]:
             args, kwargs = gated
             inputs = [t for t in leaves((args, kwargs)) if isinstance(t, Tensor)]
         tape.batch.seed(inputs, dim)
+        tape.tapping = tape.demand.one_cotangent and any(t.requires_grad for t in inputs)
         tape.batch.on_batch_statistics = partial(at_batch_statistics, tape)
         last = _LastForward(tape)
         for p in tape.parameters:
@@ -318,16 +313,34 @@ def _sweep() -> None:
         depth -= 1
 
 
-def enter(module: nn.Module, args) -> None:
+def enter(module: nn.Module, args) -> Optional[tuple]:
     tape = _recording.get()
     if tape is None and torch.is_grad_enabled():
         _refuse_recomputation(module)
     if tape is not None:
         tape.uses.enter(module)
         tape.meets_at[id(module)] = len(tape.meets)
-        batch_dim = layer_of(module).batch_dim
-        if batch_dim is not None and args and isinstance(args[0], Tensor):
-            tape.batch.declare(args[0], batch_dim(module))
+        layer = layer_of(module)
+        if layer.batch_dim is not None and args and isinstance(args[0], Tensor):
+            tape.batch.declare(args[0], layer.batch_dim(module))
+        if tape.tapping:
+            return _tapped(tape, module, layer, args)
+    return None
+
+
+def _tapped(tape: Tape, module: nn.Module, layer, args) -> Optional[tuple]:
+    """Where the root's input requires a gradient: an affine layer's first input, where it holds
+    the batch, through an :class:`jacext.engine.penalty.InputTap` (its slot kept for the call's
+    record; None where there is none, so that each record takes its own call's)."""
+    x = args[0] if args else None
+    slot = None
+    if layer.affine and isinstance(x, Tensor) and x.requires_grad and isinstance(tape.batch.tag(x), Layout):
+        with tape.uses.pausing():
+            tapped, slot = penalty.tap(tape, x)
+        tape.batch.retag([x], [tapped])
+        args = (tapped, *args[1:])
+    tape.taps.setdefault(id(module), []).append(slot)
+    return args if slot is not None else None
 
 
 def _refuse_recomputation(module: nn.Module) -> None:
@@ -432,6 +445,8 @@ def _hand_on(tape: Tape, root: nn.Module, output) -> Optional[Tensor]:
         original = flat[i]
         alias = Alias.apply(original)
         alias.register_hook(partial(on_root_grad, tape, alias.shape, alias.output_nr, i, len(at) > 1))
+        if tape.out_shape is None:
+            tape.out_shape, tape.out_dtype = alias.shape, alias.dtype
         flat[i] = alias
         if i in watched:
             # a loss computed inside the forward (HuggingFace's labels=) uses the original: a
@@ -584,6 +599,7 @@ def on_root_grad(
     tape.input_weights = None  # (set by a plan that rescales the cotangent)
     if torch.is_grad_enabled():  # backward(create_graph=True): it builds a graph a later backward may run through
         tape.built_graph = task
+        tape.built_graphs += 1
     _serving[task] = tape
     if len(tape.demand.rescalers) > 1 or (tape.demand.rescalers and tape.coupled):
         raise JacextError(
@@ -595,6 +611,37 @@ def on_root_grad(
     tape.plan = plan
     # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
     return plan.at_root(GradientEdge(torch._C._current_autograd_node(), output_nr))
+
+
+def serve_without_root(tape: Tape) -> None:
+    """Serve the backward in progress, which runs through the graph of a create_graph=True
+    backward of ``tape`` (a gradient penalty, jacext.engine.penalty) but has not passed through
+    the root output: an inline plan, whose records the backward does not reach get zero G. A
+    record it does not reach, none of whose parameters get a gradient either, may have been left
+    out by ``backward(inputs=...)``: refused."""
+    task = torch._C._current_graph_task_id()
+    if tape.plan is not None or tape.out_shape is None or tape.out_dtype is None:
+        raise JacextError("jacext cannot serve this backward pass as a gradient penalty (a plan is running)")
+    will_run = torch._C._will_engine_execute_node
+    for rec in tape.records:
+        if not any(will_run(e.node) for e in rec.edges) and not any(
+            will_run(get_gradient_edge(p).node) for p in rec.named.values()
+        ):
+            tape.drop_results()
+            raise JacextError(
+                f"this backward pass of a gradient penalty reaches neither module {module_label(rec.module)} nor its "
+                "parameters; jacext cannot tell whether backward(inputs=...) left them out. Differentiate the "
+                "penalty with respect to every parameter (no inputs=)."
+            )
+    _one_tape_per_backward(tape)
+    tape.served, tape.served_leaves = task, set()
+    tape.input_weights = None
+    _serving[task] = tape
+    grad = torch.zeros(tape.out_shape, dtype=tape.out_dtype, device=tape.parameters[0].device)
+    plan = (InlineFused if tape.fused and tape.out_shape[0] > 0 else Inline)(tape, tape.out_shape, grad)
+    ensure_state(tape.root).plan = plan.name
+    tape.plan = plan
+    plan.start()
 
 
 def _one_tape_per_backward(tape: Tape) -> None:

@@ -32,6 +32,7 @@ from torch.autograd.graph import GradientEdge
 from jacext.engine import backpack_ctx
 from jacext.engine.apply import apply_rule
 from jacext.engine.fused import FusedMode, call_of
+from jacext.engine.penalty import keep_pulled, penalty_blocks
 from jacext.engine.pullback import PerRecord, Spans, cotangents, seed_spans, seeds
 from jacext.engine.record import Record, Tape
 from jacext.engine.results import Results, assign, dropped_if_half_written
@@ -49,6 +50,7 @@ class Plan:
     ``name`` (public): which plan it is, as ``jacext.backward_plan`` reports it."""
 
     name = "?"
+    takes_penalties = False  # adds a gradient penalty's terms (jacext.engine.penalty) to its results
 
     def __init__(self, tape: Tape, out_shape: torch.Size, grad_out: Tensor):
         self.tape, self.out_shape, self.grad_out = tape, out_shape, grad_out
@@ -90,8 +92,11 @@ class PullBack(Plan):
         with backpack_ctx.paused():
             per_record = cotangents(self.tape, out_edge, stacked, self.grad_out)
             results = Results(self.tape, spans, self.out_shape)
+            keep = self.tape.tapping and torch.is_grad_enabled()  # create_graph=True: a penalty may follow
             with results.written_safely():
                 for rec, leaf_grads in per_record:
+                    if keep and isinstance(rec, Record):
+                        keep_pulled(rec, leaf_grads)
                     results.add(rec, leaf_grads)
             return results.finished()
 
@@ -158,6 +163,7 @@ class ChunkedPullBack(PullBack):
 class Inline(Plan):
     name = "inline"
     blocks_budget = 0  # see Results
+    takes_penalties = True
 
     def __init__(self, tape: Tape, out_shape: torch.Size, grad_out: Tensor):
         super().__init__(tape, out_shape, grad_out)
@@ -166,6 +172,12 @@ class Inline(Plan):
         self.blocks: Dict[nn.Parameter, Tensor] = {}  # the materialised results (N, 1, *p), from from_caught
 
     def at_root(self, out_edge: GradientEdge) -> Optional[Tensor]:
+        self.start()
+        return None
+
+    def start(self) -> None:
+        """Arm the records' and meets' hooks and queue :meth:`at_end` (also where a gradient
+        penalty's backward does not pass through the root output: jacext.engine.hooks)."""
         for rec in self.tape.records:
             rec.check_unmodified()
             rec.caught = [None] * len(rec.edges)
@@ -173,7 +185,6 @@ class Inline(Plan):
             meet.caught = {}  # armed: the meet's hook computes its contributions as the backward passes
         self.prepare()
         torch.autograd.Variable._execution_engine.queue_callback(self.at_end)  # type: ignore[attr-defined]
-        return None
 
     def prepare(self) -> None:
         """Before the ordinary backward goes on."""
@@ -219,6 +230,8 @@ class Inline(Plan):
                 for meet in tape.meets:
                     blocks, meet.caught = meet.caught or {}, None
                     results.add_blocks(blocks)
+                if self.takes_penalties:
+                    results.add_blocks(penalty_blocks(tape, torch._C._current_graph_task_id()))
             self.blocks = {p: kinds[Seeds.COTANGENT] for p, kinds in results.blocks.items() if Seeds.COTANGENT in kinds}
             return results.finished(), caught
 
@@ -253,6 +266,7 @@ class InlineClipping(Inline):
 
     name = "inline, clipping"
     blocks_budget = BLOCKS_BUDGET
+    takes_penalties = False
 
     def holds(self) -> bool:
         return not torch.is_grad_enabled()

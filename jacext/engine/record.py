@@ -23,6 +23,7 @@ from jacext.engine.batch import BatchTracker, Placement, place
 from jacext.engine.demand import Demand
 from jacext.engine.fused import ClipGate, FusedMode, HeldFree, bind, fusable, fused_output
 from jacext.engine.meets import Meet
+from jacext.engine.penalty import TapSlot, keep_g
 from jacext.engine.trees import leaves
 from jacext.engine.uses import ParameterUses
 from jacext.errors import JacextError
@@ -142,6 +143,8 @@ class Record:
         self.caught: Optional[List[Optional[Tensor]]] = None  # G per edge, caught in the backward (inline)
         self.contracted: Optional[Dict[str, Tensor]] = None  # the rule's results, by a fused node
         self.fused = False  # its output hangs from a FusedGrads node
+        self.tap: Optional[TapSlot] = None  # its first input passed an InputTap (jacext.engine.penalty)
+        self.built = False  # a create_graph=True backward reached it: the graph it built holds its input gradient
 
     def catch_inline(self) -> None:
         """Hook the edges' nodes to catch their cotangents during the ordinary backward (kept
@@ -223,7 +226,9 @@ def _base(t: Tensor) -> Tensor:
 def _catch(record: "weakref.ref[Record]", j: int, output_nr: int, grad_outputs) -> None:
     rec = record()
     if rec is not None and rec.caught is not None:
-        rec.caught[j] = grad_outputs[output_nr]
+        g = rec.caught[j] = grad_outputs[output_nr]
+        if g is not None and torch.is_grad_enabled():  # create_graph=True: a penalty may follow
+            keep_g(rec, j, g)
 
 
 def _contract_meet(meet: "weakref.ref[Meet]", tape: "weakref.ref[Tape]", grad_outputs) -> None:
@@ -306,6 +311,12 @@ class Tape:
         self.no_grad_calls: Set[int] = set()  # ids of parameterised modules called without gradients
         self.foreign_fields: Set[str] = set()  # the attributes BackPACK's own active extensions write
         self._reached: Optional[Set[int]] = None  # see reaches
+        self.taps: Dict[int, List[Optional[TapSlot]]] = {}  # per module being called, the slot of its tapped input
+        self.tapping = False  # the root's input requires a gradient: affine layers' inputs are tapped
+        self.built_graphs = 0  # create_graph=True backwards served (jacext.engine.penalty)
+        self.penalty_task: Optional[int] = None  # the backward served as a gradient penalty
+        self.out_shape: Optional[torch.Size] = None  # of the root output holding the samples
+        self.out_dtype: Optional[torch.dtype] = None
 
     def end_forward(self) -> None:
         """The root's forward has returned: leave the parameter-use mode and drop the callbacks
@@ -323,6 +334,8 @@ class Tape:
         node). ``own_output``: the module's output as its forward returned it (no forward hook
         ran before)."""
         met_inside = len(self.meets) > self.meets_at.pop(id(module), len(self.meets))  # a meet inside the call
+        taps = self.taps.get(id(module))
+        slot = taps.pop() if taps else None  # its input's InputTap, from enter
         trainable, ids = self.uses.covered(module)
         outs = _tensors(output)
         through = self.uses.owns_outputs(outs) & ids
@@ -370,6 +383,10 @@ class Tape:
             gated = self.clip_gate() if clipping else None
             output = fused_output(module, layer, args, kwargs, output, trainable, gated)
         rec = Record(module, args, kwargs, output, trainable, ids, layer)
+        rec.tap = slot
+        if slot is not None:  # (leaves of (args, kwargs): the tapped input first)
+            slot.record = weakref.ref(rec)
+            slot.others = any(isinstance(t, Tensor) and t.requires_grad for t in flat[1:])
         output, rec.output = rec.output, None  # a record holding outputs would hold the graph in a cycle
         self.batch.retag(outs, _tensors(output))  # aliases and fused outputs carry the batch on
         self.uses.owns_outputs(_tensors(output))  # (a fused output comes from an autograd.Function)
@@ -451,6 +468,8 @@ class Tape:
         seen: Set[int] = set()
         shared: Set[int] = set(self.batch.free_parameters) if self.meets else set()
         for rec in self.records:
+            if rec.built:  # a penalty's terms may add to its parameters' results
+                shared |= rec.parameters
             shared |= seen & rec.parameters
             seen |= rec.parameters
         return shared

@@ -69,6 +69,7 @@ class Layer:
     batch_dim: Optional[Callable[[Any], int]] = None  # where the rule reads the batch (default 0)
     leading: bool = False  # the rule treats all leading dims alike: the batch may be moved to dim 0
     holomorphic: bool = False  # the output is holomorphic in the parameters: the rule serves complex ones too
+    affine: bool = False  # the output is affine in the first input: gradient penalties (jacext.engine.penalty)
     norms: Optional[Rule] = None  # squared norms (N, V) without materialising
     norms_cheaper: Optional[Callable[..., bool]] = None  # whether they beat materialising (default: always)
     backward: Optional[OwnBackward] = None
@@ -125,6 +126,7 @@ def register(
     batch_dim: Optional[Callable[[Any], int]] = None,
     leading: bool = False,
     holomorphic: bool = False,
+    affine: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
@@ -142,6 +144,10 @@ def register(
             input: Linear, Conv), so the rule, written for real parameters, also gives complex
             ones, in autograd's convention, as conj(rule(conj G)); otherwise complex parameters
             take the generic rule.
+        affine: the output is affine in the first input for fixed parameters (y = A_W x + b:
+            Linear, Conv), so the per-sample term of a gradient penalty through the layer's input
+            gradient is the rule on that input's cotangent (jacext.engine.penalty); a penalty
+            through a layer without it is refused.
 
     Example:
         >>> import torch
@@ -166,7 +172,7 @@ def register(
                 raise ValueError(f"{cls} already has a jacext rule: {layer_of_class(cls).rule}")
         _update(
             classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading,
-            holomorphic=holomorphic,
+            holomorphic=holomorphic, affine=affine,
         )
         return rule
 

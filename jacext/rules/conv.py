@@ -31,7 +31,7 @@ from jacext.rules import register, register_backward, register_norms, trainable
 from jacext.rules.util import as_run, channel_sums, patches, result_buffer, sq_norms_of_products, sq_sums
 
 
-@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True)
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d, min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True, affine=True)
 def conv(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

@@ -19,7 +19,7 @@ from jacext.rules.util import as_run, channel_sums, kernel_letters, patches, spa
 
 @register(
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True,
+    min_dim=lambda m: len(m.kernel_size) + 2, holomorphic=True, affine=True,
 )
 def conv_transpose(module, args, kwargs, grads):
     (g,) = grads

@@ -52,7 +52,7 @@ def _constant_over_positions(g: Tensor) -> bool:
     return torch.equal(first, g[:, :, 1:2]) and torch.equal(g, first.expand_as(g))
 
 
-@register(nn.Linear, min_dim=lambda m: 2, leading=True, holomorphic=True)
+@register(nn.Linear, min_dim=lambda m: 2, leading=True, holomorphic=True, affine=True)
 def linear(module: nn.Linear, args, kwargs, grads):
     xg = _positions(module, args[0], grads[0])
     return linear_jacobians(xg, trainable(module, "weight"), trainable(module, "bias"))

@@ -30,7 +30,7 @@ def _positions(module, x: Tensor, g: Tensor):
     return shared(("conv1d positions", id(module)), compute)
 
 
-@register(CONV1D, min_dim=lambda m: 2, leading=True)
+@register(CONV1D, min_dim=lambda m: 2, leading=True, affine=True)
 def conv1d(module, args, kwargs, grads):
     x, g = _positions(module, args[0], grads[0])
     (v, n), out = g.shape[:2], {}

@@ -209,18 +209,6 @@ def test_other_extensions_results_of_an_earlier_batch_are_dropped():
     assert all(not hasattr(p, "grad_batch") and p.batch_l2.shape == (N,) for p in model.parameters())
 
 
-def test_gradient_penalty_inside_the_context_is_refused():
-    """Its terms reach p.grad through the graph of the first backward, which no record sees."""
-    model = jacext.extend(mlp())
-    x = torch.randn(N, IN, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(jacext.JacextError, match="create_graph"):
-        with backpack(jacext.BatchGrad()):
-            out = model(x)
-            (dx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-            (out.square().sum() + dx.square().sum()).backward()
-    assert not any(hasattr(p, "grad_batch") for p in model.parameters())
-
-
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 def test_clip_grad_clips_under_create_graph(dtype):
     model = jacext.extend(mlp(dtype))

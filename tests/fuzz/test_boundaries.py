@@ -14,7 +14,9 @@ each against the loops of ``tests/reference.py`` run on the same modified model,
 a batch of another size (a stale result would keep its shape). Complex numbers: a complex
 parameter (autograd's convention, d/da + i d/db, for every result); a complex output of real parameters is refused under
 BatchJacobian (naming ``view_as_real``), exact under BatchGrad and BatchL2Grad for a real loss,
-and exact under BatchJacobian once returned as ``torch.view_as_real``.
+and exact under BatchJacobian once returned as ``torch.view_as_real``. A gradient penalty (R1's
+|d out.sum() / dx|^2, alone or with the model's loss): BatchGrad and BatchL2Grad exact against a
+loop that builds each sample's penalty alone, or a JacextError that leaves no result.
 """
 
 import pytest
@@ -227,3 +229,50 @@ def test_complex_output_of_real_parameters(data, n, dtype, seed, second):
     oracle = Oracle.of(as_real, lossfunc, y, x)
     step(as_real, x, y, lossfunc, (jacext.BatchJacobian(),))
     oracle.check(as_real, (jacext.BatchJacobian(),), dtype)
+
+
+def penalised(model, x, with_output):
+    """The model's loss (optionally) plus R1's penalty |d out.sum() / dx|^2; None where the output
+    does not depend on x."""
+    out = model(x)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=True, allow_unused=True)
+    if g is None:
+        return None
+    return (out.square().sum() if with_output else 0) + g.square().sum()
+
+
+@examples(12)
+@given(data=st.data(), n=st.integers(1, MAX_N), seed=SEEDS, with_output=st.booleans())
+def test_gradient_penalty_is_exact_or_refused(data, n, seed, with_output):
+    """Every random model with a gradient penalty: the per-sample results include its term
+    (against a loop that builds each sample's penalty alone), or a JacextError that leaves no
+    result behind."""
+    case = data.draw(float_models(), label="case")
+    torch.manual_seed(seed)
+    dtype = torch.float64
+    model = prepare(case.model, case.frozen, "cpu", dtype)
+    x = case.inputs(n, dtype)
+    params = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    assume(params and penalised(model, x[:1].clone().requires_grad_(), True) is not None)
+    expected = {k: [] for k, _ in params}
+    for i in range(n):
+        loss = penalised(model, x[i : i + 1].clone().requires_grad_(), with_output)
+        try:
+            grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+        except RuntimeError:  # torch has no double backward for it (CPU flash attention)
+            assume(False)
+        for (k, p), g in zip(params, grads, strict=True):
+            expected[k].append(torch.zeros_like(p) if g is None else g)
+    stacked = {k: torch.stack(v) for k, v in expected.items()}
+    jacext.extend(model)
+    model.zero_grad()
+    try:
+        with backpack(jacext.BatchGrad(), jacext.BatchL2Grad()):
+            penalised(model, x.clone().requires_grad_(), with_output).backward()
+    except jacext.JacextError:
+        assert not any(hasattr(p, f) for p in model.parameters() for f in FIELDS)
+        return
+    scale = scale_of(stacked, dtype)
+    for k, p in params:
+        assert_close(p.grad_batch, stacked[k], dtype, k, scale)
+        assert_close(p.batch_l2, squared_norms(stacked[k]), dtype, k, scale**2)
