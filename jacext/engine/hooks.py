@@ -329,12 +329,15 @@ def enter(module: nn.Module, args) -> Optional[tuple]:
 
 
 def _tapped(tape: Tape, module: nn.Module, layer, args) -> Optional[tuple]:
-    """Where the root's input requires a gradient: an affine layer's first input, where it holds
-    the batch, through an :class:`jacext.engine.penalty.InputTap` (its slot kept for the call's
-    record; None where there is none, so that each record takes its own call's)."""
+    """Where the root's input requires a gradient: the first input of a layer whose rule serves
+    gradient penalties, where it holds the batch, through an
+    :class:`jacext.engine.penalty.InputTap` (its slot kept for the call's record; None where there
+    is none, so that each record takes its own call's)."""
     x = args[0] if args else None
     slot = None
-    if layer.affine and isinstance(x, Tensor) and x.requires_grad and isinstance(tape.batch.tag(x), Layout):
+    alone = not any(a is x for a in args[1:])  # (a tapped copy would change a forward that tests `is`)
+    ruled = layer.affine or layer.forward_ad
+    if ruled and alone and isinstance(x, Tensor) and x.requires_grad and isinstance(tape.batch.tag(x), Layout):
         with tape.uses.pausing():
             tapped, slot = penalty.tap(tape, x)
         tape.batch.retag([x], [tapped])

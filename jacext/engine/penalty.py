@@ -25,11 +25,13 @@ Elsewhere it is refused, before any result is written.
 """
 
 import copy
+import warnings
 import weakref
 from functools import partial
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from jacext.engine.meets import op_name
@@ -166,10 +168,10 @@ def _unsupported(tape: "Tape") -> Optional[str]:
             return f"module {module_label(rec.module)} has no hand-written rule (the generic rule differentiates it)"
         if not rec.built:
             continue
-        if not rec.layer.affine:
+        if not (rec.layer.affine or rec.layer.forward_ad):
             return (
-                f"module {module_label(rec.module)} is not a layer affine in its first input with a hand-written "
-                "rule (Linear, Conv, ConvTranspose, Conv1D), whose input gradient jacext differentiates"
+                f"module {module_label(rec.module)} has no rule whose derivative in its input jacext takes "
+                "(the affine layers: Linear, Conv, ConvTranspose, Conv1D; the normalisations and PReLU)"
             )
         if rec.tap is None or rec.tap.others:
             return (
@@ -206,15 +208,25 @@ def penalty_blocks(tape: "Tape", task: int) -> Dict[nn.Parameter, Tensor]:
 
 
 def _terms(rec: "Record", v: Tensor, leaf_grads) -> Dict[str, Tensor]:
-    """d/dW_n <gy_n, A_W v_n> for the record's parameters: the layer's rule on the input v, less
-    its rule on the input 0. (Only for layers affine in their input: for others, torch.func's
-    jvp of the per-sample VJP would serve in principle, but on LayerNorm it is wrong, measured
-    against finite differences in torch 2.14, so they are refused.)"""
+    """d/dW_n <gy_n, J_x y_n v_n> for the record's parameters. For a layer affine in its input,
+    its rule on v less its rule on 0. Otherwise (``forward_ad`` layers) the rule's derivative
+    along v in its input, d/de R(x + e v, gy), by torch's forward-mode AD (dual tensors; not
+    torch.func's jvp of a vmapped VJP, which on LayerNorm is wrong in torch 2.14, measured against
+    finite differences)."""
     from jacext.engine.apply import apply_rule  # (apply imports the rules, which import the engine)
 
-    on_v = apply_rule(_on_input(rec, v), leaf_grads)
-    on_0 = apply_rule(_on_input(rec, torch.zeros_like(v)), leaf_grads)
-    return {name: block - on_0[name] for name, block in on_v.items()}
+    if rec.layer.affine:
+        on_v = apply_rule(_on_input(rec, v), leaf_grads)
+        on_0 = apply_rule(_on_input(rec, torch.zeros_like(v)), leaf_grads)
+        return {name: block - on_0[name] for name, block in on_v.items()}
+    x = rec.args[0]
+    with fwAD.dual_level():
+        with warnings.catch_warnings():  # (torch's first make_dual scripts its decompositions)
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            dual = fwAD.make_dual(x, v.to(x.dtype))
+        results = apply_rule(_on_input(rec, dual), leaf_grads)
+        tangents = {name: fwAD.unpack_dual(r).tangent for name, r in results.items()}
+    return {name: t if t is not None else torch.zeros_like(results[name]) for name, t in tangents.items()}
 
 
 def _on_input(rec: "Record", x: Tensor) -> "Record":

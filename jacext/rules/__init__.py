@@ -70,6 +70,7 @@ class Layer:
     leading: bool = False  # the rule treats all leading dims alike: the batch may be moved to dim 0
     holomorphic: bool = False  # the output is holomorphic in the parameters: the rule serves complex ones too
     affine: bool = False  # the output is affine in the first input: gradient penalties (jacext.engine.penalty)
+    forward_ad: bool = False  # the rule has a forward-mode derivative in the first input: the same, otherwise
     norms: Optional[Rule] = None  # squared norms (N, V) without materialising
     norms_cheaper: Optional[Callable[..., bool]] = None  # whether they beat materialising (default: always)
     backward: Optional[OwnBackward] = None
@@ -127,6 +128,7 @@ def register(
     leading: bool = False,
     holomorphic: bool = False,
     affine: bool = False,
+    forward_ad: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Register ``rule`` for the given module classes (decorator).
 
@@ -147,7 +149,11 @@ def register(
         affine: the output is affine in the first input for fixed parameters (y = A_W x + b:
             Linear, Conv), so the per-sample term of a gradient penalty through the layer's input
             gradient is the rule on that input's cotangent (jacext.engine.penalty); a penalty
-            through a layer without it is refused.
+            through a layer without it or ``forward_ad`` is refused.
+        forward_ad: the rule, written with operations that have forward-mode derivatives (no
+            ``out=``, no in-place writes into other tensors), is differentiable in its first
+            input, so that term is the rule's derivative along that input's cotangent
+            (``torch.autograd.forward_ad``): normalisations, PReLU.
 
     Example:
         >>> import torch
@@ -172,7 +178,7 @@ def register(
                 raise ValueError(f"{cls} already has a jacext rule: {layer_of_class(cls).rule}")
         _update(
             classes, rule=rule, subtree=subtree, min_dim=min_dim, batch_dim=batch_dim, leading=leading,
-            holomorphic=holomorphic, affine=affine,
+            holomorphic=holomorphic, affine=affine, forward_ad=forward_ad,
         )
         return rule
 

@@ -139,7 +139,7 @@ def recording_mode(module: nn.Module):
 register_policy(*BATCHNORMS, check=require_choice, couples=couples_samples, mode=recording_mode)
 
 
-@register(*BATCHNORMS, min_dim=lambda m: 2)
+@register(*BATCHNORMS, min_dim=lambda m: 2, forward_ad=True)
 def batchnorm(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

@@ -19,7 +19,7 @@ from jacext.rules import register
 from jacext.rules.util import affine_jacobians, as_run, running_stats_xhat
 
 
-@register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1, leading=True)
+@register(nn.LayerNorm, nn.RMSNorm, min_dim=lambda m: len(m.normalized_shape) + 1, leading=True, forward_ad=True)
 def trailing_norm(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)
@@ -34,7 +34,7 @@ def trailing_xhat(x: Tensor, shape, eps, rms: bool) -> Tensor:
     return F.layer_norm(x, shape, x.new_ones(shape), eps=eps)
 
 
-@register(nn.GroupNorm, min_dim=lambda m: 2)
+@register(nn.GroupNorm, min_dim=lambda m: 2, forward_ad=True)
 def group_norm(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)
@@ -42,7 +42,10 @@ def group_norm(module, args, kwargs, grads):
     return affine_jacobians(module, g, xhat, channel_dim=True)
 
 
-@register(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, min_dim=lambda m: m._get_no_batch_dim() + 1)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+@register(*INSTANCE_NORMS, min_dim=lambda m: m._get_no_batch_dim() + 1, forward_ad=True)
 def instance_norm(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

@@ -9,7 +9,7 @@ from jacext.rules import register, trainable
 from jacext.rules.util import as_run
 
 
-@register(nn.PReLU, min_dim=lambda m: 2 if m.num_parameters > 1 else 0)
+@register(nn.PReLU, min_dim=lambda m: 2 if m.num_parameters > 1 else 0, forward_ad=True)
 def prelu(module, args, kwargs, grads):
     (g,) = grads
     x = as_run(args[0], g)

@@ -60,6 +60,19 @@ def cnn():
     )
 
 
+def normalised():  # WGAN-GP's critic: LayerNorm in place of BatchNorm
+    return nn.Sequential(
+        nn.Linear(5, 6), nn.LayerNorm(6), nn.LeakyReLU(0.2), nn.Linear(6, 4), nn.RMSNorm(4), nn.PReLU(), nn.Linear(4, 1)
+    )
+
+
+def normalised_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Conv2d(4, 4, 2), nn.InstanceNorm2d(4, affine=True),
+        nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 1),
+    )
+
+
 def sequence():  # N = T = 5 among the cases
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
 
@@ -67,6 +80,8 @@ def sequence():  # N = T = 5 among the cases
 MODELS = {  # name: (model, one sample's shape)
     "mlp": (mlp, (5,)),
     "cnn": (cnn, (2, 6, 6)),
+    "normalised": (normalised, (5,)),
+    "normalised-cnn": (normalised_cnn, (2, 6, 6)),
     "sequence": (sequence, (5, 4)),
     "seq-first": (SeqFirst, (5, 4)),
     "folded": (Folded, (3, 4)),
@@ -138,13 +153,13 @@ def test_penalty_steps_free_their_tapes():
         gc.enable()
 
 
-class NormInside(nn.Module):
+class RecurrentInside(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc, self.norm, self.out = nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 1)
+        self.rnn, self.out = nn.RNN(5, 6, batch_first=True), nn.Linear(6, 1)
 
     def forward(self, x):
-        return self.out(torch.tanh(self.norm(self.fc(x))))
+        return self.out(self.rnn(x.unsqueeze(1))[0][:, -1])
 
 
 class ScaleInside(nn.Module):
@@ -169,8 +184,8 @@ def _refused(model, ext_factory, match):
         assert not hasattr(p, "grad_batch") and not hasattr(p, "batch_l2")
 
 
-def test_a_layer_not_affine_in_its_input_on_the_penalty_is_refused():
-    _refused(NormInside(), jacext.BatchGrad, r"module 'norm' \(LayerNorm\) is not a layer affine")
+def test_a_layer_whose_rule_takes_no_input_derivative_on_the_penalty_is_refused():
+    _refused(RecurrentInside(), jacext.BatchGrad, r"module 'rnn' \(RNN\) has no rule whose derivative in its input")
 
 
 def test_a_parameter_meeting_the_batch_on_the_penalty_is_refused():
