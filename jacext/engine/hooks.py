@@ -192,7 +192,9 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     tape = last.tape() if last is not None else None
     task = torch._C._current_graph_task_id()
     if tape is not None and tape.served == task:
-        if tape.built_graph not in (None, task) and tape.penalty_task != task:
+        if torch.is_grad_enabled():  # a parameter gradient with a graph (a Hessian-vector product may follow)
+            tape.built_parameter_grads = True
+        if tape.built_graph not in (None, task) and tape.penalty_task != task and not penalty.untouched(tape):
             raise penalty.refusal(tape)
         # (zeros: a parameter that ClipGrad's gate hands on without a use)
         if not tape.reaches(p) and grad is not None and bool(grad.ne(0).any()):

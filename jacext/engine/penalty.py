@@ -150,6 +150,14 @@ def refusal(tape: "Tape", problem: Optional[str] = None) -> JacextError:
     )
 
 
+def untouched(tape: "Tape") -> bool:
+    """Whether a backward served through the root output, in which no tap caught a cotangent, left
+    the graph of the create_graph=True backward alone: every parameter use there is inside a
+    tapped call (:func:`_unsupported` finds nothing), so any path to a parameter through that
+    graph would have passed a tap first."""
+    return _unsupported(tape) is None
+
+
 def _unsupported(tape: "Tape") -> Optional[str]:
     """Why the penalty's term cannot be complete here, or None."""
     if not tape.demand.one_cotangent or tape.foreign_fields:
@@ -157,6 +165,13 @@ def _unsupported(tape: "Tape") -> Optional[str]:
         return f"the active extensions ({names}) need more than the backward's own cotangent (as BatchGrad does not)"
     if tape.coupled:
         return "the samples are coupled (batchnorm='exact')"
+    if tape.built_parameter_grads:
+        return "that backward computed parameter gradients (a Hessian-vector product, a penalty on p.grad)"
+    if not tape.tapping:
+        return (
+            "the extended model's input does not require a gradient, so jacext taps no layer's input (a penalty "
+            "on a tensor inside the model rather than on its input)"
+        )
     if tape.built_graphs > 1:
         return "more than one create_graph=True backward ran through this forward pass"
     if tape.plan is not None and not tape.plan.takes_penalties:

@@ -314,6 +314,7 @@ class Tape:
         self.taps: Dict[int, List[Optional[TapSlot]]] = {}  # per module being called, the slot of its tapped input
         self.tapping = False  # the root's input requires a gradient: affine layers' inputs are tapped
         self.built_graphs = 0  # create_graph=True backwards served (jacext.engine.penalty)
+        self.built_parameter_grads = False  # one of them computed parameter gradients
         self.penalty_task: Optional[int] = None  # the backward served as a gradient penalty
         self.out_shape: Optional[torch.Size] = None  # of the root output holding the samples
         self.out_dtype: Optional[torch.dtype] = None

@@ -212,7 +212,7 @@ def test_a_penalty_on_an_inner_tensor_is_refused():
             return self.rest(self.h)
 
     model = jacext.extend(Inner().double())
-    with pytest.raises(jacext.JacextError, match="create_graph"):
+    with pytest.raises(jacext.JacextError, match="a penalty on a tensor inside the model"):
         with backpack(jacext.BatchGrad()):
             out = model(torch.randn(4, 5, dtype=torch.float64))
             (g,) = torch.autograd.grad(out.sum(), model.h, create_graph=True)
@@ -241,5 +241,31 @@ def test_huggingface_conv1d_takes_the_penalty(dtype):
     ext = jacext.extend(model)
     with backpack(jacext.BatchGrad()):
         loss_with_penalty(ext, x.clone().requires_grad_(), wgan_gp, True).backward()
+    for k, p in model.named_parameters():
+        assert_close(p.grad_batch, expected[k], dtype, k, overall_scale(expected))
+
+
+def test_a_hessian_vector_product_is_refused():
+    model = jacext.extend(mlp().double())
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    params = list(model.parameters())
+    with pytest.raises(jacext.JacextError, match="Hessian-vector product"):
+        with backpack(jacext.BatchGrad()):
+            grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+            sum(g.sum() for g in grads).backward()
+    assert nothing_left_behind() and not any(hasattr(p, "grad_batch") for p in model.parameters())
+
+
+def test_a_backward_that_leaves_the_penalty_out_is_the_plain_one(dtype):
+    """A penalty computed (for a log, say) but not differentiated: the results are the loss's."""
+    model = mlp().to(dtype)
+    x = torch.randn(4, 5, dtype=dtype)
+    expected = per_sample_loop(model, x, lambda g: 0 * g.sum(), True)
+    ext = jacext.extend(model)
+    with backpack(jacext.BatchGrad()):
+        xg = x.clone().requires_grad_()
+        out = ext(xg)
+        torch.autograd.grad(out.sum(), xg, create_graph=True)
+        out.square().sum().backward()
     for k, p in model.named_parameters():
         assert_close(p.grad_batch, expected[k], dtype, k, overall_scale(expected))
