@@ -43,9 +43,9 @@ if TYPE_CHECKING:
 
 
 class TapSlot:
-    """What the penalty needs of one call of an affine layer: the tape (weakly), the cotangent gy
-    the first backward brought to its output (``g``, per edge), and the cotangent v of its input
-    gradient in the backward ``v_task`` that runs through that graph."""
+    """What the penalty needs of one tapped call: the tape (weakly), the call's record, the
+    cotangent gy the first backward brought to its output (``g``, per edge), and the cotangent v
+    of its input gradient in the backward ``v_task`` that runs through that graph."""
 
     __slots__ = ("tape", "record", "g", "v", "v_task", "others")
 
@@ -59,8 +59,8 @@ class TapSlot:
 
 
 class InputTap(torch.autograd.Function):
-    """The identity on an affine layer's first input; in a ``create_graph=True`` backward it
-    hooks its cotangent, the layer's input gradient gx, to catch gx's own cotangent later."""
+    """The identity on a layer's first input; in a ``create_graph=True`` backward it hooks its
+    cotangent, the layer's input gradient gx, to catch gx's own cotangent later."""
 
     generate_vmap_rule = True
 
@@ -82,6 +82,7 @@ class InputTap(torch.autograd.Function):
 
 
 def tap(tape: "Tape", x: Tensor) -> "tuple[Tensor, TapSlot]":
+    """``x`` through an :class:`InputTap`, and the tap's slot."""
     slot = TapSlot(tape)
     return InputTap.apply(slot, x), slot
 
