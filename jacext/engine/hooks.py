@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from jacext.engine import backpack_ctx, penalty
 from jacext.engine.batch import Layout
 from jacext.engine.demand import Demand
-from jacext.engine.plan import Inline, InlineFused, choose_plan
+from jacext.engine.plan import Inline, InlineFused, Plan, choose_plan
 from jacext.engine.record import Alias, InputGate, InputPlace, Tape, drop_results
 from jacext.engine.trees import leaves
 from jacext.errors import JacextError
@@ -194,8 +194,8 @@ def on_parameter_grad(param: "weakref.ref[nn.Parameter]", name: str, grad: Tenso
     if tape is not None and tape.served == task:
         if torch.is_grad_enabled():  # a parameter gradient with a graph (a Hessian-vector product may follow)
             tape.built_parameter_grads = True
-        if tape.built_graph not in (None, task) and tape.penalty_task != task and not penalty.untouched(tape):
-            raise penalty.refusal(tape)
+        if tape.built_graph not in (None, task) and tape.penalty_task != task:
+            penalty.serve(tape)  # (refused where that graph may hold a use no tap sees; once per backward)
         # (zeros: a parameter that ClipGrad's gate hands on without a use)
         if not tape.reaches(p) and grad is not None and bool(grad.ne(0).any()):
             tape.drop_results()
@@ -599,21 +599,16 @@ def on_root_grad(
             f"({type(tape.root).__name__}), and the extensions need it to start from one. Return the output "
             "to differentiate alone (or first, for BatchJacobian), or compute the loss from one output."
         )
-    _one_tape_per_backward(tape)
-    tape.served, tape.served_leaves = task, {leaf}
-    tape.input_weights = None  # (set by a plan that rescales the cotangent)
+    _begin_serving(tape, task, {leaf})
     if torch.is_grad_enabled():  # backward(create_graph=True): it builds a graph a later backward may run through
         tape.built_graph = task
         tape.built_graphs += 1
-    _serving[task] = tape
     if len(tape.demand.rescalers) > 1 or (tape.demand.rescalers and tape.coupled):
         raise JacextError(
             "per-sample rescaling of the cotangent (ClipGrad) needs exactly one such extension and "
             "independent samples (not batchnorm='exact')"
         )
-    plan = choose_plan(tape, shape)(tape, shape, grad)
-    ensure_state(tape.root).plan = plan.name
-    tape.plan = plan
+    plan = _plan_of(tape, choose_plan(tape, shape)(tape, shape, grad))
     # the node being evaluated is the root output's grad_fn; holding it only here avoids a cycle
     return plan.at_root(GradientEdge(torch._C._current_autograd_node(), output_nr))
 
@@ -638,15 +633,26 @@ def serve_without_root(tape: Tape) -> None:
                 "parameters; jacext cannot tell whether backward(inputs=...) left them out. Differentiate the "
                 "penalty with respect to every parameter (no inputs=)."
             )
-    _one_tape_per_backward(tape)
-    tape.served, tape.served_leaves = task, set()
-    tape.input_weights = None
-    _serving[task] = tape
+    _begin_serving(tape, task, set())
     grad = torch.zeros(tape.out_shape, dtype=tape.out_dtype, device=tape.parameters[0].device)
     plan = (InlineFused if tape.fused and tape.out_shape[0] > 0 else Inline)(tape, tape.out_shape, grad)
+    _plan_of(tape, plan)
+    plan.start()
+
+
+def _begin_serving(tape: Tape, task: int, leaves: Set[int]) -> None:
+    """The backward ``task`` is the tape's (through the root output's ``leaves``)."""
+    _one_tape_per_backward(tape)
+    tape.served, tape.served_leaves = task, leaves
+    tape.input_weights = None  # (set by a plan that rescales the cotangent)
+    _serving[task] = tape
+
+
+def _plan_of(tape: Tape, plan: Plan) -> Plan:
+    """``plan``, now the tape's (and ``jacext.backward_plan``'s)."""
     ensure_state(tape.root).plan = plan.name
     tape.plan = plan
-    plan.start()
+    return plan
 
 
 def _one_tape_per_backward(tape: Tape) -> None:

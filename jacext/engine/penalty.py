@@ -120,9 +120,12 @@ def keep_g(rec: "Record", j: int, g: Tensor) -> None:
 
 
 def serve(tape: "Tape") -> None:
-    """The backward in progress runs through the graph of a ``create_graph=True`` backward of this
-    tape: refuse it where the penalty's per-sample term would be incomplete, else serve it (its
-    plan, started here where the backward does not also pass through the root output)."""
+    """The backward in progress may run through the graph of a ``create_graph=True`` backward of
+    this tape: refuse it where the penalty's per-sample term could be incomplete, else serve it
+    (its plan, started here where the backward does not also pass through the root output). A
+    backward through the root output in which no tap caught a cotangent left that graph alone
+    where this finds nothing to refuse: every parameter use there is inside a tapped call, so a
+    path to a parameter through it would have passed a tap first."""
     from jacext.engine import hooks  # (hooks imports this module)
 
     problem = _unsupported(tape)
@@ -149,14 +152,6 @@ def refusal(tape: "Tape", problem: Optional[str] = None) -> JacextError:
         "per-sample gradients with torch.func, or run the earlier backward without create_graph where its "
         "result is only needed as a value."
     )
-
-
-def untouched(tape: "Tape") -> bool:
-    """Whether a backward served through the root output, in which no tap caught a cotangent, left
-    the graph of the create_graph=True backward alone: every parameter use there is inside a
-    tapped call (:func:`_unsupported` finds nothing), so any path to a parameter through that
-    graph would have passed a tap first."""
-    return _unsupported(tape) is None
 
 
 def _unsupported(tape: "Tape") -> Optional[str]:
